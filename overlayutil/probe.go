@@ -29,7 +29,7 @@ func probeAll(ctx context.Context, root string) (*Features, error) {
 	f.add(ov)
 	f.add(ux)
 	if !ov.OK {
-		p.broken = "overlay does not mount here: " + ov.Reason
+		p.broken = "needs an overlay mount, which fails here (see check " + CheckOverlay + ")"
 	}
 
 	f.add(p.checkMultipleLowers())

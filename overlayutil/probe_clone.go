@@ -64,6 +64,11 @@ func (p *prober) checkReflink() Check {
 // within the overlay return the new bytes. On 6.18 every range op from a
 // merged file to another filesystem, even the overlay's own upper fs,
 // fails with EXDEV.
+//
+// The check's value lists each outcome: cfr/overlay and clone/overlay are
+// copy_file_range and FICLONE into a file on the same overlay, cfr/backing
+// and clone/backing into a file on the backing filesystem, read a pread
+// through the old fd; each is "new", "STALE" or the errno.
 func (p *prober) checkIntercepts() Check {
 	return p.needsMount(Check{Name: CheckIntercepts}, func(s *scratch, c *Check) error {
 		opts, err := p.layers(s, 1, true)
@@ -94,10 +99,10 @@ func (p *prober) checkIntercepts() Check {
 			overlay bool
 			clone   bool
 		}{
-			{"copy_file_range to overlay", "merged/cfr", true, false},
-			{"FICLONE to overlay", "merged/clone", true, true},
-			{"copy_file_range to backing fs", "cfr", false, false},
-			{"FICLONE to backing fs", "clone", false, true},
+			{"cfr/overlay", "merged/cfr", true, false},
+			{"clone/overlay", "merged/clone", true, true},
+			{"cfr/backing", "cfr", false, false},
+			{"clone/backing", "clone", false, true},
 		} {
 			got, err := rangeCopy(src, s.path(op.dst), op.clone)
 			switch {
@@ -125,9 +130,9 @@ func (p *prober) checkIntercepts() Check {
 
 		var parts []string
 		for _, r := range results {
-			parts = append(parts, r.name+": "+r.result)
+			parts = append(parts, r.name+"="+r.result)
 		}
-		c.Value = strings.Join(parts, "; ")
+		c.Value = strings.Join(parts, " ")
 		switch {
 		case stale:
 			return errors.New("a range copy from a copied-up merged file returned the lower's bytes: " + c.Value)
@@ -178,6 +183,10 @@ func rangeCopy(src *os.File, dst string, clone bool) (string, error) {
 func errnoName(err error) string {
 	var errno unix.Errno
 	if errors.As(err, &errno) {
+		if errno == unix.EOPNOTSUPP {
+			// Same number as ENOTSUP on Linux; the kernel's name for it.
+			return "EOPNOTSUPP"
+		}
 		if name := unix.ErrnoName(errno); name != "" {
 			return name
 		}

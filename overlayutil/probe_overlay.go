@@ -89,7 +89,6 @@ func (p *prober) checkOverlay() Check {
 			return fmt.Errorf("a deleted lower file is still visible in %s: %v", s.path("merged"), err)
 		}
 		c.OK = true
-		c.Value = p.root
 		if fsTypeName(p.root) == "tmpfs" {
 			c.Reason = "root on tmpfs: snapshots do not survive a reboot"
 		}
@@ -222,7 +221,7 @@ func (p *prober) checkVolatile() Check {
 		if err := s.overlay("merged", 0, opts...); err != nil {
 			return err
 		}
-		if _, err := os.Stat(s.path("work/incompat/volatile")); err != nil {
+		if _, err := os.Stat(s.path("work/work/incompat/volatile")); err != nil {
 			c.Reason = "mounted, but the kernel left no work/incompat/volatile marker"
 		}
 		c.OK = true

@@ -70,7 +70,9 @@ func (s *scratch) overlay(target string, flags uintptr, opts ...string) error {
 	}
 	data := strings.Join(opts, ",")
 	if err := unix.Mount("overlay", t, "overlay", flags, data); err != nil {
-		err = fmt.Errorf("mount overlay on %s with %q: %w", t, data, err)
+		// The option string is left out: it is long, and the kernel's
+		// message names the path it refused.
+		err = fmt.Errorf("mount overlay on %s: %w", t, err)
 		if msg := kernelSays("overlay", opts); msg != "" {
 			err = fmt.Errorf("%w (kernel: %s)", err, msg)
 		}
