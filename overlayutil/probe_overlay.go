@@ -161,7 +161,7 @@ func (p *prober) checkRedirectDir() Check {
 			return err
 		}
 		if err := s.overlay("merged", 0, opts...); err != nil {
-			return err
+			return p.userxattrConflict("redirect_dir", err)
 		}
 		if err := os.Rename(s.path("merged/a"), s.path("merged/b")); err != nil {
 			return fmt.Errorf("rename a lower dir through the mount: %w", err)
@@ -192,7 +192,7 @@ func (p *prober) checkMetacopy() Check {
 			return err
 		}
 		if err := s.overlay("merged", 0, opts...); err != nil {
-			return err
+			return p.userxattrConflict("metacopy", err)
 		}
 		if err := os.Chmod(s.path("merged/f"), 0o600); err != nil {
 			return fmt.Errorf("chmod a lower file through the mount: %w", err)
@@ -207,6 +207,19 @@ func (p *prober) checkMetacopy() Check {
 		c.OK = true
 		return nil
 	})
+}
+
+// userxattrConflict explains a refused redirect_dir or metacopy mount under
+// userxattr: the kernel turns both off there (a user could otherwise forge
+// user.overlay.redirect to reach files it may not read) and says so only
+// in the kernel log, not to the mounting task.
+func (p *prober) userxattrConflict(option string, err error) error {
+	for _, o := range p.base {
+		if o == "userxattr" {
+			return fmt.Errorf("the kernel refuses %s with userxattr: %w", option, err)
+		}
+	}
+	return err
 }
 
 // checkVolatile mounts with volatile, which skips every sync to the upper

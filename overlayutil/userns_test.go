@@ -1,0 +1,90 @@
+package overlayutil
+
+import (
+	"context"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/overclone/overclone/test/loopfs"
+)
+
+// usernsRootEnv carries the root to the test binary re-run in a user
+// namespace by TestProbeInUserNamespace.
+const usernsRootEnv = "OVERLAYUTIL_TEST_USERNS_ROOT"
+
+// TestProbeInUserNamespace runs the probe as root of a user namespace (ids
+// mapped one to one, so files stay reachable), where the daemon is when it
+// runs rootless or in a user-namespaced container: trusted.* xattrs cannot
+// be written there, so overlay needs userxattr, and the kernel then refuses
+// redirect_dir and metacopy.
+func TestProbeInUserNamespace(t *testing.T) {
+	if os.Getenv(usernsRootEnv) != "" {
+		t.Skip("running inside the user namespace")
+	}
+	root := filepath.Join(loopfs.Mount(t, loopfs.Ext4), "root")
+	if err := os.MkdirAll(root, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(os.Args[0], "-test.run=^TestUserNamespaceHelper$", "-test.v")
+	cmd.Env = append(os.Environ(), usernsRootEnv+"="+root)
+	ids := []syscall.SysProcIDMap{{ContainerID: 0, HostID: 0, Size: 65536}}
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Cloneflags:  syscall.CLONE_NEWUSER | syscall.CLONE_NEWNS,
+		UidMappings: ids,
+		GidMappings: ids,
+	}
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("probe in a user namespace: %v\n%s", err, out)
+	}
+	_, js, ok := strings.Cut(string(out), "FEATURES:")
+	if !ok {
+		t.Fatalf("no findings from the user namespace:\n%s", out)
+	}
+	js, _, _ = strings.Cut(js, "\n")
+	var f Features
+	if err := json.Unmarshal([]byte(js), &f); err != nil {
+		t.Fatalf("%v: %s", err, js)
+	}
+	for _, c := range f.Checks {
+		t.Logf("%-20s %-5t value=%q reason=%q", c.Name, c.OK, c.Value, c.Reason)
+	}
+	want := map[string]bool{
+		CheckOverlay: true, CheckUserXattrNeeded: true, CheckMultipleLowers: true,
+		CheckRedirectDir: false, CheckMetacopy: false,
+	}
+	for name, ok := range want {
+		if c := f.Get(name); c.OK != ok || (!c.OK && c.Reason == "") {
+			t.Errorf("%s: ok=%t reason %q, want ok=%t", name, c.OK, c.Reason, ok)
+		}
+	}
+	if !strings.Contains(f.Get(CheckRedirectDir).Reason, "refuses redirect_dir with userxattr") {
+		t.Errorf("redirect_dir reason %q does not name the conflict", f.Get(CheckRedirectDir).Reason)
+	}
+	if !strings.Contains(f.Get(CheckUserXattrNeeded).Reason, "operation not permitted") {
+		t.Errorf("userxattr reason %q does not say trusted xattrs are not permitted", f.Get(CheckUserXattrNeeded).Reason)
+	}
+}
+
+// TestUserNamespaceHelper is the child side of TestProbeInUserNamespace.
+func TestUserNamespaceHelper(t *testing.T) {
+	root := os.Getenv(usernsRootEnv)
+	if root == "" {
+		t.Skip("only run by TestProbeInUserNamespace")
+	}
+	f, err := Probe(context.Background(), root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := json.Marshal(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Written straight to stdout: t.Log would wrap a long line.
+	os.Stdout.WriteString("FEATURES:" + string(b) + "\n")
+}
