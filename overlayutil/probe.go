@@ -17,6 +17,9 @@ func probeAll(ctx context.Context, root string) (*Features, error) {
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("probe overlay features: make root %s: %w", root, err)
 	}
+	if err := removeStaleScratch(root); err != nil {
+		log.G(ctx).WithError(err).Warn("clean up earlier overlay probes")
+	}
 	f := &Features{Root: root, KernelRelease: kernelRelease(), BackingFS: fsTypeName(root)}
 	p := &prober{ctx: ctx, root: root}
 

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -15,6 +16,37 @@ import (
 // dot keeps them out of the snapshotter's own names; a crash mid-probe
 // leaves one behind, which the next probe does not reuse.
 const scratchPrefix = ".overlayutil-probe-"
+
+// staleScratchAge is how old a probe dir must be before a later probe
+// removes it as left by a crash. Probes take well under a minute; the
+// margin keeps one `overclone check` from removing the dir of another that
+// runs at the same time.
+const staleScratchAge = time.Hour
+
+// removeStaleScratch removes probe dirs a crashed probe left under root,
+// unless something is still mounted below one (then it is left alone:
+// removing through a mount would delete the mounted layers' files).
+func removeStaleScratch(root string) error {
+	dirs, err := filepath.Glob(filepath.Join(root, scratchPrefix+"*"))
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, d := range dirs {
+		fi, err := os.Lstat(d)
+		if err != nil || !fi.IsDir() || time.Since(fi.ModTime()) < staleScratchAge {
+			continue
+		}
+		if left, err := mountsBelow(d); err != nil || len(left) > 0 {
+			errs = append(errs, fmt.Errorf("leaving stale probe dir %s: mounts below it %v (%v)", d, left, err))
+			continue
+		}
+		if err := os.RemoveAll(d); err != nil {
+			errs = append(errs, fmt.Errorf("remove stale probe dir: %w", err))
+		}
+	}
+	return errors.Join(errs...)
+}
 
 // scratch is a directory under the root where a probe builds layers and
 // mounts them. It remembers its mounts so that close can take them down
