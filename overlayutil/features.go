@@ -79,12 +79,15 @@ func (f *Features) MaxLowers() int { return f.maxLowers }
 // BaseOptions returns the mount options the probes say every overlay mount
 // under Root should carry: index=off where accepted (as containerd does, so
 // that a layer can be mounted by several overlays at once), userxattr where
-// trusted xattrs cannot be written, and the kernel's depth limit.
+// trusted xattrs cannot be written, redirect_dir=on where renaming a lower
+// dir works with it (containerd's suite renames one), and the kernel's
+// depth limit. Volatile and the config's options are the caller's to add.
 func (f *Features) BaseOptions() Options {
 	return Options{
-		IndexOff:  f.OK(CheckIndexOff),
-		UserXattr: f.OK(CheckUserXattrNeeded),
-		MaxLowers: f.maxLowers,
+		IndexOff:    f.OK(CheckIndexOff),
+		UserXattr:   f.OK(CheckUserXattrNeeded),
+		RedirectDir: f.OK(CheckRedirectDir),
+		MaxLowers:   f.maxLowers,
 	}
 }
 

@@ -57,7 +57,8 @@ type Options struct {
 	// Volatile passes volatile on mounts with an upper dir (active
 	// snapshots): no syncs, and the upper is unusable after a crash.
 	Volatile bool
-	// MountOptions from the config are appended verbatim, after ours.
+	// MountOptions from the config are appended verbatim, after ours; an
+	// option of ours the config also names is left out.
 	MountOptions []string
 	// MaxLowers is the kernel's depth limit (Features.MaxLowers); 0 means
 	// DefaultMaxLowers.
@@ -119,27 +120,36 @@ func OverlayMount(lowers []string, upper, work string, opts Options) (mount.Moun
 	return m, nil
 }
 
-// overlayOptions lays out the options in containerd's order: fixed options,
-// config options, then work, upper and the lowerdir list last.
+// overlayOptions lays out the options: ours, the config's, then work,
+// upper and the lowerdir list last. One of ours is left out where the
+// config names the same option, so that an operator's choice wins rather
+// than meeting a conflicting default.
 func overlayOptions(lowers []string, upper, work string, opts Options) []string {
 	var o []string
-	if opts.IndexOff {
-		o = append(o, "index=off")
+	add := func(want bool, key, opt string) {
+		if want && !hasOption(opts.MountOptions, key) {
+			o = append(o, opt)
+		}
 	}
-	if opts.UserXattr {
-		o = append(o, "userxattr")
-	}
-	if opts.RedirectDir {
-		o = append(o, "redirect_dir=on")
-	}
-	if opts.Volatile && upper != "" {
-		o = append(o, "volatile")
-	}
+	add(opts.IndexOff, "index", "index=off")
+	add(opts.UserXattr, "userxattr", "userxattr")
+	add(opts.RedirectDir, "redirect_dir", "redirect_dir=on")
+	add(opts.Volatile && upper != "", "volatile", "volatile")
 	o = append(o, opts.MountOptions...)
 	if upper != "" {
 		o = append(o, "workdir="+work, "upperdir="+upper)
 	}
 	return append(o, "lowerdir="+strings.Join(lowers, ":"))
+}
+
+// hasOption reports whether options name key, with or without a value.
+func hasOption(options []string, key string) bool {
+	for _, o := range options {
+		if k, _, _ := strings.Cut(o, "="); k == key {
+			return true
+		}
+	}
+	return false
 }
 
 // FitDepth returns how many of lowers, counted from the top, fit in one

@@ -31,6 +31,12 @@ func TestOverlayMountShapes(t *testing.T) {
 				"index=off", "userxattr", "redirect_dir=on", "nosuid", "xino=off", "lowerdir=/r/l/2:/r/l/1"}},
 		},
 		{
+			name: "the config's choice wins", lowers: []string{"/r/l/1"}, upper: "/u", work: "/w",
+			opts: Options{IndexOff: true, RedirectDir: true, Volatile: true, MountOptions: []string{"index=on", "redirect_dir=follow", "volatile"}},
+			want: mount.Mount{Type: "overlay", Source: "overlay", Options: []string{
+				"index=on", "redirect_dir=follow", "volatile", "workdir=/w", "upperdir=/u", "lowerdir=/r/l/1"}},
+		},
+		{
 			name: "no options", lowers: []string{"/r/l/1"}, upper: "/u", work: "/w",
 			want: mount.Mount{Type: "overlay", Source: "overlay", Options: []string{"workdir=/w", "upperdir=/u", "lowerdir=/r/l/1"}},
 		},

@@ -68,7 +68,7 @@ func TestProbeTruth(t *testing.T) {
 			if !f.CanServe() || !f.Intercepts() || f.MaxLowers() != 500 {
 				t.Errorf("CanServe %t Intercepts %t MaxLowers %d, want true true 500", f.CanServe(), f.Intercepts(), f.MaxLowers())
 			}
-			if o := f.BaseOptions(); !o.IndexOff || o.UserXattr || o.MaxLowers != 500 {
+			if o := f.BaseOptions(); !o.IndexOff || o.UserXattr || !o.RedirectDir || o.MaxLowers != 500 {
 				t.Errorf("BaseOptions = %+v", o)
 			}
 		})
