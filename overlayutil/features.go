@@ -4,7 +4,6 @@ import (
 	"context"
 	"fmt"
 	"path/filepath"
-	"strconv"
 	"sync"
 
 	"github.com/containerd/log"
@@ -107,8 +106,11 @@ func (f *Features) Log(ctx context.Context) {
 		e.Info("overlay feature")
 	}
 	if !f.CanServe() {
-		l.WithField("reason", f.Get(CheckOverlay).Reason+f.Get(CheckMultipleLowers).Reason).
-			Warn("overlayfs cannot serve snapshots under this root")
+		reason := f.Get(CheckOverlay).Reason
+		if f.OK(CheckOverlay) {
+			reason = f.Get(CheckMultipleLowers).Reason
+		}
+		l.WithField("reason", reason).Warn("overlayfs cannot serve snapshots under this root")
 	}
 	if f.CanServe() && !f.Intercepts() {
 		l.Warn("overlayfs may return a lower layer's bytes to copy_file_range or FICLONE after copy-up")
@@ -118,8 +120,8 @@ func (f *Features) Log(ctx context.Context) {
 func (f *Features) add(c Check) { f.Checks = append(f.Checks, c) }
 
 func (f *Features) String() string {
-	return fmt.Sprintf("overlay features of %s (%s on kernel %s): serve=%t max-lowers=%s",
-		f.Root, f.BackingFS, f.KernelRelease, f.CanServe(), strconv.Itoa(f.maxLowers))
+	return fmt.Sprintf("overlay features of %s (%s on kernel %s): serve=%t max-lowers=%d",
+		f.Root, f.BackingFS, f.KernelRelease, f.CanServe(), f.maxLowers)
 }
 
 // cache holds one Features per root: probing mounts and unmounts a few dozen

@@ -161,7 +161,7 @@ func rangeCopy(src *os.File, dst string, clone bool) (string, error) {
 	} else {
 		var off, doff int64
 		for {
-			n, err := unix.CopyFileRange(int(src.Fd()), &off, int(d.Fd()), &doff, 1<<20, 0)
+			n, err := unix.CopyFileRange(int(src.Fd()), &off, int(d.Fd()), &doff, len(freshBytes), 0)
 			if err != nil {
 				return "", err
 			}

@@ -138,6 +138,10 @@ func (p *prober) checkMaxLowers() (Check, int) {
 	return c, depth
 }
 
+// errTailLen is how much of an error without a known marker lastWords
+// keeps: about two lines of a terminal.
+const errTailLen = 160
+
 // lastWords keeps the end of a long mount error, which is where the errno
 // and the kernel's message are; the option string before it is noise.
 func lastWords(err error) string {
@@ -145,9 +149,8 @@ func lastWords(err error) string {
 	if i := strings.LastIndex(s, "err: "); i >= 0 {
 		return s[i+len("err: "):]
 	}
-	const keep = 160
-	if len(s) > keep {
-		return "..." + s[len(s)-keep:]
+	if len(s) > errTailLen {
+		return "..." + s[len(s)-errTailLen:]
 	}
 	return s
 }

@@ -242,6 +242,10 @@ func (p *prober) checkVolatile() Check {
 	})
 }
 
+// xattrValueMax bounds the private xattrs a probe reads: a redirect holds
+// at most a path (PATH_MAX), a metacopy a few bytes.
+const xattrValueMax = unix.PathMax
+
 // privateXattr reads overlay's private xattr name (redirect, metacopy...)
 // from the namespace the mount uses.
 func privateXattr(path, name string, base []string) (string, error) {
@@ -251,7 +255,7 @@ func privateXattr(path, name string, base []string) (string, error) {
 			prefix = "user.overlay."
 		}
 	}
-	buf := make([]byte, 4096)
+	buf := make([]byte, xattrValueMax)
 	n, err := unix.Lgetxattr(path, prefix+name, buf)
 	if err != nil {
 		return "", fmt.Errorf("get %s%s on %s: %w", prefix, name, path, err)

@@ -163,6 +163,10 @@ func (s *scratch) close() error {
 	return errors.Join(errs...)
 }
 
+// mountinfoLineMax is the longest mountinfo line read: a deep overlay's
+// line lists each lower (500 of up to 4 KiB paths, escaped).
+const mountinfoLineMax = 8 << 20
+
 // mountsBelow lists the mount points at or below dir.
 func mountsBelow(dir string) ([]string, error) {
 	f, err := os.Open("/proc/self/mountinfo")
@@ -172,7 +176,8 @@ func mountsBelow(dir string) ([]string, error) {
 	defer f.Close()
 	var below []string
 	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	// A mountinfo line holds every lowerdir of an overlay: up to 500 paths.
+	sc.Buffer(make([]byte, 0, 64<<10), mountinfoLineMax)
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
 		if len(fields) < 5 {
@@ -254,12 +259,19 @@ func kernelSays(fstype string, opts []string) string {
 // fsconfigValueMax is the longest string value fsconfig(2) copies in.
 const fsconfigValueMax = 255
 
+// The kernel keeps at most 8 messages per fs context, each a line with a
+// path or two in it.
+const (
+	fsLogMessages   = 8
+	fsLogMessageMax = 2 * unix.PathMax
+)
+
 // fsLog drains the message log of an fsopen fd. Each read returns one
 // message prefixed "e ", "w " or "i "; ENODATA ends the log.
 func fsLog(fd int) string {
 	var msgs []string
-	buf := make([]byte, 1024)
-	for range 16 {
+	buf := make([]byte, fsLogMessageMax)
+	for range fsLogMessages {
 		n, err := unix.Read(fd, buf)
 		if err != nil || n <= 0 {
 			break
