@@ -1,11 +1,13 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
+	"strings"
 	"text/tabwriter"
 
 	"github.com/overclone/overclone/overlayutil"
@@ -66,12 +68,17 @@ func printChecks(w io.Writer, f *overlayutil.Features) {
 	fmt.Fprintf(w, "backing fs:  %s\n", f.BackingFS)
 	fmt.Fprintf(w, "kernel:      %s\n", f.KernelRelease)
 	fmt.Fprintf(w, "can serve:   %s\n\n", yesNo(f.CanServe()))
-	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	var table bytes.Buffer
+	tw := tabwriter.NewWriter(&table, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "CHECK\tRESULT\tVALUE\tREASON")
 	for _, c := range f.Checks {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", c.Name, yesNo(c.OK), c.Value, c.Reason)
 	}
 	tw.Flush()
+	// tabwriter pads a column even where the row's last cell is empty.
+	for _, line := range strings.SplitAfter(table.String(), "\n") {
+		fmt.Fprint(w, strings.TrimRight(line, " \n")+strings.Repeat("\n", strings.Count(line, "\n")))
+	}
 }
 
 func yesNo(b bool) string {

@@ -54,6 +54,11 @@ func TestCheckTable(t *testing.T) {
 					t.Errorf("output lacks %q", want)
 				}
 			}
+			for _, line := range strings.Split(stdout, "\n") {
+				if strings.HasSuffix(line, " ") {
+					t.Errorf("trailing space in %q", line)
+				}
+			}
 			reflink := "reflink              no"
 			if k.Reflinks() {
 				reflink = "reflink              yes"
