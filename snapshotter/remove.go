@@ -10,7 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
-		"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 )
