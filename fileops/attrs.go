@@ -17,7 +17,7 @@ type target struct {
 	name  string
 }
 
-func fdTarget(fd int) target                    { return target{fd: fd, dirfd: -1} }
+func fdTarget(fd int) target                   { return target{fd: fd, dirfd: -1} }
 func nameTarget(dirfd int, name string) target { return target{fd: -1, dirfd: dirfd, name: name} }
 
 // srcXattrs reads the attributes a copy carries: all but overlay's own.

@@ -87,10 +87,10 @@ type hit struct {
 func (v *view) lookup(dirs []dirRef, name string) ([]hit, bool, error) {
 	var hits []hit
 	opaque := false
-	rel := name      // the name looked up in the parents' layer dirs
-	abs := ""        // after an absolute redirect: the path below each root
-	absFrom := -1    // the next layer an absolute lookup visits
-	next := 0        // the next parent layer dir
+	rel := name   // the name looked up in the parents' layer dirs
+	abs := ""     // after an absolute redirect: the path below each root
+	absFrom := -1 // the next layer an absolute lookup visits
+	next := 0     // the next parent layer dir
 	last := len(v.s.layers) - 1
 	for {
 		var (
