@@ -66,13 +66,17 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		}
 	}
 
-	var snap storage.Snapshot
+	var (
+		snap storage.Snapshot
+		info snapshots.Info
+	)
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		var err error
 		snap, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
 		if err != nil {
 			return fmt.Errorf("create snapshot %q: %w", key, err)
 		}
+		info = base // the labels given are the labels stored
 		switch {
 		case materialized != "" && snap.ParentIDs[0] != materialized:
 			// The parent was removed and committed again under the
@@ -91,6 +95,9 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		return nil, err
 	}
 	td = "" // renamed into place: the deferred clean-up must not touch it
+	if wantsFlatView(snap, info) {
+		return s.flatView(ctx, snap)
+	}
 	return s.mounts(ctx, snap)
 }
 

@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/log"
 	"golang.org/x/sync/singleflight"
 
@@ -81,8 +83,32 @@ func roundUp(n, step int) int {
 	return (n + step - 1) / step * step
 }
 
+// FlattenLabel on a View asks for the parent's whole stack as one
+// flattened layer: the view mounts as a read-only bind of it, and the
+// flattened layer stays cached for as long as the parent lives. It is how
+// `overclone flatten` reaches the daemon through the snapshots API.
+const FlattenLabel = "containerd.io/snapshot/overclone.flatten"
+
+func wantsFlatView(snap storage.Snapshot, info snapshots.Info) bool {
+	_, ok := info.Labels[FlattenLabel]
+	return ok && snap.Kind == snapshots.KindView && len(snap.ParentIDs) > 0
+}
+
+// flatView mounts a view of its parent's stack flattened into one layer.
+// In userspace mode the parent already is one complete directory.
+func (s *Snapshotter) flatView(ctx context.Context, snap storage.Snapshot) ([]mount.Mount, error) {
+	dir := s.upperPath(snap.ParentIDs[0])
+	if s.mode == ModeOverlay {
+		dir = s.flatPath(snap.ParentIDs[0])
+		if err := s.flatten(ctx, snap.ParentIDs); err != nil {
+			return nil, err
+		}
+	}
+	return []mount.Mount{{Type: "bind", Source: dir, Options: []string{"ro", "rbind"}}}, nil
+}
+
 // Flatten builds (or finds) the flattened layer of committed snapshot key
-// and returns its path: the user-facing `overclone flatten`.
+// and returns its path.
 func (s *Snapshotter) Flatten(ctx context.Context, key string) (string, error) {
 	ids, err := s.chain(ctx, key)
 	if err != nil {

@@ -36,8 +36,8 @@ func ParseMode(s string) (Mode, error) {
 	return "", fmt.Errorf("mode %q: want auto, overlay or userspace: %w", s, errdefs.ErrInvalidArgument)
 }
 
-// chooseMode resolves auto against what the kernel can do, and says why.
-func chooseMode(want Mode, f *overlayutil.Features) (Mode, string, error) {
+// ChooseMode resolves auto against what the kernel can do, and says why.
+func ChooseMode(want Mode, f *overlayutil.Features) (Mode, string, error) {
 	switch want {
 	case ModeUserspace:
 		return ModeUserspace, "configured", nil
@@ -98,7 +98,7 @@ func (s *Snapshotter) recordMode(ctx context.Context, want Mode, f *overlayutil.
 		}
 		return recorded, "recorded when the root was created", nil
 	}
-	mode, why, err := chooseMode(want, f)
+	mode, why, err := ChooseMode(want, f)
 	if err != nil {
 		return "", "", err
 	}

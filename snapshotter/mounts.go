@@ -14,16 +14,25 @@ import (
 
 // Mounts returns the mounts of an active snapshot or a view.
 func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, error) {
-	var snap storage.Snapshot
+	var (
+		snap storage.Snapshot
+		info snapshots.Info
+	)
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
 		var err error
 		if snap, err = storage.GetSnapshot(ctx, key); err != nil {
+			return fmt.Errorf("get mounts of %q: %w", key, err)
+		}
+		if _, info, _, err = storage.GetInfo(ctx, key); err != nil {
 			return fmt.Errorf("get mounts of %q: %w", key, err)
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, err
+	}
+	if wantsFlatView(snap, info) {
+		return s.flatView(ctx, snap)
 	}
 	return s.mounts(ctx, snap)
 }
