@@ -147,7 +147,7 @@ func main() {
 	}
 	for _, kind := range p.fs {
 		tb := newRunTB(string(kind), tmp)
-		e := &env{ctx: ctx, kind: kind, tb: tb, rep: rep, p: p, img: img}
+		e := &env{ctx: ctx, kind: kind, tb: tb, rep: rep, p: p, img: img, noted: map[string]bool{}}
 		ok := step(fmt.Sprintf("%s: make loop filesystem", kind), func() error {
 			e.dir = loopfs.MountSize(tb, kind, p.loopSize)
 			return nil

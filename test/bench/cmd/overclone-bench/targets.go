@@ -64,6 +64,8 @@ type env struct {
 	rep  *Report
 	p    params
 	img  *image
+	// noted remembers what was already written into the notes.
+	noted map[string]bool
 }
 
 func (e *env) fs() string { return string(e.kind) }
@@ -147,6 +149,11 @@ func (e *env) openOne(workload, name string) (*target, error) {
 		// The daemon's defaults, but for durability: the built-in does
 		// not sync on Commit, so neither does the side compared with it.
 		d := daemon.Start(e.tb, root, "sync_on_commit = false\n")
+		// test/daemon starts it at debug level, which logs every call;
+		// measure it as deployed, at the default level.
+		if err := quietDaemon(d); err != nil {
+			return nil, err
+		}
 		t.sn = d.Client()
 		t.close = func() { d.Stop(); cleanup() }
 		return t, nil
@@ -193,4 +200,16 @@ func rotate[T any](ts []T, r int) []T {
 		out = append(out, ts[(i+r)%len(ts)])
 	}
 	return out
+}
+
+func quietDaemon(d *daemon.Daemon) error {
+	for i, a := range d.Args {
+		if a == "--log-level" && i+1 < len(d.Args) {
+			d.Args[i+1] = "info"
+		}
+	}
+	if err := d.Stop(); err != nil {
+		return err
+	}
+	return d.Restart()
 }
