@@ -18,6 +18,8 @@ help:
 	@echo "make test     run every test (root: real mounts, loop devices)"
 	@echo "make run      build and serve overclone with the default config (root)"
 	@echo "make install  install the binaries"
+	@echo "make bench    overclone against containerd's built-in snapshotters (root, ~10 min;"
+	@echo "              BENCHFLAGS=-quick for ~1 min); writes results/results.{md,json,svg}"
 
 build: $(addprefix bin/,$(BINARIES))
 
@@ -47,3 +49,13 @@ install: build
 
 clean:
 	rm -rf bin
+
+# bench runs every workload of test/bench on loop ext4 and xfs, overclone
+# and containerd's built-in overlayfs and native snapshotters side by side.
+BENCHFLAGS ?=
+BENCHOUT   ?= results
+
+.PHONY: bench
+bench: deps
+	$(GO) build -o bin/overclone-bench ./test/bench/cmd/overclone-bench
+	./bin/overclone-bench -out $(BENCHOUT) -plot $(BENCHFLAGS)

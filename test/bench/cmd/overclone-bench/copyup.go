@@ -45,6 +45,7 @@ func (e *env) benchCopyUp() error {
 		return err
 	}
 	defer os.Remove(src)
+	e.progress("dense %d MiB source written", e.p.bigFile>>20)
 	var runners []copyRunner
 	for _, t := range ts {
 		if err := makeBase(e, t, src); err != nil {
@@ -83,6 +84,7 @@ func (e *env) benchCopyUp() error {
 			samples[key{run.name, "Prepare on " + writeName}] = append(samples[key{run.name, "Prepare on " + writeName}], prep)
 		}
 	}
+	e.progress("copy-up of %d files: done", e.p.copyFiles)
 	for r := 0; r < e.p.bigRounds; r++ {
 		for _, run := range rotate(runners, r) {
 			if err := syncfs(e.dir); err != nil {

@@ -45,6 +45,7 @@ func (e *env) benchDeep() error {
 		if !slices.Contains(e.p.depths, depth) {
 			continue
 		}
+		e.progress("deep: %d layers built", depth)
 		if err := syncfs(e.dir); err != nil {
 			return err
 		}

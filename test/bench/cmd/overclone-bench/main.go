@@ -14,8 +14,10 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"os/signal"
 	"runtime"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -35,6 +37,7 @@ type params struct {
 	callRounds   int
 	walks        int
 	unpackRounds int
+	unpackCopy   int // rounds for the snapshotters that copy on Prepare
 	starts       int
 	startsCopy   int
 	blockRounds  int
@@ -52,18 +55,19 @@ var full = params{
 	loopSize:     16 << 30,
 	imageFiles:   10000,
 	calls:        1000,
-	callRounds:   2,
+	callRounds:   1,
 	walks:        10,
 	unpackRounds: 3,
+	unpackCopy:   1,
 	starts:       100,
-	startsCopy:   20,
-	blockRounds:  3,
+	startsCopy:   3,
+	blockRounds:  2,
 	commitFiles:  10000,
-	commitRounds: 5,
+	commitRounds: 3,
 	copyFiles:    1000,
-	copyRounds:   5,
+	copyRounds:   3,
 	bigFile:      1 << 30,
-	bigRounds:    3,
+	bigRounds:    2,
 	depths:       []int{128, 500, 1000},
 }
 
@@ -75,8 +79,9 @@ var quick = params{
 	callRounds:   1,
 	walks:        5,
 	unpackRounds: 1,
+	unpackCopy:   1,
 	starts:       20,
-	startsCopy:   5,
+	startsCopy:   2,
 	blockRounds:  2,
 	commitFiles:  10000,
 	commitRounds: 2,
@@ -128,7 +133,26 @@ func main() {
 	}
 	defer os.RemoveAll(tmp)
 
-	imgTB := newRunTB("image", tmp)
+	// An interrupted run still unmounts its loop filesystems.
+	var (
+		mu   sync.Mutex
+		open []*runTB
+	)
+	track := func(t *runTB) *runTB { mu.Lock(); open = append(open, t); mu.Unlock(); return t }
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	go func() {
+		sig := <-sigs
+		fmt.Fprintf(os.Stderr, "%v: cleaning up\n", sig)
+		mu.Lock()
+		for i := len(open) - 1; i >= 0; i-- {
+			open[i].close()
+		}
+		os.RemoveAll(tmp)
+		os.Exit(130)
+	}()
+
+	imgTB := track(newRunTB("image", tmp))
 	var img *image
 	if want["unpack"] {
 		step("generate image", func() error {
@@ -146,7 +170,7 @@ func main() {
 		}, rep)
 	}
 	for _, kind := range p.fs {
-		tb := newRunTB(string(kind), tmp)
+		tb := track(newRunTB(string(kind), tmp))
 		e := &env{ctx: ctx, kind: kind, tb: tb, rep: rep, p: p, img: img, noted: map[string]bool{}}
 		ok := step(fmt.Sprintf("%s: make loop filesystem", kind), func() error {
 			e.dir = loopfs.MountSize(tb, kind, p.loopSize)
@@ -169,9 +193,13 @@ func main() {
 				step(fmt.Sprintf("%s: %s", kind, w.name), w.run, rep)
 			}
 		}
+		mu.Lock()
 		tb.close()
+		mu.Unlock()
 	}
+	mu.Lock()
 	imgTB.close()
+	mu.Unlock()
 
 	rep.Host.LoadEnd = loadavg()
 	rep.Duration = time.Since(rep.Started).Round(time.Second).String()
@@ -229,4 +257,9 @@ func loadavg() string {
 		return "?"
 	}
 	return strings.Join(f[:3], " ")
+}
+
+// progress says what a workload is doing, so that a slow run shows where.
+func (e *env) progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "%s   %s: %s\n", time.Now().Format("15:04:05"), e.kind, fmt.Sprintf(format, args...))
 }
