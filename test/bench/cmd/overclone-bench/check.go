@@ -54,9 +54,12 @@ func (r *Report) ratioCheck(fs, prefix, op, ours string, limit float64, label st
 }
 
 // nativeCheck: userspace mode's Prepare ≥ 5x faster than native's with ≥
-// 20x fewer data blocks (the target is for xfs; ext4 is shown for what it
-// is, a full copy on both sides).
+// 20x fewer data blocks. The target is for xfs; on ext4 both sides copy
+// every byte, and the table shows it.
 func (r *Report) nativeCheck(fs string) {
+	if fs != "xfs" {
+		return
+	}
 	get := func(op, target string) *Result {
 		for _, res := range r.Results {
 			if res.FS == fs && res.Workload == "prepare-vs-native" && res.Op == op && res.Target == target && res.Err == "" {
@@ -68,7 +71,7 @@ func (r *Report) nativeCheck(fs string) {
 	us, nat := get("Prepare time", tUserspace), get("Prepare time", tNative)
 	if us != nil && nat != nil && us.Median > 0 {
 		f := nat.Median / us.Median
-		r.Checks = append(r.Checks, Check{fs + ": userspace-mode Prepare ≥ 5x faster than native", fmt.Sprintf("%.1fx faster (%s against %s)", f, fmtVal(us.Median, "ms"), fmtVal(nat.Median, "ms")), f >= 5 || fs != "xfs"})
+		r.Checks = append(r.Checks, Check{fs + ": userspace-mode Prepare ≥ 5x faster than native", fmt.Sprintf("%.1fx faster (%s against %s)", f, fmtVal(us.Median, "ms"), fmtVal(nat.Median, "ms")), f >= 5})
 	}
 	us, nat = get("Prepare data", tUserspace), get("Prepare data", tNative)
 	if us != nil && nat != nil {
@@ -76,7 +79,7 @@ func (r *Report) nativeCheck(fs string) {
 		if us.Median > 0 {
 			f = nat.Median / us.Median
 		}
-		r.Checks = append(r.Checks, Check{fs + ": userspace-mode Prepare ≥ 20x fewer data blocks than native", fmt.Sprintf("%.1fx fewer (%.0f KiB against %.0f KiB)", f, us.Median, nat.Median), f >= 20 || fs != "xfs"})
+		r.Checks = append(r.Checks, Check{fs + ": userspace-mode Prepare ≥ 20x fewer data blocks than native", fmt.Sprintf("%.1fx fewer (%.0f KiB against %.0f KiB)", f, us.Median, nat.Median), f >= 20})
 	}
 }
 

@@ -54,14 +54,14 @@ var full = params{
 	fs:           []loopfs.Kind{loopfs.Ext4, loopfs.XFS},
 	loopSize:     16 << 30,
 	imageFiles:   10000,
-	calls:        1000,
+	calls:        500, // 500 active + 500 views + 500 committed: Walk lists 1001
 	callRounds:   1,
 	walks:        10,
-	unpackRounds: 3,
+	unpackRounds: 2,
 	unpackCopy:   1,
 	starts:       100,
-	startsCopy:   3,
-	blockRounds:  2,
+	startsCopy:   2,
+	blockRounds:  3, // 1 on ext4, where both sides copy everything
 	commitFiles:  10000,
 	commitRounds: 3,
 	copyFiles:    1000,

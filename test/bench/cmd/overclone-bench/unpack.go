@@ -147,7 +147,11 @@ func (e *env) benchPrepareBlocks(ts []*target, tops map[string]string) error {
 		}
 	}
 	took, used := map[string][]float64{}, map[string][]float64{}
-	for r := 0; r < e.p.blockRounds; r++ {
+	rounds := e.p.blockRounds
+	if !e.kind.Reflinks() {
+		rounds = 1
+	}
+	for r := 0; r < rounds; r++ {
 		for _, t := range rotate(sel, r) {
 			before, err := freeBytes(e.dir)
 			if err != nil {
@@ -172,7 +176,7 @@ func (e *env) benchPrepareBlocks(ts []*target, tops map[string]string) error {
 		e.rep.add(e.fs(), "prepare-vs-native", "Prepare data", t.name, tNative, "KiB", used[t.name])
 	}
 	for _, t := range sel {
-		for r := 0; r < e.p.blockRounds; r++ {
+		for r := 0; r < rounds; r++ {
 			if err := t.sn.Remove(e.ctx, fmt.Sprintf("blk-%d", r)); err != nil {
 				return fmt.Errorf("%s: %w", t.name, err)
 			}
