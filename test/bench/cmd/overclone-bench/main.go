@@ -11,13 +11,17 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/signal"
+	"path/filepath"
 	"runtime"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -101,6 +105,7 @@ func main() {
 		plot      = flag.Bool("plot", false, "also write results.svg, a chart of the ratios")
 		fsList    = flag.String("fs", "", "comma-separated filesystems (ext4,xfs); default: both, xfs with -quick")
 		only      = flag.String("only", strings.Join(workloads, ","), "comma-separated workloads to run")
+		child     = flag.String("child", "", "internal: measure one filesystem and write the raw report as JSON to this file")
 	)
 	flag.Parse()
 	if os.Geteuid() != 0 {
@@ -121,15 +126,114 @@ func main() {
 	for _, w := range strings.Split(*only, ",") {
 		want[w] = true
 	}
-	// The snapshotters log every build and start; the table is the output.
-	log.SetLevel("warn")
-	ctx := namespaces.WithNamespace(context.Background(), "bench")
-
-	rep := &Report{Started: time.Now(), Flags: strings.Join(os.Args[1:], " "), Host: hostInfo()}
-	tmp, err := os.MkdirTemp("", "overclone-bench-")
+	flags := strings.Join(os.Args[1:], " ")
+	rep := &Report{Started: time.Now(), Flags: flags, Host: hostInfo()}
+	var err error
+	if len(p.fs) > 1 && *child == "" {
+		// One process per filesystem: fileops caches what a filesystem
+		// can do by device number for the life of the process, and the
+		// loop device of one filesystem is reused by the next (see
+		// fileops/caps.go), so xfs would inherit ext4's "no reflink".
+		err = measureApart(rep, p.fs, *quickFlag, *only)
+	} else {
+		err = measure(rep, p, want)
+	}
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
+	}
+	rep.Host.LoadEnd = loadavg()
+	rep.Duration = time.Since(rep.Started).Round(time.Second).String()
+	if *child != "" {
+		js, err := json.Marshal(rep)
+		if err == nil {
+			err = os.WriteFile(*child, js, 0o644)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "write child report:", err)
+			os.Exit(1)
+		}
+		return
+	}
+	rep.ratios()
+	rep.check()
+	rep.printTable(os.Stdout)
+	if err := rep.write(*out, *plot); err != nil {
+		fmt.Fprintln(os.Stderr, "write results:", err)
+		os.Exit(1)
+	}
+	fmt.Fprintf(os.Stderr, "results in %s (took %s)\n", *out, rep.Duration)
+}
+
+// measureApart runs this program once per filesystem and merges what the
+// runs measured into rep. A signal to this process is passed on, so that
+// the child unmounts its loop filesystem.
+func measureApart(rep *Report, kinds []loopfs.Kind, quick bool, only string) error {
+	tmp, err := os.MkdirTemp("", "overclone-bench-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(tmp)
+	var (
+		mu  sync.Mutex
+		cur *exec.Cmd
+	)
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
+	defer signal.Stop(sigs)
+	go func() {
+		for sig := range sigs {
+			mu.Lock()
+			if cur != nil && cur.Process != nil {
+				cur.Process.Signal(sig)
+			}
+			mu.Unlock()
+		}
+	}()
+	for _, kind := range kinds {
+		file := filepath.Join(tmp, string(kind)+".json")
+		args := []string{"-fs", string(kind), "-only", only, "-child", file}
+		if quick {
+			args = append(args, "-quick")
+		}
+		cmd := exec.Command(os.Args[0], args...)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		mu.Lock()
+		err := cmd.Start()
+		cur = cmd
+		mu.Unlock()
+		if err != nil {
+			return err
+		}
+		if err := cmd.Wait(); err != nil {
+			if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.ExitStatus() == 130 {
+				return fmt.Errorf("interrupted")
+			}
+			rep.note("%s: the run failed: %v", kind, err)
+			continue
+		}
+		js, err := os.ReadFile(file)
+		if err != nil {
+			return err
+		}
+		var part Report
+		if err := json.Unmarshal(js, &part); err != nil {
+			return fmt.Errorf("read %s results: %w", kind, err)
+		}
+		rep.Results = append(rep.Results, part.Results...)
+		rep.Notes = append(rep.Notes, part.Notes...)
+	}
+	return nil
+}
+
+// measure runs the workloads on each filesystem of p in this process.
+func measure(rep *Report, p params, want map[string]bool) error {
+	// The snapshotters log every build and start; the table is the output.
+	log.SetLevel("warn")
+	ctx := namespaces.WithNamespace(context.Background(), "bench")
+	tmp, err := os.MkdirTemp("", "overclone-bench-")
+	if err != nil {
+		return err
 	}
 	defer os.RemoveAll(tmp)
 
@@ -138,7 +242,12 @@ func main() {
 		mu   sync.Mutex
 		open []*runTB
 	)
-	track := func(t *runTB) *runTB { mu.Lock(); open = append(open, t); mu.Unlock(); return t }
+	track := func(t *runTB) *runTB {
+		mu.Lock()
+		defer mu.Unlock()
+		open = append(open, t)
+		return t
+	}
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
 	go func() {
@@ -200,17 +309,7 @@ func main() {
 	mu.Lock()
 	imgTB.close()
 	mu.Unlock()
-
-	rep.Host.LoadEnd = loadavg()
-	rep.Duration = time.Since(rep.Started).Round(time.Second).String()
-	rep.ratios()
-	rep.check()
-	rep.printTable(os.Stdout)
-	if err := rep.write(*out, *plot); err != nil {
-		fmt.Fprintln(os.Stderr, "write results:", err)
-		os.Exit(1)
-	}
-	fmt.Fprintf(os.Stderr, "results in %s (took %s)\n", *out, rep.Duration)
+	return nil
 }
 
 // step runs one workload; a failure (or a helper's Fatal) becomes a note
