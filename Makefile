@@ -38,3 +38,21 @@ test: deps build
 
 clean:
 	rm -rf bin
+
+# --- containerd 2.x for the end-to-end tests -------------------------------
+# Built once from the Go module proxy and cached outside the tree, so a second
+# run (and CI with a persistent cache) does not rebuild it. The e2e tests find
+# it through OVERCLONE_CONTAINERD2_BIN (default: this directory).
+CONTAINERD2_VERSION ?= v2.4.2
+CONTAINERD2_CACHE   ?= /var/cache/overclone/containerd-$(CONTAINERD2_VERSION)
+CONTAINERD2_BIN     := $(CONTAINERD2_CACHE)/bin
+CONTAINERD2_TOOLS   := containerd ctr containerd-shim-runc-v2
+
+.PHONY: containerd2
+containerd2: $(addprefix $(CONTAINERD2_BIN)/,$(CONTAINERD2_TOOLS))
+
+$(CONTAINERD2_BIN)/%:
+	@mkdir -p $(CONTAINERD2_BIN)
+	cd /tmp && GOBIN=$(CONTAINERD2_BIN) GOFLAGS=-buildvcs=false $(GO) install \
+		-tags "no_btrfs no_devmapper no_zfs" \
+		github.com/containerd/containerd/v2/cmd/$*@$(CONTAINERD2_VERSION)
