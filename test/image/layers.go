@@ -19,6 +19,10 @@ const (
 	BigSize      = 64 << 20
 	SparseFile   = "data/sparse"
 	SparseSize   = 16 << 20
+
+	// AppendContent is data/append.txt as layer 1 writes it; the viewer's
+	// write command appends to it.
+	AppendContent = "line 1 from layer 1\n"
 )
 
 // capNetRaw is a vfs_cap_data revision 2 value: effective, permitted
@@ -40,7 +44,7 @@ func layers(viewer []byte) []layer {
 			dir("data", 0o755),
 			reg("data/keep.txt", 0o644, []byte("kept in layer 1\n")),
 			reg("data/deleted.txt", 0o644, []byte("whited out in layer 2\n")),
-			reg("data/append.txt", 0o644, []byte("line 1 from layer 1\n")),
+			reg("data/append.txt", 0o644, []byte(AppendContent)),
 			reg("data/modified.txt", 0o644, []byte("v1\n")),
 			reg("data/empty", 0o600, nil),
 			owned(reg("data/owned.txt", 0o640, []byte("owned by 1000:1001\n")), 1000, 1001),

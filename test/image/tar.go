@@ -55,7 +55,9 @@ var epoch = time.Unix(1700000000, 0)
 // writeLayer writes files as one uncompressed tar stream to w.
 func writeLayer(w io.Writer, files []file) error {
 	tw := tar.NewWriter(w)
+	modes := map[string]int64{}
 	for _, f := range files {
+		modes[f.path] = f.mode
 		if f.holes != nil {
 			// archive/tar cannot write sparse entries; write this one by
 			// hand between two of the writer's entries.
@@ -83,7 +85,10 @@ func writeLayer(w io.Writer, files []file) error {
 		case 'l':
 			hdr.Typeflag, hdr.Linkname, hdr.Mode = tar.TypeSymlink, f.target, 0o777
 		case 'h':
-			hdr.Typeflag, hdr.Linkname = tar.TypeLink, f.target
+			// Appliers chmod the link to the header's mode, and the
+			// link is the target's inode: carry the target's mode, as
+			// GNU tar does.
+			hdr.Typeflag, hdr.Linkname, hdr.Mode = tar.TypeLink, f.target, modes[f.target]
 		case 'w':
 			hdr.Typeflag, hdr.Name = tar.TypeReg, path.Join(path.Dir(f.path), ".wh."+path.Base(f.path))
 		case 'o':
