@@ -5,7 +5,8 @@ PREFIX   ?= /usr/local
 BINDIR   ?= $(PREFIX)/bin
 DEB_PKGS := containerd runc xfsprogs btrfs-progs e2fsprogs attr
 
-BINARIES := containerd-overclone-grpc overclone
+# Every directory under cmd/ is a binary.
+BINARIES := $(notdir $(wildcard cmd/*))
 
 .PHONY: all build test deps install clean help
 
