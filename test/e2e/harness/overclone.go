@@ -3,7 +3,6 @@ package harness
 import (
 	"context"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"time"
@@ -39,7 +38,7 @@ func NewOverclone(bin, dir string, logf Logf) (*Overclone, error) {
 	return o, nil
 }
 
-// Start starts the daemon and waits until its socket accepts connections.
+// Start starts the daemon and waits until it answers gRPC health checks.
 func (o *Overclone) Start(ctx context.Context) error {
 	if o.proc != nil && o.proc.running() {
 		return fmt.Errorf("overclone already running")
@@ -53,12 +52,10 @@ func (o *Overclone) Start(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	start := time.Now()
-	err = waitFor(ctx, p, "overclone socket", func() error {
-		c, err := net.Dial("unix", o.Socket)
-		if err != nil {
-			return err
-		}
-		return c.Close()
+	err = waitFor(ctx, p, "overclone health", func() error {
+		cctx, cancel := context.WithTimeout(ctx, time.Second)
+		defer cancel()
+		return Health(cctx, o.Socket)
 	})
 	if err != nil {
 		_ = p.stop()
