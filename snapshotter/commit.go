@@ -52,13 +52,6 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 			return err
 		}
 	}
-	// The link must exist before the layer can be a parent; made before
-	// the transaction, a failed Commit leaves at most a link to an active
-	// snapshot, which Cleanup removes if the snapshot goes away.
-	if err := s.ensureLink(id); err != nil {
-		return err
-	}
-
 	return s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		again, _, _, err := storage.GetInfo(ctx, key)
 		if err != nil {
@@ -94,7 +87,8 @@ func (s *Snapshotter) activeID(ctx context.Context, key string) (string, error) 
 	return id, err
 }
 
-// ensureLink makes l/<short> point at the layer's fs dir.
+// ensureLink makes l/<short> point at the layer's fs dir, replacing a link
+// left by a layer whose id was reused after a crash.
 func (s *Snapshotter) ensureLink(id string) error {
 	link := s.linkPath(id)
 	target := filepath.Join("..", snapshotsDir, id, "fs")

@@ -10,7 +10,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
@@ -65,8 +64,8 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 }
 
 // recover runs at start, before any call is served: it also removes the
-// temporary directories of creates that were cut short, recreates missing
-// layer links and reports snapshots whose directories are gone.
+// temporary directories of creates that were cut short and reports
+// snapshots whose directories are gone.
 func (s *Snapshotter) recover(ctx context.Context) error {
 	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		if err := s.trashOrphans(ctx, true); err != nil {
@@ -126,8 +125,7 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 	return nil
 }
 
-// checkLayers makes sure every committed layer has its link, and says
-// loudly which snapshots lost their directory (a disk repaired by fsck, an
+// checkLayers says loudly which snapshots lost their directory (a disk repaired by fsck, an
 // operator's rm): containerd will fail to mount them and must re-pull.
 func (s *Snapshotter) checkLayers(ctx context.Context) error {
 	ids, err := idMap(ctx)
@@ -135,18 +133,8 @@ func (s *Snapshotter) checkLayers(ctx context.Context) error {
 		return err
 	}
 	for id, key := range ids {
-		_, info, _, err := storage.GetInfo(ctx, key)
-		if err != nil {
-			return err
-		}
 		if _, err := os.Stat(s.upperPath(id)); err != nil {
 			log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("snapshot directory is missing: the snapshot is unusable, remove it and pull its image again")
-			continue
-		}
-		if info.Kind == snapshots.KindCommitted {
-			if err := s.ensureLink(id); err != nil {
-				return err
-			}
 		}
 	}
 	return nil

@@ -36,7 +36,7 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 	}
 
 	srv := grpc.NewServer()
-	snapshotsapi.RegisterSnapshotsServer(srv, newService(sn))
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotter.NewService(sn))
 	// The standard health service lets a DaemonSet probe or
 	// grpc-health-probe ask the socket itself whether overclone serves.
 	hs := health.NewServer()
