@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"sync"
 	"testing"
 
@@ -14,8 +13,7 @@ import (
 	"github.com/overclone/overclone/test/image"
 )
 
-// imageName is what the archive's annotations name the test image.
-const imageName = "overclone.test/e2e/viewer:1"
+const imageName = harness.ImageName
 
 // fixture is built once per test binary and shared by the containerd
 // versions: the test image, its archive, the overclone daemon binary and the
@@ -43,23 +41,6 @@ func repoRoot() string {
 		panic(err)
 	}
 	return root
-}
-
-func goTool() string {
-	if p, err := exec.LookPath("go"); err == nil {
-		return p
-	}
-	return filepath.Join(runtime.GOROOT(), "bin", "go")
-}
-
-func goBuild(out, pkg string, env ...string) error {
-	cmd := exec.Command(goTool(), "build", "-o", out, pkg)
-	cmd.Dir = repoRoot()
-	cmd.Env = append(os.Environ(), env...)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		return fmt.Errorf("go build %s: %w\n%s", pkg, err, b)
-	}
-	return nil
 }
 
 // requireEnv skips when the machine cannot run the suite at all.
@@ -95,19 +76,7 @@ func newFixture() (*fixture, error) {
 		return nil, err
 	}
 	f := &fixture{dir: dir}
-	viewer := filepath.Join(dir, "viewer")
-	if err := goBuild(viewer, "./test/image/viewer", "CGO_ENABLED=0"); err != nil {
-		return nil, err
-	}
-	viewerBin, err := os.ReadFile(viewer)
-	if err != nil {
-		return nil, err
-	}
-	if f.img, err = image.Build(filepath.Join(dir, "layout"), imageName, viewerBin); err != nil {
-		return nil, err
-	}
-	f.archive = filepath.Join(dir, "image.tar")
-	if err := f.img.WriteArchive(f.archive); err != nil {
+	if f.img, f.archive, err = harness.BuildImage(dir, repoRoot()); err != nil {
 		return nil, err
 	}
 
@@ -120,7 +89,7 @@ func newFixture() (*fixture, error) {
 			break
 		}
 		f.overcloneBin = filepath.Join(dir, "containerd-overclone-grpc")
-		if err := goBuild(f.overcloneBin, "./cmd/containerd-overclone-grpc"); err != nil {
+		if err := harness.GoBuild(repoRoot(), f.overcloneBin, "./cmd/containerd-overclone-grpc"); err != nil {
 			return nil, err
 		}
 	}
