@@ -58,14 +58,14 @@ func (t *Timings) Table() string {
 		return keys[i].op < keys[j].op
 	})
 	var b strings.Builder
-	fmt.Fprintf(&b, "%-11s %-28s %-22s %-22s %s\n", "containerd", "operation", "overlayfs (median, n)", "overclone (median, n)", "overclone/overlayfs")
+	fmt.Fprintf(&b, "%-11s %-34s %-22s %-22s %s\n", "containerd", "operation", "overlayfs (median, n)", "overclone (median, n)", "overclone/overlayfs")
 	for _, k := range keys {
 		o, oc := rows[k]["overlayfs"], rows[k][SnapshotterName]
 		ratio := "-"
 		if len(o) > 0 && len(oc) > 0 {
 			ratio = fmt.Sprintf("%.2f", float64(median(oc))/float64(median(o)))
 		}
-		fmt.Fprintf(&b, "%-11s %-28s %-22s %-22s %s\n", k.containerd, k.op, cell(o), cell(oc), ratio)
+		fmt.Fprintf(&b, "%-11s %-34s %-22s %-22s %s\n", k.containerd, k.op, cell(o), cell(oc), ratio)
 	}
 	return b.String()
 }
