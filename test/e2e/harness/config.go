@@ -125,3 +125,41 @@ func (c containerdConfig) render(major int) (string, error) {
 	}
 	return b.String(), nil
 }
+
+// Default paths the deploy snippets name.
+const (
+	DefaultSocket = "/run/containerd-overclone/containerd-overclone-grpc.sock"
+	DefaultRoot   = "/var/lib/containerd-overclone"
+)
+
+// fromSnippet turns a deploy/containerd snippet into a config for a private
+// containerd: its version line, then this daemon's own paths, then the rest
+// of the snippet with overclone's default socket and root replaced.
+func (c containerdConfig) fromSnippet(snippet string) (string, error) {
+	var version string
+	var rest []string
+	for _, line := range strings.Split(snippet, "\n") {
+		if strings.HasPrefix(strings.TrimSpace(line), "version") && version == "" {
+			version = line
+			continue
+		}
+		rest = append(rest, line)
+	}
+	if version == "" {
+		return "", fmt.Errorf("snippet has no version line")
+	}
+	body := strings.NewReplacer(DefaultSocket, c.ProxySocket, DefaultRoot, c.ProxyRoot).Replace(strings.Join(rest, "\n"))
+	q := funcs["q"].(func(string) string)
+	return fmt.Sprintf(`%s
+root = %s
+state = %s
+# Keep /opt untouched on the test host.
+disabled_plugins = ["io.containerd.internal.v1.opt"]
+
+[grpc]
+  address = %s
+
+[ttrpc]
+  address = %s
+%s`, version, q(c.Root), q(c.State), q(c.Address), q(c.Address+".ttrpc"), body), nil
+}

@@ -22,6 +22,10 @@ type ContainerdOptions struct {
 	MaxConcurrentUnpacks int
 	// LogLevel defaults to info; debug shows how each image was unpacked.
 	LogLevel string
+	// Snippet, when set, replaces the generated config: a deploy/containerd
+	// file, run as it is except for this daemon's own root, state and
+	// socket, and overclone's socket and root instead of the default paths.
+	Snippet string
 }
 
 // Containerd is a private containerd daemon: own root, state, socket and
@@ -77,6 +81,9 @@ func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, lo
 		cfg.ProxySocket, cfg.ProxyRoot = opts.Overclone.Socket, opts.Overclone.Root
 	}
 	text, err := cfg.render(c.Major)
+	if opts.Snippet != "" {
+		text, err = cfg.fromSnippet(opts.Snippet)
+	}
 	if err != nil {
 		return nil, err
 	}
