@@ -89,10 +89,12 @@ disabled_plugins = [
   [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
     platform = {{q .Platform}}
     snapshotter = "overlayfs"
+    differ = "walking"
 {{if .ProxySocket}}
   [[plugins.'io.containerd.transfer.v1.local'.unpack_config]]
     platform = {{q .Platform}}
     snapshotter = "overclone"
+    differ = "walking"
 {{end}}`))
 
 var funcs = template.FuncMap{
