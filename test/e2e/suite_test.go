@@ -480,13 +480,18 @@ func (s *suite) testRestart(t *testing.T) {
 		}
 	}()
 	s.requireRunning(t, "sleeper")
+	// The running container writes into its snapshot before, and reads
+	// it during and after overclone's restart.
+	written := expectedAfterWrite(t, s.f.img.Expected)
+	out := s.ctr(t, "tasks", "exec", "--exec-id", "before-stop", "sleeper", "/bin/viewer", "write", "/data")
+	compareView(t, "exec write before the restart", out, written)
 
 	if err := s.oc.Stop(); err != nil {
 		t.Fatalf("SIGTERM: %v", err)
 	}
 	s.requireRunning(t, "sleeper")
-	out := s.ctr(t, "tasks", "exec", "--exec-id", "while-down", "sleeper", "/bin/viewer", "view", "/data")
-	compareView(t, "exec while overclone is down", out, s.f.img.Expected)
+	out = s.ctr(t, "tasks", "exec", "--exec-id", "while-down", "sleeper", "/bin/viewer", "view", "/data")
+	compareView(t, "exec while overclone is down", out, written)
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -495,9 +500,13 @@ func (s *suite) testRestart(t *testing.T) {
 	}
 	s.requireRunning(t, "sleeper")
 	out = s.ctr(t, "tasks", "exec", "--exec-id", "after-restart", "sleeper", "/bin/viewer", "view", "/data")
-	compareView(t, "exec after the restart", out, s.f.img.Expected)
+	compareView(t, "exec after the restart", out, written)
 	s.runView(t, sn, imageName, "after-restart", "")
 	s.requireUnpacked(t, sn)
+	// The restarted daemon still knows the running container's snapshot.
+	if rows := s.snapshots(t, sn); rows["sleeper"].kind != "Active" {
+		t.Errorf("the running container's snapshot after the restart: %+v", rows["sleeper"])
+	}
 }
 
 func (s *suite) requireRunning(t *testing.T, id string) {
