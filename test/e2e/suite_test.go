@@ -561,18 +561,31 @@ func (s *suite) testGC(t *testing.T) {
 }
 
 // testPull pulls the pushed image into each snapshotter from an empty
-// store (fetch and unpack), runs it and removes it again.
+// store (fetch and unpack), runs it and removes it again. containerd 2.x
+// pulls through the transfer service by default and client-side with
+// --local (the path nerdctl takes); 1.6 always pulls client-side.
 func (s *suite) testPull(t *testing.T) {
 	if s.ref == "" {
 		t.Skip("push failed")
 	}
-	for _, sn := range s.sns {
-		t.Run(sn, func(t *testing.T) {
-			s.timed(t, "pull (fetch + unpack)", sn, "images", "pull", "--plain-http", "--snapshotter", sn, s.ref)
-			s.requireUnpacked(t, sn)
-			s.runView(t, sn, s.ref, "pulled-"+sn, "")
-			s.removeImages(t)
-		})
+	modes := [][]string{nil}
+	if s.c.Major >= 2 {
+		modes = append(modes, []string{"--local"})
+	}
+	for _, mode := range modes {
+		for _, sn := range s.sns {
+			name, op := sn, "pull (fetch + unpack)"
+			if len(mode) > 0 {
+				name, op = sn+"-local", "pull --local (fetch + unpack)"
+			}
+			t.Run(name, func(t *testing.T) {
+				args := append(append([]string{"images", "pull"}, mode...), "--plain-http", "--snapshotter", sn, s.ref)
+				s.timed(t, op, sn, args...)
+				s.requireUnpacked(t, sn)
+				s.runView(t, sn, s.ref, "pulled-"+name, "")
+				s.removeImages(t)
+			})
+		}
 	}
 }
 
