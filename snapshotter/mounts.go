@@ -81,10 +81,10 @@ func (s *Snapshotter) mounts(snap storage.Snapshot, info snapshots.Info) []mount
 
 // compactBudget is what a lowerdir= list may take once containerd's
 // core/mount has compacted it (made the paths relative to their common
-// directory) so that the whole option string stays within one page: the
-// page, less the 512 bytes containerd keeps in reserve, less room for
-// upperdir=, workdir= and the other options.
-const compactBudget = 4096 - 512 - 1024
+// directory) so that the whole option string stays within the one page
+// mount(2) takes, with room left for upperdir=, workdir= and the other
+// options, which stay absolute.
+const compactBudget = 4096 - 1024
 
 // lowerdirs names the layers of a stack, top first. A shallow stack uses
 // the layers' own paths, snapshots/<id>/fs; one too deep for those to fit in
