@@ -23,6 +23,7 @@ type fixture struct {
 	img          *image.Image
 	archive      string
 	overcloneBin string // "" when the daemon is not in the tree yet
+	cliBin       string // the overclone admin tool, "" when not in the tree
 	noOverclone  string // why overcloneBin is empty
 	registry     *harness.Registry
 }
@@ -90,6 +91,13 @@ func newFixture() (*fixture, error) {
 		}
 		f.overcloneBin = filepath.Join(dir, "containerd-overclone-grpc")
 		if err := harness.GoBuild(repoRoot(), f.overcloneBin, "./cmd/containerd-overclone-grpc"); err != nil {
+			return nil, err
+		}
+	}
+
+	if _, err := os.Stat(filepath.Join(repoRoot(), "cmd", "overclone")); err == nil {
+		f.cliBin = filepath.Join(dir, "overclone")
+		if err := harness.GoBuild(repoRoot(), f.cliBin, "./cmd/overclone"); err != nil {
 			return nil, err
 		}
 	}
