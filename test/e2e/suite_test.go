@@ -1,3 +1,8 @@
+// Package e2e runs overclone as users do: the built daemon behind a private
+// containerd (1.6 from Debian and a 2.x build), images imported from an
+// archive and pulled from a local registry, containers run with runc, every
+// check side by side with containerd's built-in overlayfs snapshotter, whose
+// timings it records next to overclone's. Root only; nothing is mocked.
 package e2e
 
 import (
