@@ -35,11 +35,16 @@ func probeAll(ctx context.Context, root string) (*Features, error) {
 		p.broken = "needs an overlay mount, which fails here (see check " + CheckOverlay + ")"
 	}
 
+	vol := p.checkVolatile()
+	// Unmounting an overlay syncs its whole upper filesystem, which on a
+	// busy node's root can take seconds; a volatile overlay skips that, so
+	// the writable probes after this one mount volatile where they can.
+	p.volatile = vol.OK
 	f.add(p.checkMultipleLowers())
 	f.add(p.checkIndexOff())
 	f.add(p.checkRedirectDir())
 	f.add(p.checkMetacopy())
-	f.add(p.checkVolatile())
+	f.add(vol)
 	f.add(p.checkIDMapped())
 	f.add(p.checkLowerdirPlus())
 	maxc, depth := p.checkMaxLowers()
@@ -60,6 +65,8 @@ type prober struct {
 	// trustedErr is why a trusted.overlay.* xattr could not be written on
 	// the backing filesystem, or nil.
 	trustedErr error
+	// volatile: writable probe mounts add "volatile" (see probeAll).
+	volatile bool
 	// broken says why overlay does not mount at all; probes that need a
 	// mount report it instead of failing for a reason of their own.
 	broken string
@@ -96,7 +103,8 @@ func (p *prober) needsMount(c Check, fn func(s *scratch, c *Check) error) Check 
 
 // layers makes lower dirs l0..l(n-1) (l0 the top), upper, work and merged
 // in s, and returns the options to mount them with the prober's base
-// options first. With upper false the stack is read-only.
+// options first. With upper false the stack is read-only; with upper true
+// it is volatile once the volatile probe passed.
 func (p *prober) layers(s *scratch, n int, upper bool, extra ...string) ([]string, error) {
 	var lowers []string
 	for i := range n {
@@ -110,6 +118,9 @@ func (p *prober) layers(s *scratch, n int, upper bool, extra ...string) ([]strin
 	if upper {
 		if err := s.mkdirs("upper", "work"); err != nil {
 			return nil, err
+		}
+		if p.volatile {
+			opts = append(opts, "volatile")
 		}
 		opts = append(opts, "upperdir="+s.path("upper"), "workdir="+s.path("work"))
 	}
