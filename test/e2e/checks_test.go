@@ -114,7 +114,14 @@ func (s *suite) testSnapshotsCLI(t *testing.T) {
 			if rows := s.snapshots(t, sn); rows[key].kind != "Active" || rows[key].parent != ids[len(ids)-1] {
 				t.Errorf("prepared %s: %+v", key, rows[key])
 			}
-			if n := s.usage(t, sn, key)[0]; n > 1<<20 {
+			// An overlay active starts as an empty upper dir; a
+			// userspace one is a complete copy of its parent, which
+			// costs real blocks where the filesystem cannot reflink.
+			n := s.usage(t, sn, key)[0]
+			switch {
+			case sn == harness.UserspaceName:
+				t.Logf("%s: a fresh active snapshot of the image uses %d bytes", sn, n)
+			case n > 1<<20:
 				t.Errorf("fresh active snapshot uses %d bytes", n)
 			}
 			s.ctr(t, "snapshots", "--snapshotter", sn, "rm", key)
@@ -140,57 +147,63 @@ func (s *suite) testPush(t *testing.T) {
 	s.ctr(t, "images", "rm", s.ref)
 }
 
-// testRestart stops overclone with SIGTERM while a container runs, checks
-// the container does not notice, starts overclone again and starts new
-// containers.
+// testRestart stops each overclone daemon with SIGTERM while a container
+// on it runs, checks the container does not notice, starts the daemon again
+// and starts new containers.
 func (s *suite) testRestart(t *testing.T) {
 	s.requireOverclone(t)
-	sn := harness.SnapshotterName
-	s.ctr(t, "run", "-d", "--snapshotter", sn, imageName, "sleeper", "/bin/viewer", "sleep")
+	for _, p := range s.proxies {
+		t.Run(p.Name, func(t *testing.T) { s.restart(t, p) })
+	}
+}
+
+func (s *suite) restart(t *testing.T, p harness.Proxy) {
+	sn, oc, id := p.Name, p.Overclone, "sleeper-"+p.Name
+	s.ctr(t, "run", "-d", "--snapshotter", sn, imageName, id, "/bin/viewer", "sleep")
 	defer func() {
 		ctx, cancel := context.WithTimeout(context.Background(), ctrTimeout)
 		defer cancel()
-		_, _ = s.c.Ctr(ctx, "tasks", "kill", "-s", "SIGKILL", "sleeper")
+		_, _ = s.c.Ctr(ctx, "tasks", "kill", "-s", "SIGKILL", id)
 		for i := 0; i < 50; i++ {
-			if _, err := s.c.Ctr(ctx, "tasks", "rm", "sleeper"); err == nil {
+			if _, err := s.c.Ctr(ctx, "tasks", "rm", id); err == nil {
 				break
 			}
 			time.Sleep(100 * time.Millisecond)
 		}
-		if _, err := s.c.Ctr(ctx, "containers", "rm", "sleeper"); err != nil {
+		if _, err := s.c.Ctr(ctx, "containers", "rm", id); err != nil {
 			t.Error(err)
 		}
 	}()
-	s.requireRunning(t, "sleeper")
+	s.requireRunning(t, id)
 	// The running container writes into its snapshot before, and reads
 	// it during and after overclone's restart.
 	written := expectedAfterWrite(t, s.f.img.Expected)
-	out := s.ctr(t, "tasks", "exec", "--exec-id", "before-stop", "sleeper", "/bin/viewer", "write", "/data")
+	out := s.ctr(t, "tasks", "exec", "--exec-id", "before-stop", id, "/bin/viewer", "write", "/data")
 	compareView(t, "exec write before the restart", out, written)
 
-	s.checkHealthCLI(t, true)
-	if err := s.oc.Stop(); err != nil {
+	s.checkHealthCLI(t, oc, true)
+	if err := oc.Stop(); err != nil {
 		t.Fatalf("SIGTERM: %v", err)
 	}
-	s.checkHealthCLI(t, false)
-	s.requireRunning(t, "sleeper")
-	out = s.ctr(t, "tasks", "exec", "--exec-id", "while-down", "sleeper", "/bin/viewer", "view", "/data")
+	s.checkHealthCLI(t, oc, false)
+	s.requireRunning(t, id)
+	out = s.ctr(t, "tasks", "exec", "--exec-id", "while-down", id, "/bin/viewer", "view", "/data")
 	compareView(t, "exec while overclone is down", out, written)
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := s.oc.Start(ctx); err != nil {
+	if err := oc.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	s.requireRunning(t, "sleeper")
-	out = s.ctr(t, "tasks", "exec", "--exec-id", "after-restart", "sleeper", "/bin/viewer", "view", "/data")
+	s.requireRunning(t, id)
+	out = s.ctr(t, "tasks", "exec", "--exec-id", "after-restart", id, "/bin/viewer", "view", "/data")
 	compareView(t, "exec after the restart", out, written)
-	s.checkHealthCLI(t, true)
-	s.runView(t, sn, imageName, "after-restart", "")
+	s.checkHealthCLI(t, oc, true)
+	s.runView(t, sn, imageName, "after-restart-"+sn, "")
 	s.requireUnpacked(t, sn)
 	// The restarted daemon still knows the running container's snapshot.
-	if rows := s.snapshots(t, sn); rows["sleeper"].kind != "Active" {
-		t.Errorf("the running container's snapshot after the restart: %+v", rows["sleeper"])
+	if rows := s.snapshots(t, sn); rows[id].kind != "Active" {
+		t.Errorf("the running container's snapshot after the restart: %+v", rows[id])
 	}
 }
 
@@ -198,7 +211,7 @@ func (s *suite) testRestart(t *testing.T) {
 // deploy/kubernetes and hack/wait-overclone.sh use: exit 0 while the daemon
 // serves, non-zero while it is down. Until the admin tool has the
 // subcommand, it says so in the log and checks nothing.
-func (s *suite) checkHealthCLI(t *testing.T, serving bool) {
+func (s *suite) checkHealthCLI(t *testing.T, oc *harness.Overclone, serving bool) {
 	t.Helper()
 	if s.f.cliBin == "" {
 		t.Log("no cmd/overclone yet: health probe not checked")
@@ -206,7 +219,7 @@ func (s *suite) checkHealthCLI(t *testing.T, serving bool) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	out, err := exec.CommandContext(ctx, s.f.cliBin, "health", "--address", s.oc.Socket).CombinedOutput()
+	out, err := exec.CommandContext(ctx, s.f.cliBin, "health", "--address", oc.Socket).CombinedOutput()
 	if strings.Contains(string(out), `unknown command "health"`) {
 		t.Log("overclone has no health subcommand yet: probe not checked")
 		return
@@ -221,11 +234,11 @@ func (s *suite) checkHealthCLI(t *testing.T, serving bool) {
 
 func (s *suite) testGC(t *testing.T) {
 	s.removeImages(t)
-	if s.oc != nil {
-		// The snapshot data is gone from disk too, not only from the
-		// lists: the 64 MiB layer alone would exceed this.
+	// The snapshot data is gone from disk too, not only from the lists:
+	// the 64 MiB layer alone would exceed this.
+	for _, p := range s.proxies {
 		var used int64
-		err := filepath.Walk(s.oc.Root, func(p string, fi os.FileInfo, err error) error {
+		err := filepath.Walk(p.Overclone.Root, func(path string, fi os.FileInfo, err error) error {
 			if err != nil {
 				return err
 			}
@@ -238,7 +251,7 @@ func (s *suite) testGC(t *testing.T) {
 			t.Fatal(err)
 		}
 		if used > 8<<20 {
-			t.Errorf("overclone root still uses %d bytes after GC", used)
+			t.Errorf("%s root still uses %d bytes after GC", p.Name, used)
 		}
 	}
 }

@@ -19,22 +19,33 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// suite is one containerd (with its overclone) under test. Every check runs
-// for the built-in overlayfs snapshotter too: it is the reference the
-// expected view is checked against, and the timing baseline.
+// suite is one containerd (with its overclone daemons) under test. Every
+// check runs for the built-in overlayfs snapshotter too: it is the reference
+// the expected view is checked against, and the timing baseline.
 type suite struct {
-	f     *fixture
-	dir   string
-	c     *harness.Containerd
-	oc    *harness.Overclone // nil until the daemon is in the tree
-	sns   []string           // snapshotters under test, overlayfs first
-	label string             // containerd version, for timings
-	ref   string             // the image in the local registry, once pushed
+	f       *fixture
+	dir     string
+	c       *harness.Containerd
+	proxies []harness.Proxy    // the overclone daemons, none until the daemon is in the tree
+	oc      *harness.Overclone // proxies[0], the daemon in its default (auto) mode
+	sns     []string           // snapshotters under test, overlayfs first
+	label   string             // containerd version, for timings
+	ref     string             // the image in the local registry, once pushed
+}
+
+// daemonConfigs are the overclone daemons a suite starts, by snapshotter
+// name: the default configuration (mode auto, overlay on this kernel) and
+// userspace mode.
+var daemonConfigs = []struct{ name, config string }{
+	{harness.SnapshotterName, ""},
+	{harness.UserspaceName, "mode = 'userspace'\n"},
 }
 
 // ctrTimeout bounds one ctr command; the slowest is a 64 MiB unpack.
 const ctrTimeout = 2 * time.Minute
 
+// newSuite starts the overclone daemons (only the default one when
+// opts.Snippet is set: the deploy snippets name one) and a containerd.
 func newSuite(t *testing.T, binDir string, opts harness.ContainerdOptions) *suite {
 	t.Helper()
 	f := getFixture(t)
@@ -50,19 +61,30 @@ func newSuite(t *testing.T, binDir string, opts harness.ContainerdOptions) *suit
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if f.overcloneBin != "" {
-		if err := os.Mkdir(filepath.Join(dir, "oc"), 0o700); err != nil {
+	for i, d := range daemonConfigs {
+		if f.overcloneBin == "" || (opts.Snippet != "" && i > 0) {
+			break
+		}
+		ocDir := filepath.Join(dir, fmt.Sprintf("oc%d", i))
+		if err := os.Mkdir(ocDir, 0o700); err != nil {
 			t.Fatal(err)
 		}
-		if s.oc, err = harness.NewOverclone(f.overcloneBin, filepath.Join(dir, "oc"), t.Logf); err != nil {
+		oc, err := harness.NewOverclone(f.overcloneBin, ocDir, d.config, t.Logf)
+		if err != nil {
 			t.Fatal(err)
 		}
-		if err := s.oc.Start(ctx); err != nil {
+		// Registered before Start, so that close stops it whatever
+		// happens next.
+		s.proxies = append(s.proxies, harness.Proxy{Name: d.name, Overclone: oc})
+		if err := oc.Start(ctx); err != nil {
 			t.Fatal(err)
 		}
-		opts.Overclone = s.oc
-		s.sns = append(s.sns, harness.SnapshotterName)
+		s.sns = append(s.sns, d.name)
 	}
+	if len(s.proxies) > 0 {
+		s.oc = s.proxies[0].Overclone
+	}
+	opts.Proxies = s.proxies
 	opts.BinDir = binDir
 	if err := os.Mkdir(filepath.Join(dir, "ctd"), 0o700); err != nil {
 		t.Fatal(err)
@@ -85,11 +107,11 @@ func (s *suite) close(t *testing.T) {
 			t.Error(err)
 		}
 	}
-	if s.oc != nil {
+	for _, p := range s.proxies {
 		if t.Failed() {
-			t.Logf("overclone log:\n%s", s.oc.Tail(40))
+			t.Logf("%s log:\n%s", p.Name, p.Overclone.Tail(40))
 		}
-		if err := s.oc.Stop(); err != nil {
+		if err := p.Overclone.Stop(); err != nil {
 			t.Error(err)
 		}
 	}
@@ -291,9 +313,9 @@ func runVersion(t *testing.T, binDir string) {
 	if s.c.Major >= 2 {
 		t.Run("import-local", s.testImportLocal)
 	}
-	if s.oc != nil {
-		if err := s.oc.Stop(); err != nil {
-			t.Errorf("overclone on SIGTERM: %v", err)
+	for _, p := range s.proxies {
+		if err := p.Overclone.Stop(); err != nil {
+			t.Errorf("%s on SIGTERM: %v", p.Name, err)
 		}
 	}
 }

@@ -15,8 +15,9 @@ import (
 // config says about overclone.
 type ContainerdOptions struct {
 	BinDir string // holds containerd, ctr, containerd-shim-runc-v2
-	// Overclone, when set, becomes the proxy snapshotter "overclone".
-	Overclone *Overclone
+	// Proxies become [proxy_plugins] entries (and, on 2.x, unpack_config
+	// entries).
+	Proxies []Proxy
 	// Capabilities and MaxConcurrentUnpacks: see containerdConfig.
 	Capabilities         []string
 	MaxConcurrentUnpacks int
@@ -26,6 +27,12 @@ type ContainerdOptions struct {
 	// file, run as it is except for this daemon's own root, state and
 	// socket, and overclone's socket and root instead of the default paths.
 	Snippet string
+}
+
+// Proxy is one overclone daemon as a containerd proxy snapshotter.
+type Proxy struct {
+	Name      string // the snapshotter name containerd knows it by
+	Overclone *Overclone
 }
 
 // Containerd is a private containerd daemon: own root, state, socket and
@@ -77,9 +84,7 @@ func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, lo
 		Capabilities:         opts.Capabilities,
 		MaxConcurrentUnpacks: opts.MaxConcurrentUnpacks,
 	}
-	if opts.Overclone != nil {
-		cfg.ProxySocket, cfg.ProxyRoot = opts.Overclone.Socket, opts.Overclone.Root
-	}
+	cfg.Proxies = opts.Proxies
 	text, err := cfg.render(c.Major)
 	if opts.Snippet != "" {
 		text, err = cfg.fromSnippet(opts.Snippet)

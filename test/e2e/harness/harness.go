@@ -36,6 +36,10 @@ const (
 	Namespace = "overclone-e2e"
 	// SnapshotterName is the proxy plugin's name in the generated configs.
 	SnapshotterName = "overclone"
+	// UserspaceName is a second overclone daemon with mode = "userspace"
+	// (complete snapshot dirs, bind mounts), next to the first in auto
+	// mode, so both modes meet containerd in the same run.
+	UserspaceName = "overclone-userspace"
 	// stopTimeout bounds a graceful SIGTERM stop before SIGKILL.
 	stopTimeout = 20 * time.Second
 )

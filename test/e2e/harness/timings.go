@@ -34,19 +34,31 @@ func (t *Timings) Empty() bool {
 }
 
 // Table formats the measurements: one row per containerd and operation,
-// the median per snapshotter and overclone's ratio to overlayfs.
+// the median per snapshotter, and each snapshotter's ratio to overlayfs.
 func (t *Timings) Table() string {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	type rowKey struct{ containerd, op string }
 	rows := map[rowKey]map[string][]time.Duration{}
+	seen := map[string]bool{}
 	for k, v := range t.rows {
 		rk := rowKey{k[0], k[1]}
 		if rows[rk] == nil {
 			rows[rk] = map[string][]time.Duration{}
 		}
 		rows[rk][k[2]] = v
+		seen[k[2]] = true
 	}
+	// overlayfs first: the baseline the ratios divide by.
+	var cols []string
+	for sn := range seen {
+		if sn != baseline {
+			cols = append(cols, sn)
+		}
+	}
+	sort.Strings(cols)
+	cols = append([]string{baseline}, cols...)
+
 	keys := make([]rowKey, 0, len(rows))
 	for k := range rows {
 		keys = append(keys, k)
@@ -58,17 +70,33 @@ func (t *Timings) Table() string {
 		return keys[i].op < keys[j].op
 	})
 	var b strings.Builder
-	fmt.Fprintf(&b, "%-11s %-34s %-22s %-22s %s\n", "containerd", "operation", "overlayfs (median, n)", "overclone (median, n)", "overclone/overlayfs")
+	fmt.Fprintf(&b, "%-10s %-34s", "containerd", "operation (median, runs)")
+	for _, c := range cols {
+		fmt.Fprintf(&b, " %-20s", c)
+	}
+	for _, c := range cols[1:] {
+		fmt.Fprintf(&b, " %s/%s", c, baseline)
+	}
+	b.WriteString("\n")
 	for _, k := range keys {
-		o, oc := rows[k]["overlayfs"], rows[k][SnapshotterName]
-		ratio := "-"
-		if len(o) > 0 && len(oc) > 0 {
-			ratio = fmt.Sprintf("%.2f", float64(median(oc))/float64(median(o)))
+		fmt.Fprintf(&b, "%-10s %-34s", k.containerd, k.op)
+		for _, c := range cols {
+			fmt.Fprintf(&b, " %-20s", cell(rows[k][c]))
 		}
-		fmt.Fprintf(&b, "%-11s %-34s %-22s %-22s %s\n", k.containerd, k.op, cell(o), cell(oc), ratio)
+		for _, c := range cols[1:] {
+			ratio := "-"
+			if base, d := rows[k][baseline], rows[k][c]; len(base) > 0 && len(d) > 0 {
+				ratio = fmt.Sprintf("%.2f", float64(median(d))/float64(median(base)))
+			}
+			fmt.Fprintf(&b, " %*s", len(c)+len(baseline)+1, ratio)
+		}
+		b.WriteString("\n")
 	}
 	return b.String()
 }
+
+// baseline is the snapshotter every other is compared with.
+const baseline = "overlayfs"
 
 func cell(ds []time.Duration) string {
 	if len(ds) == 0 {

@@ -98,7 +98,7 @@ func run(ctx context.Context, overcloneBin, containerdBin string, keep bool) (er
 	if err := os.Mkdir(filepath.Join(dir, "oc"), 0o700); err != nil {
 		return err
 	}
-	oc, err := harness.NewOverclone(overcloneBin, filepath.Join(dir, "oc"), log.Printf)
+	oc, err := harness.NewOverclone(overcloneBin, filepath.Join(dir, "oc"), "", log.Printf)
 	if err != nil {
 		return err
 	}
@@ -112,7 +112,7 @@ func run(ctx context.Context, overcloneBin, containerdBin string, keep bool) (er
 		return err
 	}
 	c, err := harness.StartContainerd(ctx, filepath.Join(dir, "containerd"),
-		harness.ContainerdOptions{BinDir: containerdBin, Overclone: oc}, log.Printf)
+		harness.ContainerdOptions{BinDir: containerdBin, Proxies: []harness.Proxy{{Name: harness.SnapshotterName, Overclone: oc}}}, log.Printf)
 	if err != nil {
 		return err
 	}
