@@ -1,10 +1,13 @@
 package e2e
 
 import (
+	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/overclone/overclone/test/e2e/harness"
 )
@@ -72,4 +75,50 @@ func pluginOK(ls, typ, id string) bool {
 		}
 	}
 	return false
+}
+
+// TestWaitScript checks hack/wait-overclone.sh, the gate a node setup runs
+// before restarting containerd: it fails while nothing answers and returns
+// once the daemon, started after it, serves.
+func TestWaitScript(t *testing.T) {
+	f := getFixture(t)
+	if f.overcloneBin == "" || f.cliBin == "" {
+		t.Skip(f.noOverclone)
+	}
+	dir, err := harness.TempDir("oc-wait-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	oc, err := harness.NewOverclone(f.overcloneBin, dir, "", t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := filepath.Join(repoRoot(), "hack", "wait-overclone.sh")
+	env := append(os.Environ(), "OVERCLONE="+f.cliBin)
+
+	cmd := exec.Command(script, oc.Socket, "1")
+	cmd.Env = env
+	if out, err := cmd.CombinedOutput(); err == nil {
+		t.Fatalf("wait-overclone.sh succeeded with no daemon: %s", out)
+	}
+
+	cmd = exec.Command(script, oc.Socket, "60")
+	cmd.Env = env
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := oc.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer oc.Stop()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("wait-overclone.sh after the daemon started: %v: %s", err, out.String())
+	}
+	t.Log(strings.TrimSpace(out.String()))
 }
