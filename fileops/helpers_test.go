@@ -281,3 +281,11 @@ func needRoot(t testing.TB) {
 		t.Skip("needs root for mounts, whiteouts and trusted xattrs")
 	}
 }
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if fuzzBase != "" {
+		os.RemoveAll(fuzzBase)
+	}
+	os.Exit(code)
+}
