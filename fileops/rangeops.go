@@ -72,7 +72,7 @@ func (s *Stack) openRange(ctx context.Context, op, src string, srcOff int64, dst
 		return nil, fmt.Errorf("%s source %s in layer %s is a %s: %w", op, srel, se.LayerDir, se.Kind, unix.EINVAL)
 	}
 	r := &rangeFiles{src: -1, dst: -1, srcEnt: se, dstEnt: de}
-	if r.src, err = v.openFile(se, unix.O_RDONLY); err != nil {
+	if r.src, err = v.openData(se); err != nil {
 		return nil, fmt.Errorf("%s source %s in layer %s: %w", op, srel, se.LayerDir, err)
 	}
 	// Never O_APPEND: FICLONERANGE refuses it with EBADF.
@@ -103,15 +103,6 @@ func (v *view) openFile(e Entry, flags int) (int, error) {
 	root, err := v.root(e.Layer)
 	if err != nil {
 		return -1, err
-	}
-	if flags == unix.O_RDONLY {
-		dir, name := parentName(e.RealPath)
-		pfd, err := openBeneath(root, dir, unix.O_PATH|unix.O_DIRECTORY, 0)
-		if err != nil {
-			return -1, err
-		}
-		defer closeFD(pfd)
-		return openSource(pfd, name)
 	}
 	return openBeneath(root, e.RealPath, flags|unix.O_NOFOLLOW, 0)
 }

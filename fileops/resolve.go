@@ -78,15 +78,24 @@ type hit struct {
 	st  unix.Stat_t
 }
 
+// found is the result of one lookup: the layer parts of the entry, top
+// first, and for a metacopy file the layer holding its data.
+type found struct {
+	hits   []hit
+	opaque bool
+	data   *hit
+}
+
 // lookup finds name in a merged directory, given that directory's layer
 // parts top first, following overlayfs' per-component rules: a whiteout
 // ends the search; a non-directory is opaque and never merges with a
 // directory above or below it; an opaque directory ends merging; a
 // redirect renames the lookup in the layers below (a relative one within
-// the same parent, an absolute one from each lower root).
-func (v *view) lookup(dirs []dirRef, name string) ([]hit, bool, error) {
-	var hits []hit
-	opaque := false
+// the same parent, an absolute one from each lower root); a metacopy file
+// takes its data from the next regular file below.
+func (v *view) lookup(dirs []dirRef, name string) (found, error) {
+	var f found
+	metacopy := false
 	rel := name   // the name looked up in the parents' layer dirs
 	abs := ""     // after an absolute redirect: the path below each root
 	absFrom := -1 // the next layer an absolute lookup visits
@@ -124,7 +133,7 @@ func (v *view) lookup(dirs []dirRef, name string) ([]hit, bool, error) {
 			pfd = own
 		}
 		if err != nil {
-			return nil, false, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
+			return found{}, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
 		}
 		if state == absent {
 			if stop {
@@ -135,22 +144,50 @@ func (v *view) lookup(dirs []dirRef, name string) ([]hit, bool, error) {
 		if state == whitedOut {
 			break
 		}
-		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-			if len(hits) == 0 {
-				hits = append(hits, hit{loc, st})
+		isDir := st.Mode&unix.S_IFMT == unix.S_IFDIR
+		isReg := st.Mode&unix.S_IFMT == unix.S_IFREG
+		if metacopy {
+			if !isReg {
+				break
 			}
+			mc, err := v.isMetacopy(pfd, pname)
+			if err != nil {
+				return found{}, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
+			}
+			if mc {
+				continue
+			}
+			f.data = &hit{loc, st}
 			break
 		}
-		hits = append(hits, hit{loc, st})
-		if loc.Layer == last || stop {
-			break
+		if !isDir {
+			if len(f.hits) > 0 {
+				break
+			}
+			f.hits = append(f.hits, hit{loc, st})
+			if !isReg || loc.Layer == last || v.s.cfg.userXattr {
+				break
+			}
+			mc, err := v.isMetacopy(pfd, pname)
+			if err != nil {
+				return found{}, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
+			}
+			if !mc {
+				break
+			}
+			metacopy = true
+		} else {
+			f.hits = append(f.hits, hit{loc, st})
+			if loc.Layer == last || stop {
+				break
+			}
 		}
 		opq, redirect, err := v.dirMeta(pfd, pname)
 		if err != nil {
-			return nil, false, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
+			return found{}, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
 		}
-		if opq {
-			opaque = opaque || len(hits) == 1
+		if opq && isDir {
+			f.opaque = f.opaque || len(f.hits) == 1
 			break
 		}
 		if redirect == "" {
@@ -158,7 +195,7 @@ func (v *view) lookup(dirs []dirRef, name string) ([]hit, bool, error) {
 		}
 		r, err := validRedirect(redirect)
 		if err != nil {
-			return nil, false, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
+			return found{}, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
 		}
 		switch {
 		case r[0] == '/':
@@ -170,7 +207,12 @@ func (v *view) lookup(dirs []dirRef, name string) ([]hit, bool, error) {
 			rel = r
 		}
 	}
-	return hits, opaque, nil
+	if metacopy && f.data == nil {
+		// The kernel fails such a lookup too: the data is gone.
+		h := f.hits[0]
+		return found{}, fmt.Errorf("look up %s in layer %s: metacopy file without data below: %w", h.loc.Path, v.s.layers[h.loc.Layer], unix.EIO)
+	}
+	return f, nil
 }
 
 // probeAbs looks an absolute redirect target up below one layer root,
@@ -233,7 +275,8 @@ func (v *view) rootLocs() []Location {
 	return locs
 }
 
-func (v *view) entry(p string, hits []hit, opaque bool) Entry {
+func (v *view) entry(p string, f found) Entry {
+	hits, opaque := f.hits, f.opaque
 	h := hits[0]
 	e := Entry{
 		Path:     p,
@@ -245,6 +288,11 @@ func (v *view) entry(p string, hits []hit, opaque bool) Entry {
 		Opaque:   opaque,
 	}
 	e.Info = newInfo(p, &e.Stat)
+	e.DataLayer, e.DataPath = e.Layer, e.RealPath
+	if f.data != nil {
+		e.Metacopy = true
+		e.DataLayer, e.DataPath = f.data.loc.Layer, f.data.loc.Path
+	}
 	if e.Kind == KindDir {
 		for _, x := range hits {
 			e.Dirs = append(e.Dirs, x.loc)
@@ -268,7 +316,7 @@ func (v *view) resolve(rel string) (Entry, error) {
 		for i, l := range v.rootLocs() {
 			hits[i] = hit{loc: l, st: st}
 		}
-		return v.entry("", hits, false), nil
+		return v.entry("", found{hits: hits}), nil
 	}
 	locs := v.rootLocs()
 	comps := splitPath(rel)
@@ -277,16 +325,17 @@ func (v *view) resolve(rel string) (Entry, error) {
 		if err != nil {
 			return Entry{}, fmt.Errorf("resolve %s: %w", rel, err)
 		}
-		hits, opaque, err := v.lookup(dirs, c)
+		f, err := v.lookup(dirs, c)
 		closeDirs(dirs)
 		if err != nil {
 			return Entry{}, fmt.Errorf("resolve %s: %w", rel, err)
 		}
+		hits := f.hits
 		if len(hits) == 0 {
 			return Entry{}, fmt.Errorf("resolve %s: %w", rel, fs.ErrNotExist)
 		}
 		if i == len(comps)-1 {
-			return v.entry(rel, hits, opaque), nil
+			return v.entry(rel, f), nil
 		}
 		if hits[0].st.Mode&unix.S_IFMT != unix.S_IFDIR {
 			return Entry{}, fmt.Errorf("resolve %s: %s is a %s in layer %s: %w", rel, joinRel("", hits[0].loc.Path),
@@ -355,14 +404,14 @@ func (v *view) readDir(e Entry) ([]Entry, error) {
 	sort.Strings(names)
 	out := make([]Entry, 0, len(names))
 	for _, n := range names {
-		hits, opaque, err := v.lookup(dirs, n)
+		f, err := v.lookup(dirs, n)
 		if err != nil {
 			return nil, fmt.Errorf("read dir %s: %w", e.Path, err)
 		}
-		if len(hits) == 0 {
+		if len(f.hits) == 0 {
 			continue
 		}
-		out = append(out, v.entry(joinRel(e.Path, n), hits, opaque))
+		out = append(out, v.entry(joinRel(e.Path, n), f))
 	}
 	return out, nil
 }

@@ -119,3 +119,10 @@ func validRedirect(r string) (string, error) {
 	}
 	return r, nil
 }
+
+// isMetacopy reports overlay.metacopy on a regular file: its data is in
+// the next regular file below (any value, even empty, marks it).
+func (v *view) isMetacopy(dirfd int, name string) (bool, error) {
+	_, ok, err := getXattr(procPath(dirfd, name), v.s.prefix()+"metacopy")
+	return ok, err
+}
