@@ -5,9 +5,10 @@ PREFIX   ?= /usr/local
 BINDIR   ?= $(PREFIX)/bin
 DEB_PKGS := containerd runc xfsprogs btrfs-progs e2fsprogs attr
 
-BINARIES := containerd-overclone-grpc overclone
+# Every directory under cmd/ is a binary.
+BINARIES := $(notdir $(wildcard cmd/*))
 
-.PHONY: all build test deps install clean help
+.PHONY: all build test deps install run clean help
 
 all: build
 
@@ -15,7 +16,8 @@ help:
 	@echo "make build    build bin/containerd-overclone-grpc and bin/overclone"
 	@echo "make deps     install the Debian packages the tests need (root)"
 	@echo "make test     run every test (root: real mounts, loop devices)"
-	@echo "make install  install binaries, systemd unit and default config"
+	@echo "make run      build and serve overclone with the default config (root)"
+	@echo "make install  install the binaries"
 
 build: $(addprefix bin/,$(BINARIES))
 
@@ -35,6 +37,13 @@ deps:
 
 test: deps build
 	$(GO) test -count=1 -timeout 20m ./...
+
+run: deps build
+	./bin/containerd-overclone-grpc
+
+install: build
+	install -d $(DESTDIR)$(BINDIR)
+	install -m 0755 $(addprefix bin/,$(BINARIES)) $(DESTDIR)$(BINDIR)/
 
 clean:
 	rm -rf bin

@@ -1,0 +1,139 @@
+// Package config is overclone's TOML configuration: what each setting
+// means, its default, and how a file is read. A setting the file does not
+// name keeps its default; a key the file names that overclone does not know
+// is an error, so that a typo never silently falls back to a default.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+const (
+	// DefaultPath is read when --config is not given; its absence is
+	// fine and means defaults.
+	DefaultPath = "/etc/containerd-overclone/config.toml"
+	// DefaultRoot follows the containerd-<name> convention of proxy
+	// snapshotters; containerd's own state lives in /var/lib/containerd.
+	DefaultRoot = "/var/lib/containerd-overclone"
+	// DefaultAddress is the socket containerd's [proxy_plugins] names.
+	DefaultAddress = "/run/containerd-overclone/containerd-overclone-grpc.sock"
+	// DefaultLogLevel is containerd's own default.
+	DefaultLogLevel = "info"
+	// DefaultShutdownTimeout bounds how long SIGTERM waits for calls in
+	// flight; kubelet's default grace period is 30 s, so stay under it.
+	DefaultShutdownTimeout = Duration(10 * time.Second)
+)
+
+// Config is the whole configuration file.
+type Config struct {
+	// Root holds the metadata database and every layer.
+	// Default "/var/lib/containerd-overclone".
+	Root string `toml:"root"`
+	// Address is the unix socket the gRPC snapshots API is served on.
+	// Default "/run/containerd-overclone/containerd-overclone-grpc.sock".
+	Address string `toml:"address"`
+	// LogLevel is one of trace, debug, info, warn, error. Default "info".
+	LogLevel string `toml:"log_level"`
+	// MountOptions are appended verbatim to every overlay mount handed to
+	// containerd (for example "metacopy=on"). Default none.
+	MountOptions []string `toml:"mount_options"`
+	// Volatile mounts active snapshots with overlay's "volatile": the
+	// upper is never synced, so a crash of the host loses the container's
+	// writes (never a committed layer). Default false.
+	Volatile bool `toml:"volatile"`
+	// SyncOnCommit makes Commit return only once the layer's data is on
+	// disk. containerd syncs nothing by default, and a power cut can leave
+	// committed layers with empty files that a re-pull does not repair.
+	// Default true.
+	SyncOnCommit bool `toml:"sync_on_commit"`
+	// ShutdownTimeout is how long SIGTERM waits for calls in flight
+	// before closing anyway. Default "10s".
+	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+}
+
+// Default returns the configuration used when no file is given.
+func Default() Config {
+	return Config{
+		Root:            DefaultRoot,
+		Address:         DefaultAddress,
+		LogLevel:        DefaultLogLevel,
+		SyncOnCommit:    true,
+		ShutdownTimeout: DefaultShutdownTimeout,
+	}
+}
+
+// Load reads the file at path over the defaults. A missing file is an error
+// unless missingOK (the default path was not named by the user).
+func Load(path string, missingOK bool) (Config, error) {
+	cfg := Default()
+	data, err := os.ReadFile(path)
+	if err != nil {
+		if missingOK && errors.Is(err, os.ErrNotExist) {
+			return cfg, nil
+		}
+		return cfg, fmt.Errorf("read config: %w", err)
+	}
+	if err := Parse(data, &cfg); err != nil {
+		return cfg, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// Parse decodes TOML data over cfg and checks the result.
+func Parse(data []byte, cfg *Config) error {
+	dec := toml.NewDecoder(bytes.NewReader(data)).DisallowUnknownFields()
+	if err := dec.Decode(cfg); err != nil {
+		var strict *toml.StrictMissingError
+		if errors.As(err, &strict) {
+			var keys []string
+			for _, e := range strict.Errors {
+				row, _ := e.Position()
+				keys = append(keys, fmt.Sprintf("%q (line %d)", strings.Join(e.Key(), "."), row))
+			}
+			return fmt.Errorf("unknown key %s", strings.Join(keys, ", "))
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			row, col := de.Position()
+			return fmt.Errorf("line %d, column %d: %s", row, col, de.Error())
+		}
+		return err
+	}
+	return cfg.Validate()
+}
+
+// Validate checks values a TOML decoder cannot.
+func (c *Config) Validate() error {
+	if c.Root == "" {
+		return errors.New("root must not be empty")
+	}
+	if c.Address == "" {
+		return errors.New("address must not be empty")
+	}
+	switch c.LogLevel {
+	case "trace", "debug", "info", "warn", "warning", "error", "fatal", "panic":
+	default:
+		return fmt.Errorf("log_level %q: want trace, debug, info, warn or error", c.LogLevel)
+	}
+	if c.ShutdownTimeout < 0 {
+		return fmt.Errorf("shutdown_timeout %s must not be negative", c.ShutdownTimeout)
+	}
+	return nil
+}
+
+// Encode writes cfg as TOML, as --print-config shows it.
+func (c Config) Encode() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := toml.NewEncoder(&buf)
+	if err := enc.Encode(c); err != nil {
+		return nil, err
+	}
+	return buf.Bytes(), nil
+}

@@ -1,0 +1,80 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParse(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		toml    string
+		wantErr string
+		check   func(t *testing.T, c Config)
+	}{
+		{name: "empty keeps defaults", toml: "", check: func(t *testing.T, c Config) {
+			if c.Root != DefaultRoot || !c.SyncOnCommit || c.ShutdownTimeout != DefaultShutdownTimeout {
+				t.Fatalf("defaults lost: %+v", c)
+			}
+		}},
+		{name: "values", toml: "root = \"/x\"\nmount_options = [\"metacopy=on\"]\nvolatile = true\nsync_on_commit = false\nshutdown_timeout = \"3s\"\n", check: func(t *testing.T, c Config) {
+			if c.Root != "/x" || len(c.MountOptions) != 1 || !c.Volatile || c.SyncOnCommit || time.Duration(c.ShutdownTimeout) != 3*time.Second {
+				t.Fatalf("got %+v", c)
+			}
+		}},
+		{name: "unknown key names key and line", toml: "root = \"/x\"\n\nrooot = \"/y\"\n", wantErr: `unknown key "rooot" (line 3)`},
+		{name: "unknown nested key", toml: "[metrics]\naddress = \"x\"\n", wantErr: `unknown key "metrics`},
+		{name: "bad type", toml: "volatile = \"yes\"\n", wantErr: "line 1"},
+		{name: "bad duration", toml: "shutdown_timeout = \"soon\"\n", wantErr: "soon"},
+		{name: "bad log level", toml: "log_level = \"loud\"\n", wantErr: "log_level"},
+		{name: "empty root", toml: "root = \"\"\n", wantErr: "root must not be empty"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := Default()
+			err := Parse([]byte(tc.toml), &c)
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("want error containing %q, got %v", tc.wantErr, err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			tc.check(t, c)
+		})
+	}
+}
+
+func TestLoadMissing(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "none.toml")
+	if _, err := Load(missing, true); err != nil {
+		t.Fatalf("missing default file must mean defaults: %v", err)
+	}
+	if _, err := Load(missing, false); err == nil {
+		t.Fatal("a missing file the user named must be an error")
+	}
+}
+
+func TestEncodeRoundTrip(t *testing.T) {
+	c := Default()
+	c.MountOptions = []string{"metacopy=on"}
+	data, err := c.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(t.TempDir(), "c.toml")
+	if err := os.WriteFile(p, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	back, err := Load(p, false)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, data)
+	}
+	if back.Root != c.Root || back.MountOptions[0] != "metacopy=on" || back.ShutdownTimeout != c.ShutdownTimeout {
+		t.Fatalf("round trip: %+v != %+v", back, c)
+	}
+}

@@ -1,0 +1,128 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/continuity/fs"
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+)
+
+// Commit turns the active snapshot key into the committed snapshot name.
+//
+// containerd's built-in overlayfs snapshotter walks the layer for its usage
+// inside bolt's write transaction, so every other Prepare, Commit and Remove
+// on the node waits for the walk. Here the walk (and the sync that makes the
+// layer durable) happen first, under no lock; the write transaction only
+// checks that the snapshot is still the one that was walked and records it.
+func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snapshots.Opt) error {
+	if err := validateKey("name", name); err != nil {
+		return err
+	}
+	if err := validateKey("key", key); err != nil {
+		return err
+	}
+	var base snapshots.Info
+	for _, opt := range opts {
+		if err := opt(&base); err != nil {
+			return err
+		}
+	}
+	if err := validateLabels(base.Labels); err != nil {
+		return err
+	}
+
+	id, err := s.activeID(ctx, key)
+	if err != nil {
+		return err
+	}
+	upper := s.upperPath(id)
+	du, err := fs.DiskUsage(ctx, upper)
+	if err != nil {
+		return fmt.Errorf("compute usage of %s: %w", upper, err)
+	}
+	if s.syncs {
+		if err := syncFilesystem(upper); err != nil {
+			return err
+		}
+	}
+	return s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		again, _, _, err := storage.GetInfo(ctx, key)
+		if err != nil {
+			return fmt.Errorf("commit %q: %w", key, err)
+		}
+		if again != id {
+			return fmt.Errorf("snapshot %q was removed and prepared again while it was committed: %w", key, errdefs.ErrFailedPrecondition)
+		}
+		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(du), opts...); err != nil {
+			return fmt.Errorf("commit %q as %q: %w", key, name, err)
+		}
+		return nil
+	})
+}
+
+// activeID returns the id of key, which must be an active snapshot.
+func (s *Snapshotter) activeID(ctx context.Context, key string) (string, error) {
+	var id string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var (
+			info snapshots.Info
+			err  error
+		)
+		id, info, _, err = storage.GetInfo(ctx, key)
+		if err != nil {
+			return fmt.Errorf("commit %q: %w", key, err)
+		}
+		if info.Kind != snapshots.KindActive {
+			return fmt.Errorf("commit %q: snapshot is %s, only an active snapshot can be committed: %w", key, info.Kind, errdefs.ErrFailedPrecondition)
+		}
+		return nil
+	})
+	return id, err
+}
+
+// ensureLink makes l/<short> point at the layer's fs dir, replacing a link
+// left by a layer whose id was reused after a crash.
+func (s *Snapshotter) ensureLink(id string) error {
+	link := s.linkPath(id)
+	target := filepath.Join("..", snapshotsDir, id, "fs")
+	err := os.Symlink(target, link)
+	if err == nil || !errors.Is(err, os.ErrExist) {
+		if err != nil {
+			return fmt.Errorf("link layer %s: %w", id, err)
+		}
+		return nil
+	}
+	if cur, rerr := os.Readlink(link); rerr == nil && cur == target {
+		return nil
+	}
+	// Left by a snapshot whose id was reused after a crash.
+	if err := os.Remove(link); err != nil {
+		return fmt.Errorf("replace stale link %s: %w", link, err)
+	}
+	if err := os.Symlink(target, link); err != nil {
+		return fmt.Errorf("link layer %s: %w", id, err)
+	}
+	return nil
+}
+
+// syncFilesystem flushes the filesystem that holds dir. One syncfs costs
+// about what fsyncing every file of a layer costs, and also covers the
+// directory entries, which per-file fsync would miss.
+func syncFilesystem(dir string) error {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s to sync: %w", dir, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Syncfs(fd); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
+	}
+	return nil
+}

@@ -1,0 +1,142 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/log"
+)
+
+// Prepare creates an active snapshot on parent and returns its mounts.
+func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts)
+}
+
+// View creates a read-only snapshot of parent and returns its mounts.
+func (s *Snapshotter) View(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
+	return s.createSnapshot(ctx, snapshots.KindView, key, parent, opts)
+}
+
+func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, key, parent string, opts []snapshots.Opt) (_ []mount.Mount, err error) {
+	if err := validateKey("key", key); err != nil {
+		return nil, err
+	}
+	if parent != "" {
+		if err := validateKey("parent", parent); err != nil {
+			return nil, err
+		}
+	}
+	var base snapshots.Info
+	for _, opt := range opts {
+		if err := opt(&base); err != nil {
+			return nil, err
+		}
+	}
+	if err := validateLabels(base.Labels); err != nil {
+		return nil, err
+	}
+
+	// The directory is built before the write transaction, so that the
+	// transaction (which blocks every other writer) holds only a rename.
+	td, err := s.prepareDirectory(kind)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if td != "" {
+			if err := os.RemoveAll(td); err != nil {
+				log.G(ctx).WithError(err).WithField("path", td).Warn("failed to remove temporary snapshot directory")
+			}
+		}
+	}()
+
+	var (
+		snap storage.Snapshot
+		info snapshots.Info
+	)
+	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var err error
+		snap, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
+		if err != nil {
+			return fmt.Errorf("create snapshot %q: %w", key, err)
+		}
+		if _, info, _, err = storage.GetInfo(ctx, key); err != nil {
+			return fmt.Errorf("read back snapshot %q: %w", key, err)
+		}
+		if len(snap.ParentIDs) > 0 {
+			// The upper's root is the merged root: give it the owner
+			// of the parent's root, as the kernel would on copy-up.
+			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
+				return err
+			}
+		}
+		return s.placeDirectory(ctx, td, snap.ID)
+	})
+	if err != nil {
+		return nil, err
+	}
+	td = "" // renamed into place: the deferred clean-up must not touch it
+	return s.mounts(snap, info), nil
+}
+
+// prepareDirectory makes snapshots/new-XXXX with fs (and work for active
+// snapshots). The fs dir is 0755: it becomes the container's root.
+func (s *Snapshotter) prepareDirectory(kind snapshots.Kind) (string, error) {
+	td, err := os.MkdirTemp(filepath.Join(s.root, snapshotsDir), "new-")
+	if err != nil {
+		return "", fmt.Errorf("create temporary snapshot directory: %w", err)
+	}
+	if err := os.Mkdir(filepath.Join(td, "fs"), 0o755); err != nil {
+		os.RemoveAll(td)
+		return "", fmt.Errorf("create %s/fs: %w", td, err)
+	}
+	if kind == snapshots.KindActive {
+		if err := os.Mkdir(filepath.Join(td, "work"), 0o711); err != nil {
+			os.RemoveAll(td)
+			return "", fmt.Errorf("create %s/work: %w", td, err)
+		}
+	}
+	return td, nil
+}
+
+// placeDirectory renames the prepared directory to snapshots/<id>. It runs
+// inside the write transaction that allocated id: bolt's sequence rolls back
+// with a transaction that never committed (a crash, a failed commit), so the
+// id may have been handed out before and its directory left behind. Nothing
+// in the metadata can own that directory, so it goes to the trash.
+func (s *Snapshotter) placeDirectory(ctx context.Context, td, id string) error {
+	target := s.snapshotDir(id)
+	err := os.Rename(td, target)
+	if err == nil {
+		return nil
+	}
+	if !errors.Is(err, syscall.ENOTEMPTY) && !errors.Is(err, syscall.EEXIST) {
+		return fmt.Errorf("move snapshot directory into place at %s: %w", target, err)
+	}
+	log.G(ctx).WithField("path", target).Warn("snapshot id reused after a crash: trashing the directory left behind")
+	if _, err := s.trash(target); err != nil {
+		return err
+	}
+	if err := os.Rename(td, target); err != nil {
+		return fmt.Errorf("move snapshot directory into place at %s: %w", target, err)
+	}
+	return nil
+}
+
+func copyOwner(from, to string) error {
+	var st syscall.Stat_t
+	if err := syscall.Stat(from, &st); err != nil {
+		return fmt.Errorf("stat parent layer %s: %w", from, err)
+	}
+	if err := os.Lchown(to, int(st.Uid), int(st.Gid)); err != nil {
+		return fmt.Errorf("chown %s: %w", to, err)
+	}
+	return nil
+}

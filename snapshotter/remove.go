@@ -1,0 +1,197 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
+	"github.com/containerd/log"
+)
+
+// Remove drops a snapshot. The metadata goes first, in one transaction; the
+// directory is then renamed into the trash and deleted in the background.
+//
+// The order is what keeps a crash harmless: after the transaction the
+// directory has no metadata and Cleanup (or the next start) removes it;
+// renaming it away before the transaction committed could leave metadata
+// that names a directory already gone.
+func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	var id string
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		var err error
+		if id, _, err = storage.Remove(ctx, key); err != nil {
+			return fmt.Errorf("remove snapshot %q: %w", key, err)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
+	}
+	trashed, err := s.trash(s.snapshotDir(id))
+	if err != nil {
+		// The metadata is gone, so this is no longer the caller's
+		// problem: Cleanup will find the directory.
+		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to move removed snapshot to the trash")
+		return nil
+	}
+	s.deleteLater(ctx, trashed)
+	return nil
+}
+
+// Cleanup removes every directory and link the metadata does not name. It
+// holds the write transaction while it lists, so that no snapshot being
+// created (its directory placed, its metadata not yet committed) is taken
+// for an orphan; the deleting happens after.
+func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		return s.trashOrphans(ctx, false)
+	}); err != nil {
+		return err
+	}
+	s.emptyTrash(ctx)
+	s.removals.Wait()
+	return nil
+}
+
+// recover runs at start, before any call is served: it also removes the
+// temporary directories of creates that were cut short and reports
+// snapshots whose directories are gone.
+func (s *Snapshotter) recover(ctx context.Context) error {
+	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		if err := s.trashOrphans(ctx, true); err != nil {
+			return err
+		}
+		return s.checkLayers(ctx)
+	})
+	if err != nil {
+		return fmt.Errorf("recover %s: %w", s.root, err)
+	}
+	s.emptyTrash(ctx)
+	return nil
+}
+
+// trashOrphans moves to the trash what no snapshot in the metadata owns.
+// It must run inside a write transaction.
+func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
+	ids, err := idMap(ctx)
+	if err != nil {
+		return err
+	}
+	entries, err := os.ReadDir(filepath.Join(s.root, snapshotsDir))
+	if err != nil {
+		return fmt.Errorf("list snapshots: %w", err)
+	}
+	for _, e := range entries {
+		name := e.Name()
+		if _, ok := ids[name]; ok {
+			continue
+		}
+		// new-* belong to creates in flight, unless nothing is running.
+		if strings.HasPrefix(name, "new-") && !starting {
+			continue
+		}
+		log.G(ctx).WithField("path", name).Info("removing snapshot directory that has no metadata")
+		if _, err := s.trash(filepath.Join(s.root, snapshotsDir, name)); err != nil {
+			return err
+		}
+	}
+
+	short := make(map[string]string, len(ids))
+	for id := range ids {
+		short[shortName(id)] = id
+	}
+	links, err := os.ReadDir(filepath.Join(s.root, linksDir))
+	if err != nil {
+		return fmt.Errorf("list layer links: %w", err)
+	}
+	for _, l := range links {
+		if _, ok := short[l.Name()]; ok {
+			continue
+		}
+		if err := os.Remove(filepath.Join(s.root, linksDir, l.Name())); err != nil && !os.IsNotExist(err) {
+			return fmt.Errorf("remove stale layer link %s: %w", l.Name(), err)
+		}
+	}
+	return nil
+}
+
+// checkLayers says loudly which snapshots lost their directory (a disk repaired by fsck, an
+// operator's rm): containerd will fail to mount them and must re-pull.
+func (s *Snapshotter) checkLayers(ctx context.Context) error {
+	ids, err := idMap(ctx)
+	if err != nil {
+		return err
+	}
+	for id, key := range ids {
+		if _, err := os.Stat(s.upperPath(id)); err != nil {
+			log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("snapshot directory is missing: the snapshot is unusable, remove it and pull its image again")
+		}
+	}
+	return nil
+}
+
+var trashSeq atomic.Uint64
+
+// trash renames dir into ROOT/trash under a name nothing else uses and
+// returns where it went.
+func (s *Snapshotter) trash(dir string) (string, error) {
+	name := filepath.Base(dir) + "-" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(trashSeq.Add(1), 36)
+	to := filepath.Join(s.root, trashDir, name)
+	if err := os.Rename(dir, to); err != nil && !os.IsNotExist(err) {
+		return "", fmt.Errorf("move %s to the trash: %w", dir, err)
+	}
+	return to, nil
+}
+
+// emptyTrash deletes everything in the trash in the background.
+func (s *Snapshotter) emptyTrash(ctx context.Context) {
+	dir := filepath.Join(s.root, trashDir)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		log.G(ctx).WithError(err).Warn("failed to list the trash")
+		return
+	}
+	paths := make([]string, len(entries))
+	for i, e := range entries {
+		paths[i] = filepath.Join(dir, e.Name())
+	}
+	s.deleteLater(ctx, paths...)
+}
+
+// deleteLater deletes paths in the background. Nothing in the trash is
+// named by any metadata, so no caller needs to wait for the disk; Close and
+// Cleanup do.
+func (s *Snapshotter) deleteLater(ctx context.Context, paths ...string) {
+	if len(paths) == 0 {
+		return
+	}
+	s.removals.Add(1)
+	go func() {
+		defer s.removals.Done()
+		for _, p := range paths {
+			if err := os.RemoveAll(p); err != nil {
+				log.G(ctx).WithError(err).WithField("path", p).Warn("failed to delete from the trash")
+			}
+		}
+	}()
+}
+
+// idMap is storage.IDMap (id to key) that takes a new, empty database for
+// what it is: no snapshots yet.
+func idMap(ctx context.Context) (map[string]string, error) {
+	ids, err := storage.IDMap(ctx)
+	if errdefs.IsNotFound(err) {
+		return map[string]string{}, nil
+	}
+	return ids, err
+}

@@ -1,0 +1,163 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"path/filepath"
+	"testing"
+
+	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/proxy"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/overclone/overclone/snapshotter"
+	"github.com/overclone/overclone/test/daemon"
+)
+
+// BenchmarkCalls measures each snapshotter call in one run: overclone and
+// containerd's built-in overlayfs in-process; each served by the same gRPC
+// server from this process over a unix socket (like with like); and
+// overclone as the real daemon in its own process. Compare the ratios,
+// never the absolute times: this machine is shared.
+//
+//	go test -run '^$' -bench BenchmarkCalls -count 5 ./test/proxy/ | benchstat
+func BenchmarkCalls(b *testing.B) {
+	ctx := namespaces.WithNamespace(context.Background(), "bench")
+	for _, target := range benchTargets(ctx, b) {
+		base := fmt.Sprintf("base-%s", target.name)
+		prepareCommitted(ctx, b, target.sn, base)
+
+		b.Run("Prepare/"+target.name, func(b *testing.B) {
+			for i := 0; b.Loop(); i++ {
+				if _, err := target.sn.Prepare(ctx, fmt.Sprintf("p-%d", i), base); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run("View/"+target.name, func(b *testing.B) {
+			for i := 0; b.Loop(); i++ {
+				if _, err := target.sn.View(ctx, fmt.Sprintf("v-%d", i), base); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run("Mounts/"+target.name, func(b *testing.B) {
+			for b.Loop() {
+				if _, err := target.sn.Mounts(ctx, "p-0"); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run("Stat/"+target.name, func(b *testing.B) {
+			for b.Loop() {
+				if _, err := target.sn.Stat(ctx, base); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run("Commit/"+target.name, func(b *testing.B) {
+			keys := prepareMany(ctx, b, target.sn, "c", base, b.N)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if err := target.sn.Commit(ctx, keys[i]+"-done", keys[i]); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+		b.Run("Remove/"+target.name, func(b *testing.B) {
+			keys := prepareMany(ctx, b, target.sn, "r", base, b.N)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if err := target.sn.Remove(ctx, keys[i]); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+type benchTarget struct {
+	name string
+	sn   snapshots.Snapshotter
+}
+
+func benchTargets(ctx context.Context, b *testing.B) []benchTarget {
+	ours, err := snapshotter.New(ctx, b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ours.Close() })
+	ours2, err := snapshotter.New(ctx, b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { ours2.Close() })
+	builtin, err := overlay.NewSnapshotter(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { builtin.Close() })
+	builtin2, err := overlay.NewSnapshotter(b.TempDir())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { builtin2.Close() })
+	// The daemon's defaults, but for durability: the built-in does not
+	// sync on Commit, so neither does the side compared with it.
+	d := daemon.Start(b, b.TempDir(), "sync_on_commit = false\n")
+	return []benchTarget{
+		{"overclone-inproc", ours},
+		{"builtin-inproc", builtin},
+		{"overclone-grpc", serveInProcess(b, ours2)},
+		{"builtin-grpc", serveInProcess(b, builtin2)},
+		{"overclone-daemon", d.Client()},
+	}
+}
+
+// serveInProcess serves sn on a unix socket from this process and returns
+// containerd's proxy client for it.
+func serveInProcess(b *testing.B, sn snapshots.Snapshotter) snapshots.Snapshotter {
+	sock := filepath.Join(b.TempDir(), "builtin.sock")
+	l, err := net.Listen("unix", sock)
+	if err != nil {
+		b.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotter.NewService(sn))
+	go srv.Serve(l)
+	b.Cleanup(srv.Stop)
+	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { conn.Close() })
+	return proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "builtin")
+}
+
+func prepareCommitted(ctx context.Context, b *testing.B, sn snapshots.Snapshotter, name string) {
+	if _, err := sn.Prepare(ctx, name+"-active", ""); err != nil {
+		b.Fatal(err)
+	}
+	if err := sn.Commit(ctx, name, name+"-active"); err != nil {
+		b.Fatal(err)
+	}
+}
+
+var prepareRound int
+
+func prepareMany(ctx context.Context, b *testing.B, sn snapshots.Snapshotter, prefix, parent string, n int) []string {
+	prepareRound++
+	keys := make([]string, n)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("%s-%d-%d", prefix, prepareRound, i)
+		if _, err := sn.Prepare(ctx, keys[i], parent); err != nil {
+			b.Fatal(err)
+		}
+	}
+	return keys
+}
