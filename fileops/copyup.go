@@ -124,7 +124,7 @@ func (v *view) copyUpEntry(ctx context.Context, e Entry) (res CopyResult, err er
 		return res, err
 	}
 	if e.Kind == KindFile {
-		res, err = v.copyUpFile(ctx, e, spfd, sname, pfd, name, xs)
+		res, err = v.copyUpFile(ctx, e, pfd, name, xs)
 	} else {
 		res, err = v.copyUpNode(e, spfd, sname, pfd, name, xs)
 	}
@@ -148,7 +148,7 @@ func openSource(dirfd int, name string) (int, error) {
 	return fd, err
 }
 
-func (v *view) copyUpFile(ctx context.Context, e Entry, spfd int, sname string, pfd int, name string, xs []xattr) (CopyResult, error) {
+func (v *view) copyUpFile(ctx context.Context, e Entry, pfd int, name string, xs []xattr) (CopyResult, error) {
 	key := inodeKey{layer: e.Layer, dev: e.Stat.Dev, ino: e.Stat.Ino}
 	if e.Stat.Nlink > 1 {
 		if ok, err := v.linkUp(key, pfd, name); err != nil || ok {
@@ -160,32 +160,31 @@ func (v *view) copyUpFile(ctx context.Context, e Entry, spfd int, sname string, 
 		return CopyResult{}, fmt.Errorf("open source: %w", err)
 	}
 	defer closeFD(sfd)
-
-	// An O_TMPFILE has no name until linkat, so a crash at any point before
-	// leaves nothing in the upper.
-	dfd, err := unix.Openat(pfd, ".", unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
+	f, err := v.stageFile(pfd)
 	if err != nil {
-		return CopyResult{}, fmt.Errorf("create O_TMPFILE in upper: %w", err)
+		return CopyResult{}, err
 	}
-	defer closeFD(dfd)
-	m, n, err := copyData(ctx, dfd, sfd, e.Stat.Size, v.s.cfg.methods)
+	defer f.close()
+	m, n, err := copyData(ctx, f.fd, sfd, e.Stat.Size, v.s.cfg.methods)
 	if err != nil {
 		return CopyResult{}, fmt.Errorf("copy data: %w", err)
 	}
+	// Data must be on disk before the name is: a power cut must not leave
+	// a complete-looking file with zero-length data.
 	if !v.s.cfg.volatile {
-		if err := unix.Fsync(dfd); err != nil {
+		if err := unix.Fsync(f.fd); err != nil {
 			return CopyResult{}, fmt.Errorf("fsync: %w", err)
 		}
 	}
-	if err := applyMeta(fdTarget(dfd), &e.Stat, xs, false); err != nil {
+	if err := applyMeta(fdTarget(f.fd), &e.Stat, xs, false); err != nil {
 		return CopyResult{}, err
 	}
-	if err := unix.Linkat(unix.AT_FDCWD, fdPath(dfd), pfd, name, unix.AT_SYMLINK_FOLLOW); err != nil {
-		return CopyResult{}, fmt.Errorf("link into upper: %w", err)
+	if err := f.place(pfd, name); err != nil {
+		return CopyResult{}, err
 	}
 	if e.Stat.Nlink > 1 {
 		var st unix.Stat_t
-		if unix.Fstat(dfd, &st) == nil {
+		if unix.Fstat(f.fd, &st) == nil {
 			v.s.links[key] = upperLink{rel: e.Path, ino: st.Ino}
 		}
 	}
@@ -220,15 +219,6 @@ func (v *view) linkUp(key inodeKey, pfd int, name string) (bool, error) {
 	return true, nil
 }
 
-// stageDir is where non-regular entries are built before the rename: the
-// work dir when set, else the target directory itself.
-func (v *view) stageDir(pfd int) (int, error) {
-	if v.s.cfg.workDir == "" {
-		return unix.Dup(pfd)
-	}
-	return openDir(v.s.cfg.workDir)
-}
-
 func (v *view) copyUpNode(e Entry, spfd int, sname string, pfd int, name string, xs []xattr) (CopyResult, error) {
 	var linkTarget string
 	if e.Kind == KindSymlink {
@@ -256,85 +246,4 @@ func (v *view) copyUpNode(e Entry, spfd int, sname string, pfd int, name string,
 		return CopyResult{}, fmt.Errorf("rename into upper: %w", err)
 	}
 	return CopyResult{Method: MethodNone}, nil
-}
-
-// openData opens the file holding an entry's data: the entry itself, or
-// for a metacopy file the lower file below it.
-func (v *view) openData(e Entry) (int, error) {
-	root, err := v.root(e.DataLayer)
-	if err != nil {
-		return -1, err
-	}
-	dir, name := parentName(e.DataPath)
-	pfd, err := openBeneath(root, dir, unix.O_PATH|unix.O_DIRECTORY, 0)
-	if err != nil {
-		return -1, err
-	}
-	defer closeFD(pfd)
-	return openSource(pfd, name)
-}
-
-// copyUpData completes a metacopy file the kernel left in the upper: its
-// data is copied in from below and the metacopy mark removed, the way
-// overlayfs does on the first open for write. The data lands in a
-// temporary file that is renamed over the metacopy file, so a crash leaves
-// either the old metacopy file or the complete one.
-func (v *view) copyUpData(ctx context.Context, e Entry) (res CopyResult, err error) {
-	defer func() {
-		if err != nil {
-			err = fmt.Errorf("copy up data of %s from layer %s: %w", e.Path, v.s.layers[e.DataLayer], err)
-		}
-	}()
-	upperRoot, err := v.root(0)
-	if err != nil {
-		return res, err
-	}
-	pdir, name := parentName(e.Path)
-	pfd, err := openBeneath(upperRoot, pdir, unix.O_PATH|unix.O_DIRECTORY, 0)
-	if err != nil {
-		return res, err
-	}
-	defer closeFD(pfd)
-	var pst unix.Stat_t
-	if err := unix.Fstat(pfd, &pst); err != nil {
-		return res, err
-	}
-	xs, err := v.s.srcXattrs(procPath(pfd, name))
-	if err != nil {
-		return res, err
-	}
-	sfd, err := v.openData(e)
-	if err != nil {
-		return res, err
-	}
-	defer closeFD(sfd)
-	dfd, err := unix.Openat(pfd, ".", unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
-	if err != nil {
-		return res, err
-	}
-	defer closeFD(dfd)
-	m, n, err := copyData(ctx, dfd, sfd, e.Stat.Size, v.s.cfg.methods)
-	if err != nil {
-		return res, err
-	}
-	if !v.s.cfg.volatile {
-		if err := unix.Fsync(dfd); err != nil {
-			return res, err
-		}
-	}
-	if err := applyMeta(fdTarget(dfd), &e.Stat, xs, false); err != nil {
-		return res, err
-	}
-	tmp := tmpName()
-	if err := unix.Linkat(unix.AT_FDCWD, fdPath(dfd), pfd, tmp, unix.AT_SYMLINK_FOLLOW); err != nil {
-		return res, err
-	}
-	if err := unix.Renameat(pfd, tmp, pfd, name); err != nil {
-		removeStaged(pfd, tmp, false)
-		return res, err
-	}
-	if err := setTimes(pfd, name, &e.Stat); err != nil {
-		return res, err
-	}
-	return CopyResult{Method: m, Bytes: n}, setDirTimes(pfd, &pst)
 }

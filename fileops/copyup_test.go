@@ -175,9 +175,11 @@ func TestCopyUpKinds(t *testing.T) {
 	needRoot(t)
 	ctx := context.Background()
 	mnt := loopfs.Mount(t, loopfs.XFS)
-	for _, withWork := range []bool{false, true} {
-		name := map[bool]string{false: "tmpfile", true: "workdir"}[withWork]
+	for _, mode := range []string{"tmpfile", "workdir", "named"} {
+		name, withWork := mode, mode == "workdir"
 		t.Run(name, func(t *testing.T) {
+			noTmpfile = mode == "named"
+			defer func() { noTmpfile = false }()
 			base := filepath.Join(mnt, name)
 			lower, upper, work := filepath.Join(base, "lower"), filepath.Join(base, "upper"), filepath.Join(base, "work")
 			for _, d := range []string{upper, work} {
