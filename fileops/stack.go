@@ -96,7 +96,7 @@ func WithDataMethods(ms ...Method) StackOpt {
 	return func(c *config) error {
 		for _, m := range ms {
 			if m != MethodReflink && m != MethodCopyFileRange && m != MethodReadWrite {
-				return fmt.Errorf("data method %v: %w", m, ErrInvalidPath)
+				return fmt.Errorf("data method %v cannot copy file data: %w", m, os.ErrInvalid)
 			}
 		}
 		c.methods = ms
