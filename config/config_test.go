@@ -30,6 +30,8 @@ func TestParse(t *testing.T) {
 		{name: "bad type", toml: "volatile = \"yes\"\n", wantErr: "line 1"},
 		{name: "bad duration", toml: "shutdown_timeout = \"soon\"\n", wantErr: "soon"},
 		{name: "bad log level", toml: "log_level = \"loud\"\n", wantErr: "log_level"},
+		{name: "bad mode", toml: "mode = \"kernel\"\n", wantErr: "mode"},
+		{name: "max_stack of one", toml: "max_stack = 1\n", wantErr: "max_stack"},
 		{name: "empty root", toml: "root = \"\"\n", wantErr: "root must not be empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

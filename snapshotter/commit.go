@@ -9,7 +9,6 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
-	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
@@ -43,9 +42,9 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		return err
 	}
 	upper := s.upperPath(id)
-	du, err := fs.DiskUsage(ctx, upper)
+	usage, err := s.usage(ctx, upper)
 	if err != nil {
-		return fmt.Errorf("compute usage of %s: %w", upper, err)
+		return err
 	}
 	if s.syncs {
 		if err := syncFilesystem(upper); err != nil {
@@ -60,7 +59,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		if again != id {
 			return fmt.Errorf("snapshot %q was removed and prepared again while it was committed: %w", key, errdefs.ErrFailedPrecondition)
 		}
-		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(du), opts...); err != nil {
+		if _, err := storage.CommitActive(ctx, key, name, usage, opts...); err != nil {
 			return fmt.Errorf("commit %q as %q: %w", key, name, err)
 		}
 		return nil

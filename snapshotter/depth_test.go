@@ -17,9 +17,9 @@ import (
 
 // stackDepths are the image depths compared; the snapshotters keep their
 // snapshots from one depth to the next, so ids grow as on a real node.
-var stackDepths = []int{50, 128, 256, 500}
+var stackDepths = []int{50, 128, 256, 500, 1000}
 
-// TestDeepStacks builds images of 50 to 500 layers on overclone and on
+// TestDeepStacks builds images of 50 to 1000 layers on overclone and on
 // containerd's built-in overlayfs snapshotter, side by side, mounts a view
 // of each with containerd's core/mount, and checks the merged view. Each
 // layer adds a file and rewrites /top; every tenth deletes the file of the

@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/overclone/overclone/overlayutil"
+	"github.com/overclone/overclone/snapshotter"
 )
 
 // checkReport is the --json form: the probe's findings and its verdicts.
@@ -29,6 +30,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	fs.SetOutput(stderr)
 	root := fs.String("root", defaultRoot, "snapshotter root; probes run in a scratch dir under it")
 	asJSON := fs.Bool("json", false, "print the findings as JSON")
+	mode := fs.String("mode", "auto", "the daemon's configured mode, to show what it resolves to")
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
 			return exitOK
@@ -53,6 +55,12 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		}
 	} else {
 		printChecks(stdout, f)
+		m, why, err := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
+		if err != nil {
+			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, err)
+		} else {
+			fmt.Fprintf(stdout, "\nmode (%s): %s: %s\n", *mode, m, why)
+		}
 	}
 	if !f.CanServe() {
 		if !*asJSON {

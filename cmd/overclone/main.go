@@ -19,7 +19,11 @@ type command struct {
 
 // commands is the dispatch table; add a subcommand here and in its own file.
 var commands = map[string]command{
-	"check": {"probe what overlayfs can do under the snapshotter root", runCheck},
+	"check":   {"probe what overlayfs can do under the snapshotter root", runCheck},
+	"cp":      {"copy out of a snapshot, or into an active one, without mounting", runCp},
+	"flatten": {"build the flattened layer of a committed snapshot's stack now", runFlatten},
+	"health":  {"ask the daemon whether it serves (exit 0 if so)", runHealth},
+	"usage":   {"list snapshots with their usage, and flattened layers", runUsage},
 }
 
 // Exit codes shared by the subcommands.
