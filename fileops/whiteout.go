@@ -88,7 +88,7 @@ func (v *view) dirMeta(dirfd int, name string) (opaque bool, redirect string, er
 			opaque = true
 		}
 	}
-	if opaque || v.s.cfg.noRedirect {
+	if opaque {
 		return opaque, "", nil
 	}
 	r, ok, err := getXattr(p, v.s.prefix()+"redirect")

@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/overclone/overclone/test/loopfs"
 )
 
@@ -126,5 +128,62 @@ func TestConcurrentCopyUp(t *testing.T) {
 		if b := readFile(t, filepath.Join(upper, n)); string(b[:len(n)]) != n {
 			t.Errorf("%s reads %q", n, b)
 		}
+	}
+}
+
+// TestRedirectNoFollow checks redirects against the kernel with
+// redirect_dir=on, =nofollow and userxattr (which implies nofollow): the
+// kernel refuses (EPERM) a lookup that meets a redirect it may not follow,
+// in the upper or in a middle layer, and ignores one in the bottom layer.
+func TestRedirectNoFollow(t *testing.T) {
+	needRoot(t)
+	for _, c := range []struct {
+		mount  string
+		opts   []StackOpt
+		follow bool
+	}{
+		{"redirect_dir=on", nil, true},
+		{"redirect_dir=nofollow", []StackOpt{WithoutRedirects()}, false},
+		{"userxattr", []StackOpt{WithUserXattr()}, false},
+	} {
+		t.Run(c.mount, func(t *testing.T) {
+			mnt := loopfs.Mount(t, loopfs.Tmpfs)
+			layers := newLayers(t, mnt, 3) // bottom, middle, upper
+			bottom, middle, upper := layers[0], layers[1], layers[2]
+			mustWrite(t, filepath.Join(bottom, "a/f"), []byte("f"), 0o644)
+			mustWrite(t, filepath.Join(middle, "r/g"), []byte("g"), 0o644)
+			mustWhiteout(t, filepath.Join(middle, "a"))
+			mustWrite(t, filepath.Join(upper, "u/h"), []byte("h"), 0o644)
+			mustWrite(t, filepath.Join(bottom, "x/i"), []byte("i"), 0o644)
+			mustMkdir(t, filepath.Join(middle, "x"))
+			for _, ns := range []string{"trusted.overlay.", "user.overlay."} {
+				mustXattr(t, filepath.Join(middle, "r"), ns+"redirect", "a")
+				mustXattr(t, filepath.Join(upper, "u"), ns+"redirect", "/a")
+				mustXattr(t, filepath.Join(bottom, "x"), ns+"redirect", "/a")
+			}
+			merged := mountOverlay(t, upper, []string{middle, bottom}, c.mount)
+			s, err := NewStack(upper, []string{middle, bottom}, c.opts...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, p := range []string{"r", "u", "x"} {
+				kents, kerr := os.ReadDir(filepath.Join(merged, p))
+				fents, ferr := s.ReadDir(p)
+				if (kerr != nil) != (ferr != nil) || (kerr != nil && !errors.Is(ferr, unix.EPERM)) {
+					t.Errorf("%s: kernel %v, fileops %v", p, kerr, ferr)
+					continue
+				}
+				var kn, fn []string
+				for _, e := range kents {
+					kn = append(kn, e.Name())
+				}
+				for _, e := range fents {
+					fn = append(fn, e.Info.Name())
+				}
+				if sprint(kn) != sprint(fn) {
+					t.Errorf("%s: kernel lists %v, fileops %v", p, kn, fn)
+				}
+			}
+		})
 	}
 }
