@@ -9,9 +9,8 @@ import (
 	"sync"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/overclone/overclone/test/loopfs"
+	"golang.org/x/sys/unix"
 )
 
 // TestXattrWhiteoutInconsistency pins down the kernel's split behaviour
