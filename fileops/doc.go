@@ -22,6 +22,10 @@
 //
 // # Where fileops and the kernel differ, on purpose
 //
+//   - Paths never follow symlinks, not even in the middle: a merged path
+//     whose component is a symlink gives ENOTDIR where a process on the
+//     mount would follow it. Callers that want link semantics resolve the
+//     link text themselves, inside the merged root.
 //   - Xattr whiteouts (overlay.whiteout on an empty file): the kernel's
 //     lookup hides the name everywhere, but its readdir still lists it in
 //     the upper, in a dir not marked opaque=x and in the bottom layer
