@@ -98,7 +98,7 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	if wantsFlatView(snap, info) {
 		return s.flatView(ctx, snap)
 	}
-	return s.mounts(ctx, snap)
+	return s.mounts(ctx, snap, info)
 }
 
 // prepareDirectory makes snapshots/new-XXXX with fs (and work for active
