@@ -17,6 +17,9 @@ const chunk = 8 << 20
 // keeping holes. It tries each allowed method in turn, skipping those the
 // capability cache says the filesystem lacks.
 func copyData(ctx context.Context, dst, src int, size int64, methods []Method) (Method, int64, error) {
+	if size == 0 {
+		return MethodNone, 0, nil
+	}
 	dk, err := fsKeyOf(dst)
 	if err != nil {
 		return MethodNone, 0, err
@@ -30,7 +33,7 @@ func copyData(ctx context.Context, dst, src int, size int64, methods []Method) (
 	for _, m := range methods {
 		switch m {
 		case MethodReflink:
-			if size == 0 || capsFor(dk).Reflink == No {
+			if capsFor(dk).Reflink == No {
 				continue
 			}
 			err := unix.IoctlFileClone(dst, src)
