@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -34,7 +35,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	if wantsFlatView(snap, info) {
 		return s.flatView(ctx, snap)
 	}
-	return s.mounts(ctx, snap)
+	return s.mounts(ctx, snap, info)
 }
 
 // mounts builds the mounts containerd expects for a snapshot.
@@ -47,11 +48,14 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 //
 // In userspace mode every snapshot is a complete directory: an active
 // snapshot is a rw bind of its own, a view a ro bind of its parent's.
-func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot) ([]mount.Mount, error) {
+func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info snapshots.Info) ([]mount.Mount, error) {
 	if s.mode == ModeUserspace {
 		return s.userspaceMounts(snap), nil
 	}
 	ids := snap.ParentIDs
+	if len(ids) == 0 && snap.Kind == snapshots.KindActive && isExtraction(info) {
+		return s.extractionMounts(snap)
+	}
 	if len(ids) == 0 {
 		mode := "rw"
 		if snap.Kind == snapshots.KindView {
@@ -119,4 +123,33 @@ func (s *Snapshotter) userspaceMounts(snap storage.Snapshot) []mount.Mount {
 		source = s.upperPath(snap.ParentIDs[0])
 	}
 	return []mount.Mount{{Type: "bind", Source: source, Options: []string{"ro", "rbind"}}}
+}
+
+// isExtraction tells a layer being unpacked from any other snapshot:
+// containerd's unpacker labels the snapshots it applies layers into.
+func isExtraction(info snapshots.Info) bool {
+	_, ok := info.Labels[snapshots.LabelSnapshotRef]
+	return ok
+}
+
+// extractionMounts mounts a parentless layer being unpacked as an overlay
+// of its upper on an empty lower, where containerd's built-in snapshotter
+// hands out a bind.
+//
+// containerd 2.2+ unpacks layers in parallel when a snapshotter has the
+// "rebase" capability: each layer is prepared with no parent and given one
+// at Commit. containerd's applier turns a tar's whiteouts into overlay
+// whiteouts only when it writes into an overlay's upperdir; into a bind it
+// applies them by deleting files that are not there, and they are lost.
+// containerd patches the mounts for its own overlayfs snapshotter only
+// (core/unpack bindToOverlay), so overclone shapes them itself: the
+// applier writes whiteouts and opaque markers into the upper, and the
+// layer is a proper diff whichever parent it is committed onto. The mount
+// is a real one: anything that mounts it sees the layer's files.
+func (s *Snapshotter) extractionMounts(snap storage.Snapshot) ([]mount.Mount, error) {
+	m, err := overlayutil.OverlayMount([]string{filepath.Join(s.root, emptyDir)}, s.upperPath(snap.ID), s.workPath(snap.ID), s.overlay)
+	if err != nil {
+		return nil, err
+	}
+	return []mount.Mount{m}, nil
 }

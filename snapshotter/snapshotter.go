@@ -144,7 +144,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if !dtype {
 		return nil, fmt.Errorf("%s does not support d_type, which overlay needs (an xfs root must be formatted with ftype=1)", root)
 	}
-	for _, dir := range []string{snapshotsDir, linksDir, flatDir, trashDir} {
+	for _, dir := range []string{snapshotsDir, linksDir, flatDir, trashDir, emptyDir} {
 		if err := os.Mkdir(filepath.Join(root, dir), 0o700); err != nil && !os.IsExist(err) {
 			return nil, fmt.Errorf("create %s: %w", dir, err)
 		}
@@ -224,6 +224,7 @@ const (
 	snapshotsDir = "snapshots"
 	linksDir     = "l"
 	flatDir      = "flat"
+	emptyDir     = "empty" // the lower of a layer being unpacked with no parent
 	trashDir     = "trash"
 )
 
