@@ -99,13 +99,3 @@ func sortLines(lines []string) string {
 	})
 	return strings.Join(sorted, "\n") + "\n"
 }
-
-// recorder turns compareView's failure into text.
-type recorder struct {
-	testing.TB
-	w *strings.Builder
-}
-
-func (r *recorder) Errorf(format string, args ...any) { fmt.Fprintf(r.w, format, args...) }
-
-func (r *recorder) Helper() {}

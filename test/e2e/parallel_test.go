@@ -10,21 +10,17 @@ import (
 	"github.com/overclone/overclone/test/e2e/harness"
 )
 
-// rebaseSafe records the decision TestContainerd2ParallelUnpack checks:
-// whether overclone may advertise the "rebase" capability, i.e. whether
-// whiteouts and opaque dirs survive containerd 2.x's parallel unpack. See
-// deploy/README.md.
-var rebaseSafe = map[string]bool{
-	harness.SnapshotterName: false,
-	harness.UserspaceName:   false,
-}
-
 // TestContainerd2ParallelUnpack pulls with max_concurrent_unpacks > 1 and
-// "rebase" advertised for overclone: containerd then prepares every layer
-// without its parent, applies it, and names the parent only at Commit. The
-// built-in overlayfs is the control (containerd rewrites its bind mounts to
-// overlays so the applier still writes whiteouts); for overclone the test
-// asserts the decision recorded in rebaseSafe.
+// "rebase" advertised for every snapshotter: containerd then prepares each
+// layer without its parent, applies it, and names the parent only at
+// Commit. It checks what deploy/README.md promises:
+//
+//   - overlayfs (the control) and overclone in overlay mode: the parallel
+//     unpack keeps whiteouts, opaque dirs and a dir recreated over a
+//     whiteout, so "rebase" may be advertised there;
+//   - overclone in userspace mode refuses the rebase at Commit, so the pull
+//     fails with a message saying not to advertise it, instead of
+//     committing a layer without its parent's files.
 func TestContainerd2ParallelUnpack(t *testing.T) {
 	s := newSuite(t, harness.Containerd2BinDir(), harness.ContainerdOptions{
 		Capabilities:         []string{"rebase"},
@@ -39,39 +35,49 @@ func TestContainerd2ParallelUnpack(t *testing.T) {
 	s.ctr(t, "images", "push", "--plain-http", ref)
 	s.removeImages(t)
 
+	modes := map[string]string{"overlayfs": "overlay"}
+	for _, p := range s.proxies {
+		modes[p.Name] = p.Overclone.Mode()
+	}
 	top := s.chainIDs()[len(s.chainIDs())-1]
 	for _, sn := range s.sns {
 		t.Run(sn, func(t *testing.T) {
+			defer s.removeImages(t)
+			t.Logf("%s serves in %s mode", sn, modes[sn])
+			if modes[sn] == "userspace" {
+				s.requireRebaseRefused(t, sn, ref)
+				return
+			}
 			s.timed(t, "pull, 4 parallel unpacks", sn, "images", "pull", "--plain-http", "--snapshotter", sn, ref)
 			s.requireUnpacked(t, sn)
 			if !s.unpackedInParallel(t, top) {
 				t.Fatalf("containerd did not unpack %s in parallel; the test proves nothing", sn)
 			}
-			ctx, cancel := context.WithTimeout(context.Background(), ctrTimeout)
-			defer cancel()
-			out, err := s.c.Ctr(ctx, "run", "--rm", "--snapshotter", sn, ref, "parallel-"+sn)
-			if err != nil {
-				// A snapshotter that loses the parent's content at
-				// the rebase cannot even start the entrypoint.
-				out = fmt.Sprintf("(container did not run: %v)\n", err)
-				t.Logf("%s: %v", sn, err)
-			}
-			intact := out == s.f.img.Expected
-			t.Logf("%s: whiteouts and opaque dirs survive a parallel unpack: %v", sn, intact)
-			switch {
-			case sn == "overlayfs" || rebaseSafe[sn]:
-				compareView(t, "after a parallel unpack", out, s.f.img.Expected)
-			case intact:
-				t.Errorf("%s kept whiteouts through a parallel unpack: rebase may be advertised; update rebaseSafe and deploy/", sn)
-			default:
-				// Expected: the lost whiteouts are what deploy/
-				// documents as the reason not to advertise rebase.
-				var msg strings.Builder
-				compareView(&recorder{TB: t, w: &msg}, "after a parallel unpack", out, s.f.img.Expected)
-				t.Logf("%s with rebase advertised (documented as unsupported):\n%s", sn, msg.String())
-			}
-			s.removeImages(t)
+			out := s.ctr(t, "run", "--rm", "--snapshotter", sn, ref, "parallel-"+sn)
+			compareView(t, "after a parallel unpack", out, s.f.img.Expected)
 		})
+	}
+}
+
+// requireRebaseRefused pulls into a userspace-mode daemon that containerd
+// believes can rebase: the pull must fail at the first rebase, saying why,
+// and leave no committed layer above the bottom one.
+func (s *suite) requireRebaseRefused(t *testing.T, sn, ref string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), ctrTimeout)
+	defer cancel()
+	_, err := s.c.Ctr(ctx, "images", "pull", "--plain-http", "--snapshotter", sn, ref)
+	switch {
+	case err == nil:
+		t.Fatalf("%s: a parallel pull with rebase advertised succeeded; userspace mode should refuse the rebase", sn)
+	case !strings.Contains(err.Error(), "rebase is not supported in userspace mode"):
+		t.Fatalf("%s: the pull failed, but not with the refusal: %v", sn, err)
+	}
+	t.Logf("%s refuses: %.200s", sn, err)
+	for _, id := range s.chainIDs()[1:] {
+		if _, ok := s.snapshots(t, sn)[id]; ok {
+			t.Errorf("%s: layer %s committed although its rebase was refused", sn, id)
+		}
 	}
 }
 

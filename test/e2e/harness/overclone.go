@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"time"
 )
 
@@ -64,6 +65,22 @@ func (o *Overclone) Start(ctx context.Context) error {
 	}
 	o.logf("overclone up on %s in %s (pid %d)", o.Socket, time.Since(start).Round(time.Millisecond), p.cmd.Process.Pid)
 	return nil
+}
+
+var modeRE = regexp.MustCompile(`msg="overclone snapshotter ready".* mode=(\w+)`)
+
+// Mode returns the mode the daemon serves its root in ("overlay" or
+// "userspace"), as its start-up log line says; "" when it has not said.
+func (o *Overclone) Mode() string {
+	b, err := os.ReadFile(o.Log)
+	if err != nil {
+		return ""
+	}
+	m := modeRE.FindAllSubmatch(b, -1)
+	if len(m) == 0 {
+		return ""
+	}
+	return string(m[len(m)-1][1])
 }
 
 // Stop sends SIGTERM and waits for a clean exit.
