@@ -18,8 +18,8 @@ import (
 
 // The checks, in the order a user meets them.
 
-// importRounds is how often each snapshotter's import is timed; the order
-// of the snapshotters alternates between rounds.
+// importRounds is how often each snapshotter's import and pull are timed;
+// the order of the snapshotters alternates between rounds.
 const importRounds = 3
 
 func (s *suite) testImport(t *testing.T) {
@@ -30,13 +30,7 @@ func (s *suite) testImport(t *testing.T) {
 		// Content first, so the timed imports below measure the unpack
 		// into each snapshotter and not who copied the blobs in first.
 		s.ctr(t, "images", "import", "--no-unpack", s.f.archive)
-		order := append([]string(nil), s.sns...)
-		if round%2 == 1 {
-			for i, j := 0, len(order)-1; i < j; i, j = i+1, j-1 {
-				order[i], order[j] = order[j], order[i]
-			}
-		}
-		for _, sn := range order {
+		for _, sn := range alternate(s.sns, round) {
 			t.Run(fmt.Sprintf("%s-%d", sn, round), func(t *testing.T) {
 				s.timed(t, "import (unpack)", sn, "images", "import", "--snapshotter", sn, s.f.archive)
 				s.requireUnpacked(t, sn)
@@ -199,12 +193,41 @@ func (s *suite) restart(t *testing.T, p harness.Proxy) {
 	out = s.ctr(t, "tasks", "exec", "--exec-id", "after-restart", id, "/bin/viewer", "view", "/data")
 	compareView(t, "exec after the restart", out, written)
 	s.checkHealthCLI(t, oc, true)
+	s.waitReconnect(t, sn)
 	s.runView(t, sn, imageName, "after-restart-"+sn, "")
 	s.requireUnpacked(t, sn)
 	// The restarted daemon still knows the running container's snapshot.
 	if rows := s.snapshots(t, sn); rows[id].kind != "Active" {
 		t.Errorf("the running container's snapshot after the restart: %+v", rows[id])
 	}
+}
+
+// reconnectTimeout bounds how long containerd may take to use a restarted
+// overclone. Its proxy client redials with gRPC backoff capped at 3 s
+// (containerd 1.6 and 2.x alike), and a dial made while the socket was
+// gone waits out its own timeout first.
+const reconnectTimeout = 30 * time.Second
+
+// waitReconnect waits until containerd's calls reach the restarted daemon
+// again and logs how long that took: until then pulls and container starts
+// that need the snapshotter fail with "unavailable", which kubelet and
+// containerd's clients retry.
+func (s *suite) waitReconnect(t *testing.T, sn string) {
+	t.Helper()
+	start := time.Now()
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), ctrTimeout)
+		_, err := s.c.Ctr(ctx, "snapshots", "--snapshotter", sn, "ls")
+		cancel()
+		if err == nil {
+			break
+		}
+		if time.Since(start) > reconnectTimeout {
+			t.Fatalf("containerd still cannot reach %s %s after its restart: %v", sn, reconnectTimeout, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Logf("containerd reached the restarted %s after %s", sn, time.Since(start).Round(time.Millisecond))
 }
 
 // checkHealthCLI runs `overclone health --address SOCKET`, the probe
@@ -269,20 +292,36 @@ func (s *suite) testPull(t *testing.T) {
 		modes = append(modes, []string{"--local"})
 	}
 	for _, mode := range modes {
-		for _, sn := range s.sns {
-			name, op := sn, "pull (fetch + unpack)"
-			if len(mode) > 0 {
-				name, op = sn+"-local", "pull --local (fetch + unpack)"
+		for round := 0; round < importRounds; round++ {
+			for _, sn := range alternate(s.sns, round) {
+				name, op := fmt.Sprintf("%s-%d", sn, round), "pull (fetch + unpack)"
+				if len(mode) > 0 {
+					name, op = fmt.Sprintf("%s-local-%d", sn, round), "pull --local (fetch + unpack)"
+				}
+				t.Run(name, func(t *testing.T) {
+					args := append(append([]string{"images", "pull"}, mode...), "--plain-http", "--snapshotter", sn, s.ref)
+					s.timed(t, op, sn, args...)
+					s.requireUnpacked(t, sn)
+					if round == 0 {
+						s.runView(t, sn, s.ref, "pulled-"+name, "")
+					}
+					s.removeImages(t)
+				})
 			}
-			t.Run(name, func(t *testing.T) {
-				args := append(append([]string{"images", "pull"}, mode...), "--plain-http", "--snapshotter", sn, s.ref)
-				s.timed(t, op, sn, args...)
-				s.requireUnpacked(t, sn)
-				s.runView(t, sn, s.ref, "pulled-"+name, "")
-				s.removeImages(t)
-			})
 		}
 	}
+}
+
+// alternate returns sns, reversed on odd rounds, so that no snapshotter
+// always runs first (or last) in a series of timed runs.
+func alternate(sns []string, round int) []string {
+	order := append([]string(nil), sns...)
+	if round%2 == 1 {
+		for i, j := 0, len(order)-1; i < j; i, j = i+1, j-1 {
+			order[i], order[j] = order[j], order[i]
+		}
+	}
+	return order
 }
 
 // testImportLocal: containerd 2.x imports through the transfer service by
