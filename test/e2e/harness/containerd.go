@@ -153,6 +153,7 @@ func (c *Containerd) Stop() error {
 	if err := UnmountUnder(c.Dir); err != nil {
 		errs = append(errs, err.Error())
 	}
+	removeNamespaceCgroups()
 	if len(errs) > 0 {
 		return fmt.Errorf("stop containerd %s: %s", c.Version, strings.Join(errs, "; "))
 	}
@@ -184,4 +185,15 @@ func (c *Containerd) removeAll(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// removeNamespaceCgroups removes the per-namespace parent cgroups runc
+// made (/sys/fs/cgroup/<controller>/overclone-e2e on cgroup v1, one dir on
+// v2) once they are empty; a cgroup still in use by another run refuses.
+func removeNamespaceCgroups() {
+	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", Namespace))
+	dirs = append(dirs, filepath.Join("/sys/fs/cgroup", Namespace))
+	for _, d := range dirs {
+		_ = os.Remove(d)
+	}
 }
