@@ -28,6 +28,7 @@ type walkResult struct {
 	canon   string
 	missing bool // the last name is absent; its parent exists and is canon's parent
 	mustDir bool // the path ended in "/": the entry must be (or become) a directory
+	viaLink bool // the missing last name came out of a link's text: the link dangles
 }
 
 // mkdirFunc creates the absent directory name in the merged directory
@@ -101,7 +102,7 @@ func (v *view) walk(p string, followLast bool, mkdir mkdirFunc) (walkResult, err
 		}
 		if len(f.hits) == 0 {
 			if last {
-				r.canon, r.missing = cur, true
+				r.canon, r.missing, r.viaLink = cur, true, t.fromLink
 				return r, fmt.Errorf("resolve %s: %s: %w", p, cur, fs.ErrNotExist)
 			}
 			if mkdir == nil || t.fromLink {
