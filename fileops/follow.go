@@ -111,6 +111,14 @@ func (v *view) walk(p string, followLast bool, mkdir mkdirFunc) (walkResult, err
 			if err := mkdir(top, t.name); err != nil {
 				return walkResult{}, err
 			}
+			// The mkdir copied the directories walked so far up: their
+			// layer parts changed.
+			for i := range frames {
+				if frames[i], err = v.resolve(frames[i].Path); err != nil {
+					return fail("%w", err)
+				}
+			}
+			top = frames[len(frames)-1]
 			if f, err = v.lookupIn(top, t.name); err != nil {
 				return fail("%w", err)
 			}
