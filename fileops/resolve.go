@@ -221,7 +221,7 @@ func (v *view) readDir(e Entry) ([]Entry, error) {
 		if err != nil {
 			// The kernel's readdir lists such a name and only its stat
 			// fails; one bad child must not hide its siblings.
-			bad := Entry{Path: p, Kind: KindUnknown, Err: fmt.Errorf("read dir %s: %w", e.Path, err)}
+			bad := Entry{Path: p, Kind: KindUnknown, Err: fmt.Errorf("read dir /%s: %w", e.Path, err)}
 			bad.Info = newInfo(p, &bad.Stat)
 			out = append(out, bad)
 			continue
