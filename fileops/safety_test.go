@@ -63,6 +63,14 @@ func TestPathSafety(t *testing.T) {
 		if _, err := s.CopyUp(context.Background(), p); err == nil {
 			t.Errorf("CopyUp(%q) succeeded", p)
 		}
+		// Followed, a link's text is a path in the merged view: an outside
+		// target names nothing there, and ".." stops at the merged root.
+		if e, err := s.ResolveFollow(p); err == nil {
+			t.Errorf("ResolveFollow(%q) found %s in %s", p, e.RealPath, e.LayerDir)
+		}
+		if _, err := s.CopyOut(context.Background(), p, filepath.Join(base, "out-canary")); err == nil {
+			t.Errorf("CopyOut(%q) succeeded", p)
+		}
 		if _, err := s.CopyRange(context.Background(), p, 0, "d/f", 0, 10); err == nil {
 			t.Errorf("CopyRange from %q succeeded", p)
 		}
