@@ -168,6 +168,15 @@ func TestBadInput(t *testing.T) {
 		if _, err := s.CopyRange(ctx, "f", 0, p, 0, 1); !errors.Is(err, ErrInvalidPath) {
 			t.Errorf("CopyRange to %q: %v", p, err)
 		}
+		if _, err := s.ResolveFollow(p); !errors.Is(err, ErrInvalidPath) {
+			t.Errorf("ResolveFollow(%q): %v", p, err)
+		}
+		if _, err := s.CopyOut(ctx, p, filepath.Join(base, "out")); !errors.Is(err, ErrInvalidPath) {
+			t.Errorf("CopyOut(%q): %v", p, err)
+		}
+		if _, err := s.CopyIn(ctx, file, p); !errors.Is(err, ErrInvalidPath) {
+			t.Errorf("CopyIn to %q: %v", p, err)
+		}
 	}
 	if _, err := s.Resolve("nope"); !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), "nope") {
 		t.Errorf("Resolve of a missing name: %v", err)
