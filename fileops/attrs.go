@@ -115,9 +115,11 @@ func readlinkAt(dirfd int, name string) (string, error) {
 
 var tmpSeq atomic.Uint64
 
-// tmpName is a staging name that no layer content uses.
+// tmpName is a staging name that no layer content uses (isStagingName
+// hides the form in every layer). Callers reserve it through
+// newStagingName.
 func tmpName() string {
-	return ".overclone-tmp-" + strconv.Itoa(unix.Getpid()) + "-" + strconv.FormatUint(tmpSeq.Add(1), 10)
+	return stagingPrefix + strconv.Itoa(unix.Getpid()) + "-" + strconv.FormatUint(tmpSeq.Add(1), 10)
 }
 
 // makeNode creates a non-regular entry like st at dirfd/name.

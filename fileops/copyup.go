@@ -233,13 +233,17 @@ func (v *view) copyUpNode(e Entry, spfd int, sname string, pfd int, name string,
 		return CopyResult{}, fmt.Errorf("open staging dir: %w", err)
 	}
 	defer closeFD(sd)
-	tmp := tmpName()
+	tmp := newStagingName()
+	defer releaseStagingName(tmp)
 	if err := makeNode(sd, tmp, &e.Stat, linkTarget); err != nil {
 		return CopyResult{}, fmt.Errorf("create %s: %w", e.Kind, err)
 	}
 	if err := applyMeta(nameTarget(sd, tmp), &e.Stat, xs, false); err != nil {
 		removeStaged(sd, tmp, e.Kind == KindDir)
 		return CopyResult{}, err
+	}
+	if stagedHook != nil {
+		stagedHook()
 	}
 	if err := unix.Renameat2(sd, tmp, pfd, name, unix.RENAME_NOREPLACE); err != nil {
 		removeStaged(sd, tmp, e.Kind == KindDir)

@@ -78,6 +78,10 @@ type Entry struct {
 	Metacopy  bool
 	DataLayer int
 	DataPath  string
+	// Err is set on a ReadDir entry whose name is listed but cannot be
+	// looked up, as a stat of it on the mount would fail; the other fields
+	// then hold only Path and Info's name.
+	Err error
 }
 
 // InUpper reports whether the visible entry already lives in the upper.

@@ -126,15 +126,18 @@ func (v *view) lookup(dirs []dirRef, name string) (found, error) {
 		if redirect == "" {
 			continue
 		}
+		// The kernel checks the redirect before it decides whether to
+		// follow it: an invalid one fails with EINVAL even under
+		// redirect_dir=nofollow (measured on 6.18).
+		r, err := validRedirect(redirect)
+		if err != nil {
+			return found{}, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
+		}
 		if v.s.cfg.noRedirect {
 			// redirect_dir=nofollow (and userxattr, which implies it): the
 			// kernel refuses the lookup rather than show a merge that the
 			// redirect says is wrong (measured: EPERM).
 			return found{}, fmt.Errorf("look up %s in layer %s: refusing to follow redirect %q: %w", loc.Path, v.s.layers[loc.Layer], redirect, unix.EPERM)
-		}
-		r, err := validRedirect(redirect)
-		if err != nil {
-			return found{}, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
 		}
 		switch {
 		case r[0] == '/':

@@ -74,7 +74,8 @@ func (v *view) copyUpData(ctx context.Context, e Entry) (res CopyResult, err err
 	if err := applyMeta(fdTarget(dfd), &e.Stat, xs, false); err != nil {
 		return res, err
 	}
-	tmp := tmpName()
+	tmp := newStagingName()
+	defer releaseStagingName(tmp)
 	if err := unix.Linkat(unix.AT_FDCWD, fdPath(dfd), pfd, tmp, unix.AT_SYMLINK_FOLLOW); err != nil {
 		return res, err
 	}

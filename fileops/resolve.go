@@ -170,6 +170,12 @@ func (s *Stack) Resolve(path string) (Entry, error) {
 
 // ReadDir returns the merged listing of the directory at path, sorted by
 // name, without whiteouts and without the names they hide.
+//
+// A name whose lookup fails (a directory with an invalid redirect, or one
+// that WithoutRedirects refuses to follow, a metacopy file whose data is
+// gone) is listed all the same, as the kernel's readdir lists it: its
+// Entry has Err set, Kind KindUnknown and only Path and Info's name
+// filled in. Only that entry fails, as only its stat fails on a mount.
 func (s *Stack) ReadDir(path string) ([]Entry, error) {
 	rel, err := cleanPath(path)
 	if err != nil {
@@ -210,14 +216,20 @@ func (v *view) readDir(e Entry) ([]Entry, error) {
 	sort.Strings(names)
 	out := make([]Entry, 0, len(names))
 	for _, n := range names {
+		p := joinRel(e.Path, n)
 		f, err := v.lookup(dirs, n)
 		if err != nil {
-			return nil, fmt.Errorf("read dir %s: %w", e.Path, err)
+			// The kernel's readdir lists such a name and only its stat
+			// fails; one bad child must not hide its siblings.
+			bad := Entry{Path: p, Kind: KindUnknown, Err: fmt.Errorf("read dir /%s: %w", e.Path, err)}
+			bad.Info = newInfo(p, &bad.Stat)
+			out = append(out, bad)
+			continue
 		}
 		if len(f.hits) == 0 {
 			continue
 		}
-		out = append(out, v.entry(joinRel(e.Path, n), f))
+		out = append(out, v.entry(p, f))
 	}
 	return out, nil
 }

@@ -63,6 +63,14 @@ func TestPathSafety(t *testing.T) {
 		if _, err := s.CopyUp(context.Background(), p); err == nil {
 			t.Errorf("CopyUp(%q) succeeded", p)
 		}
+		// Followed, a link's text is a path in the merged view: an outside
+		// target names nothing there, and ".." stops at the merged root.
+		if e, err := s.ResolveFollow(p); err == nil {
+			t.Errorf("ResolveFollow(%q) found %s in %s", p, e.RealPath, e.LayerDir)
+		}
+		if _, err := s.CopyOut(context.Background(), p, filepath.Join(base, "out-canary")); err == nil {
+			t.Errorf("CopyOut(%q) succeeded", p)
+		}
 		if _, err := s.CopyRange(context.Background(), p, 0, "d/f", 0, 10); err == nil {
 			t.Errorf("CopyRange from %q succeeded", p)
 		}
@@ -159,6 +167,15 @@ func TestBadInput(t *testing.T) {
 		}
 		if _, err := s.CopyRange(ctx, "f", 0, p, 0, 1); !errors.Is(err, ErrInvalidPath) {
 			t.Errorf("CopyRange to %q: %v", p, err)
+		}
+		if _, err := s.ResolveFollow(p); !errors.Is(err, ErrInvalidPath) {
+			t.Errorf("ResolveFollow(%q): %v", p, err)
+		}
+		if _, err := s.CopyOut(ctx, p, filepath.Join(base, "out")); !errors.Is(err, ErrInvalidPath) {
+			t.Errorf("CopyOut(%q): %v", p, err)
+		}
+		if _, err := s.CopyIn(ctx, file, p); !errors.Is(err, ErrInvalidPath) {
+			t.Errorf("CopyIn to %q: %v", p, err)
 		}
 	}
 	if _, err := s.Resolve("nope"); !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), "nope") {

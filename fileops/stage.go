@@ -19,6 +19,9 @@ type stagedFile struct {
 	fd    int
 	sd    int    // staging dir when named
 	named string // staging name, "" for an O_TMPFILE
+	// reserved is the staging name this process holds until close, so
+	// that CleanStaging leaves it alone.
+	reserved string
 }
 
 func (v *view) stageFile(pfd int) (*stagedFile, error) {
@@ -35,9 +38,11 @@ func (v *view) stageFile(pfd int) (*stagedFile, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open staging dir: %w", err)
 	}
-	f := &stagedFile{sd: sd, named: tmpName()}
+	name := newStagingName()
+	f := &stagedFile{sd: sd, named: name, reserved: name}
 	f.fd, err = unix.Openat(sd, f.named, unix.O_CREAT|unix.O_EXCL|unix.O_RDWR|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
+		releaseStagingName(name)
 		closeFD(sd)
 		return nil, fmt.Errorf("create staging file: %w", err)
 	}
@@ -64,6 +69,9 @@ func (f *stagedFile) close() {
 	closeFD(f.fd)
 	if f.named != "" {
 		removeStaged(f.sd, f.named, false)
+	}
+	if f.reserved != "" {
+		releaseStagingName(f.reserved)
 	}
 	closeFD(f.sd)
 }

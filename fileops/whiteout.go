@@ -35,6 +35,10 @@ func (v *view) probe(dirfd int, name string) (unix.Stat_t, probeState, error) {
 	if v.s.cfg.tarWhiteouts && strings.HasPrefix(name, tarWhiteoutPrefix) {
 		return st, absent, nil
 	}
+	// An interrupted copy's staging name is not content (CleanStaging).
+	if isStagingName(name) {
+		return st, absent, nil
+	}
 	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		if !notHere(err) {
 			return st, absent, err
