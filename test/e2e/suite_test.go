@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/overclone/overclone/test/e2e/harness"
+	"github.com/overclone/overclone/test/loopfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -35,7 +36,10 @@ type suite struct {
 
 // daemonConfigs are the overclone daemons a suite starts, by snapshotter
 // name: the default configuration (mode auto, overlay on this kernel) and
-// userspace mode.
+// userspace mode. The userspace daemon's root shares the test dir's
+// filesystem, or sits on a fresh loop filesystem of the kind named by
+// OVERCLONE_E2E_USERSPACE_FS (xfs, btrfs: reflink copies; ext4), to time
+// userspace mode where it clones instead of copying.
 var daemonConfigs = []struct{ name, config string }{
 	{harness.SnapshotterName, ""},
 	{harness.UserspaceName, "mode = 'userspace'\n"},
@@ -57,6 +61,12 @@ func newSuite(t *testing.T, binDir string, opts harness.ContainerdOptions) *suit
 		t.Fatal(err)
 	}
 	s := &suite{f: f, dir: dir, sns: []string{"overlayfs"}}
+	// A loop filesystem for the userspace daemon is made before close is
+	// registered, so that it is unmounted after the daemon stops.
+	userspaceRoot := ""
+	if kind := os.Getenv("OVERCLONE_E2E_USERSPACE_FS"); kind != "" && opts.Snippet == "" {
+		userspaceRoot = filepath.Join(loopfs.MountSize(t, loopfs.Kind(kind), 4<<30), "root")
+	}
 	t.Cleanup(func() { s.close(t) })
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -72,6 +82,9 @@ func newSuite(t *testing.T, binDir string, opts harness.ContainerdOptions) *suit
 		oc, err := harness.NewOverclone(f.overcloneBin, ocDir, d.config, t.Logf)
 		if err != nil {
 			t.Fatal(err)
+		}
+		if d.name == harness.UserspaceName && userspaceRoot != "" {
+			oc.Root = userspaceRoot
 		}
 		// Registered before Start, so that close stops it whatever
 		// happens next.
