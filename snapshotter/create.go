@@ -67,6 +67,9 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		if err != nil {
 			return fmt.Errorf("create snapshot %q: %w", key, err)
 		}
+		if err := s.missing.check(snap.ParentIDs...); err != nil {
+			return fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
+		}
 		if _, info, _, err = storage.GetInfo(ctx, key); err != nil {
 			return fmt.Errorf("read back snapshot %q: %w", key, err)
 		}

@@ -73,6 +73,7 @@ type Snapshotter struct {
 	options  []string // overlay options for every overlay mount
 	volatile bool
 	syncs    bool
+	missing  missingSet // snapshots whose directory is gone: refused
 
 	// removals counts background deletions of trashed directories, so
 	// that Close can wait for them.
