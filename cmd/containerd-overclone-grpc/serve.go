@@ -44,7 +44,7 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 
 	measured := metrics.Wrap(sn)
 	if cfg.MetricsAddress != "" {
-		stop, err := serveMetrics(ctx, cfg.MetricsAddress, sn, measured)
+		stop, err := serveMetrics(ctx, cfg.MetricsAddress, sn)
 		if err != nil {
 			return err
 		}

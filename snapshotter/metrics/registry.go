@@ -3,6 +3,7 @@ package metrics
 import (
 	"context"
 	"os"
+	"strings"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -68,6 +69,6 @@ func (c *kindCollector) Collect(ch chan<- prometheus.Metric) {
 		return
 	}
 	for kind, n := range counts {
-		ch <- prometheus.MustNewConstMetric(kindDesc, prometheus.GaugeValue, float64(n), kind.String())
+		ch <- prometheus.MustNewConstMetric(kindDesc, prometheus.GaugeValue, float64(n), strings.ToLower(kind.String()))
 	}
 }
