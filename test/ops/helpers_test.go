@@ -100,7 +100,7 @@ func (s scraper) waitInFlight(method string, done <-chan error) bool {
 // bigLayerFiles makes a Commit (its usage walk and its syncfs) last long
 // enough for a signal or a cancel to land while it runs, even on a fast
 // idle machine.
-const bigLayerFiles = 20000
+const bigLayerFiles = 10000
 
 // prepareBig prepares key with bigLayerFiles files of 4 KiB written into
 // its upper.
