@@ -301,7 +301,10 @@ func (c *client) step(ctx context.Context) {
 	case r < 68 && own > 0:
 		key := c.pick(append(append(append([]string(nil), c.actives...), c.views...), c.committed...))
 		info := snapshots.Info{Name: key, Labels: map[string]string{"containerd.io/snapshot/load": strconv.Itoa(c.seq)}}
-		c.call(ctx, "Update", func(ctx context.Context) error { _, err := c.sn.Update(ctx, info, "labels.containerd.io/snapshot/load"); return err })
+		c.call(ctx, "Update", func(ctx context.Context) error {
+			_, err := c.sn.Update(ctx, info, "labels.containerd.io/snapshot/load")
+			return err
+		})
 	case r < 70:
 		c.call(ctx, "Walk", func(ctx context.Context) error {
 			return c.sn.Walk(ctx, func(context.Context, snapshots.Info) error { return nil }, "parent==shared/mid")
