@@ -80,7 +80,10 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 				return err
 			}
 		}
-		return s.placeDirectory(ctx, td, snap.ID)
+		if err := s.placeDirectory(ctx, td, snap.ID); err != nil {
+			return err
+		}
+		return s.syncPlaced(snap.ID)
 	})
 	if err != nil {
 		return nil, err
