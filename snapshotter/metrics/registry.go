@@ -41,6 +41,13 @@ func NewRegistry(sn snapshots.Snapshotter, dbPath string) *prometheus.Registry {
 			return float64(fi.Size())
 		}),
 	)
+	if m, ok := sn.(interface{ Missing() map[string]string }); ok {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: namespace,
+			Name:      "snapshots_unusable",
+			Help:      "Snapshots whose directory is missing from disk: refused until removed. Alert on anything above 0.",
+		}, func() float64 { return float64(len(m.Missing())) }))
+	}
 	return reg
 }
 

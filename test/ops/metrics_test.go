@@ -59,6 +59,7 @@ func TestMetrics(t *testing.T) {
 		{"overclone_copied_up_bytes_total", `method="copy_file_range"`, 0},
 		{"overclone_copied_up_bytes_total", `method="copy"`, 0},
 		{"overclone_flattened_layer_build_seconds_count", "", 0},
+		{"overclone_snapshots_unusable", "", 0},
 	} {
 		if got := s.value(want.name, want.labels); got != want.value {
 			t.Errorf("%s{%s} = %v, want %v", want.name, want.labels, got, want.value)
