@@ -26,6 +26,8 @@ const (
 	DefaultAddress = "/run/containerd-overclone/containerd-overclone-grpc.sock"
 	// DefaultLogLevel is containerd's own default.
 	DefaultLogLevel = "info"
+	// DefaultMode lets overclone decide from what the kernel can do.
+	DefaultMode = "auto"
 	// DefaultShutdownTimeout bounds how long SIGTERM waits for calls in
 	// flight; kubelet's default grace period is 30 s, so stay under it.
 	DefaultShutdownTimeout = Duration(10 * time.Second)
@@ -41,6 +43,19 @@ type Config struct {
 	Address string `toml:"address"`
 	// LogLevel is one of trace, debug, info, warn, error. Default "info".
 	LogLevel string `toml:"log_level"`
+	// Mode is how snapshots are served: "overlay" (layers as diffs,
+	// overlay mounts), "userspace" (every snapshot a complete directory
+	// made by overclone's engine, reflinked where the filesystem can,
+	// bind mounts: no overlay needed), or "auto", which picks overlay
+	// where the kernel's overlay serves the root and intercepts file
+	// operations on merged files. A root keeps the mode it was created
+	// in. Default "auto".
+	Mode string `toml:"mode"`
+	// MaxStack caps the layers of one overlay mount; a deeper image gets
+	// its bottom layers flattened into one cached layer. 0 means as deep
+	// as the kernel and the one-page mount options allow (500 on Linux).
+	// Default 0.
+	MaxStack int `toml:"max_stack"`
 	// MountOptions are appended verbatim to every overlay mount handed to
 	// containerd (for example "metacopy=on"). Default none.
 	MountOptions []string `toml:"mount_options"`
@@ -73,6 +88,7 @@ func Default() Config {
 		Root:            DefaultRoot,
 		Address:         DefaultAddress,
 		LogLevel:        DefaultLogLevel,
+		Mode:            DefaultMode,
 		SyncOnCommit:    true,
 		ShutdownTimeout: DefaultShutdownTimeout,
 	}
@@ -140,6 +156,14 @@ func (c *Config) Validate() error {
 		if err := localOnly(c.DebugAddress); err != nil {
 			return fmt.Errorf("debug_address %w", err)
 		}
+	}
+	switch c.Mode {
+	case "auto", "overlay", "userspace":
+	default:
+		return fmt.Errorf("mode %q: want auto, overlay or userspace", c.Mode)
+	}
+	if c.MaxStack < 0 || c.MaxStack == 1 {
+		return fmt.Errorf("max_stack %d: want 0 (as deep as the kernel allows) or at least 2", c.MaxStack)
 	}
 	if c.ShutdownTimeout < 0 {
 		return fmt.Errorf("shutdown_timeout %s must not be negative", c.ShutdownTimeout)

@@ -38,6 +38,8 @@ func TestParse(t *testing.T) {
 		{name: "relative unix metrics socket", toml: "metrics_address = \"unix://run/m.sock\"\n", wantErr: "must be absolute"},
 		{name: "metrics address without port", toml: "metrics_address = \"localhost\"\n", wantErr: "metrics_address"},
 		{name: "debug on the network", toml: "debug_address = \"0.0.0.0:6060\"\n", wantErr: "only a loopback address"},
+		{name: "bad mode", toml: "mode = \"kernel\"\n", wantErr: "mode"},
+		{name: "max_stack of one", toml: "max_stack = 1\n", wantErr: "max_stack"},
 		{name: "empty root", toml: "root = \"\"\n", wantErr: "root must not be empty"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -9,7 +9,6 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
-	"github.com/containerd/continuity/fs"
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
 )
@@ -38,14 +37,19 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		return err
 	}
 
-	id, err := s.activeID(ctx, key)
+	id, info, err := s.active(ctx, key)
 	if err != nil {
 		return err
 	}
+	if s.mode == ModeUserspace && info.Parent == "" && base.Parent != "" {
+		// A userspace snapshot holds its whole view: a layer unpacked
+		// alone has neither its parent's files nor its whiteouts.
+		return fmt.Errorf("commit %q onto parent %q: rebase is not supported in userspace mode (do not advertise the rebase capability): %w", key, base.Parent, errdefs.ErrFailedPrecondition)
+	}
 	upper := s.upperPath(id)
-	du, err := fs.DiskUsage(ctx, upper)
+	usage, err := s.usage(ctx, upper)
 	if err != nil {
-		return fmt.Errorf("compute usage of %s: %w", upper, err)
+		return err
 	}
 	if s.syncs {
 		if err := syncFilesystem(upper); err != nil {
@@ -60,21 +64,21 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		if again != id {
 			return fmt.Errorf("snapshot %q was removed and prepared again while it was committed: %w", key, errdefs.ErrFailedPrecondition)
 		}
-		if _, err := storage.CommitActive(ctx, key, name, snapshots.Usage(du), opts...); err != nil {
+		if _, err := storage.CommitActive(ctx, key, name, usage, opts...); err != nil {
 			return fmt.Errorf("commit %q as %q: %w", key, name, err)
 		}
 		return nil
 	})
 }
 
-// activeID returns the id of key, which must be an active snapshot.
-func (s *Snapshotter) activeID(ctx context.Context, key string) (string, error) {
-	var id string
+// active returns the id and info of key, which must be an active snapshot.
+func (s *Snapshotter) active(ctx context.Context, key string) (string, snapshots.Info, error) {
+	var (
+		id   string
+		info snapshots.Info
+	)
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		var (
-			info snapshots.Info
-			err  error
-		)
+		var err error
 		id, info, _, err = storage.GetInfo(ctx, key)
 		if err != nil {
 			return fmt.Errorf("commit %q: %w", key, err)
@@ -84,7 +88,7 @@ func (s *Snapshotter) activeID(ctx context.Context, key string) (string, error) 
 		}
 		return nil
 	})
-	return id, err
+	return id, info, err
 }
 
 // ensureLink makes l/<short> point at the layer's fs dir, replacing a link

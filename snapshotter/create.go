@@ -11,6 +11,7 @@ import (
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 )
 
@@ -56,6 +57,14 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}()
+	var materialized string // userspace mode: the parent copied into td
+	if s.mode == ModeUserspace && kind == snapshots.KindActive && parent != "" {
+		if materialized = s.parentID(ctx, parent); materialized != "" {
+			if err := s.materialize(ctx, materialized, filepath.Join(td, "fs")); err != nil {
+				return nil, err
+			}
+		}
+	}
 
 	var (
 		snap storage.Snapshot
@@ -70,10 +79,13 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		if err := s.missing.check(snap.ParentIDs...); err != nil {
 			return fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
 		}
-		if _, info, _, err = storage.GetInfo(ctx, key); err != nil {
-			return fmt.Errorf("read back snapshot %q: %w", key, err)
-		}
-		if len(snap.ParentIDs) > 0 {
+		info = base // the labels given are the labels stored
+		switch {
+		case materialized != "" && snap.ParentIDs[0] != materialized:
+			// The parent was removed and committed again under the
+			// same name while it was being copied.
+			return fmt.Errorf("parent %q changed while it was materialized: %w", parent, errdefs.ErrFailedPrecondition)
+		case len(snap.ParentIDs) > 0 && s.mode == ModeOverlay:
 			// The upper's root is the merged root: give it the owner
 			// of the parent's root, as the kernel would on copy-up.
 			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
@@ -89,7 +101,10 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		return nil, err
 	}
 	td = "" // renamed into place: the deferred clean-up must not touch it
-	return s.mounts(snap, info), nil
+	if wantsFlatView(snap, info) {
+		return s.flatView(ctx, snap)
+	}
+	return s.mounts(ctx, snap, info)
 }
 
 // prepareDirectory makes snapshots/new-XXXX with fs (and work for active

@@ -80,27 +80,31 @@ func ListOrphans(ctx context.Context, root string) ([]Orphan, error) {
 	return measure(ctx, orphans)
 }
 
-// findOrphans lists, inside a transaction, the snapshot directories and
-// layer links the metadata does not name, and the trash.
+// findOrphans lists, inside a transaction, the snapshot and flattened
+// layer directories and layer links the metadata does not name, and the
+// trash.
 func findOrphans(ctx context.Context, root string) ([]Orphan, error) {
 	ids, err := idMap(ctx)
 	if err != nil {
 		return nil, err
 	}
 	var orphans []Orphan
-	entries, err := os.ReadDir(filepath.Join(root, snapshotsDir))
-	if err != nil {
-		return nil, fmt.Errorf("list snapshots: %w", err)
-	}
-	for _, e := range entries {
-		if _, ok := ids[e.Name()]; ok {
-			continue
+	// The same directories trashOrphans sweeps.
+	for _, dir := range []string{snapshotsDir, flatDir} {
+		entries, err := os.ReadDir(filepath.Join(root, dir))
+		if err != nil {
+			return nil, fmt.Errorf("list %s: %w", dir, err)
 		}
-		reason := ReasonNoMetadata
-		if strings.HasPrefix(e.Name(), "new-") {
-			reason = ReasonCutShort
+		for _, e := range entries {
+			if _, ok := ids[e.Name()]; ok {
+				continue
+			}
+			reason := ReasonNoMetadata
+			if strings.HasPrefix(e.Name(), "new-") {
+				reason = ReasonCutShort
+			}
+			orphans = append(orphans, Orphan{Path: filepath.Join(root, dir, e.Name()), Reason: reason})
 		}
-		orphans = append(orphans, Orphan{Path: filepath.Join(root, snapshotsDir, e.Name()), Reason: reason})
 	}
 	short := make(map[string]bool, len(ids))
 	for id := range ids {

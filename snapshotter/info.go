@@ -2,11 +2,9 @@ package snapshotter
 
 import (
 	"context"
-	"fmt"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
-	"github.com/containerd/continuity/fs"
 )
 
 // Stat returns the info of a snapshot of any kind.
@@ -49,11 +47,7 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		return snapshots.Usage{}, err
 	}
 	if info.Kind == snapshots.KindActive {
-		du, err := fs.DiskUsage(ctx, s.upperPath(id))
-		if err != nil {
-			return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
-		}
-		usage = snapshots.Usage(du)
+		return s.usage(ctx, s.upperPath(id))
 	}
 	return usage, nil
 }

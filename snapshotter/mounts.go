@@ -2,13 +2,15 @@ package snapshotter
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"strings"
+	"path/filepath"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
-	"github.com/containerd/log"
+
+	"github.com/overclone/overclone/overlayutil"
 )
 
 // Mounts returns the mounts of an active snapshot or a view.
@@ -23,7 +25,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 			return fmt.Errorf("get mounts of %q: %w", key, err)
 		}
 		if _, info, _, err = storage.GetInfo(ctx, key); err != nil {
-			return fmt.Errorf("get info of %q: %w", key, err)
+			return fmt.Errorf("get mounts of %q: %w", key, err)
 		}
 		return nil
 	})
@@ -33,85 +35,124 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	if err := s.missing.check(append([]string{snap.ID}, snap.ParentIDs...)...); err != nil {
 		return nil, fmt.Errorf("get mounts of %q: %w", key, err)
 	}
-	return s.mounts(snap, info), nil
+	if wantsFlatView(snap, info) {
+		return s.flatView(ctx, snap)
+	}
+	return s.mounts(ctx, snap, info)
 }
 
-// mounts builds the mounts containerd expects for a snapshot:
-//   - active, no parent: a rw bind of its own fs dir;
-//   - view of one committed layer: a ro bind of that layer;
-//   - otherwise overlay, lowerdir top first, with upperdir and workdir for
-//     an active snapshot.
+// mounts builds the mounts containerd expects for a snapshot.
 //
-// Deep stacks name their layers by short links (see lowerdirs).
-func (s *Snapshotter) mounts(snap storage.Snapshot, info snapshots.Info) []mount.Mount {
-	if len(snap.ParentIDs) == 0 {
+// In overlay mode: an active snapshot with no parent is a rw bind of its fs
+// dir, a view of one committed layer a ro bind of that layer, anything else
+// an overlay, lowerdir top first, with upperdir and workdir for an active
+// snapshot. A stack deeper than one mount takes has its bottom layers
+// replaced by one flattened layer (see flatten.go).
+//
+// In userspace mode every snapshot is a complete directory: an active
+// snapshot is a rw bind of its own, a view a ro bind of its parent's.
+func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info snapshots.Info) ([]mount.Mount, error) {
+	if s.mode == ModeUserspace {
+		return s.userspaceMounts(snap), nil
+	}
+	ids := snap.ParentIDs
+	if len(ids) == 0 && snap.Kind == snapshots.KindActive && isExtraction(info) {
+		return s.extractionMounts(snap)
+	}
+	if len(ids) == 0 {
 		mode := "rw"
 		if snap.Kind == snapshots.KindView {
 			mode = "ro"
 		}
-		return []mount.Mount{{
-			Type:    "bind",
-			Source:  s.upperPath(snap.ID),
-			Options: []string{mode, "rbind"},
-		}}
+		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ID), Options: []string{mode, "rbind"}}}, nil
 	}
-	if snap.Kind == snapshots.KindView && len(snap.ParentIDs) == 1 {
-		return []mount.Mount{{
-			Type:    "bind",
-			Source:  s.upperPath(snap.ParentIDs[0]),
-			Options: []string{"ro", "rbind"},
-		}}
-	}
-
-	var options []string
+	var upper, work string
 	if snap.Kind == snapshots.KindActive {
-		options = append(options,
-			"workdir="+s.workPath(snap.ID),
-			"upperdir="+s.upperPath(snap.ID),
-		)
-		if s.volatile {
-			options = append(options, "volatile")
+		upper, work = s.upperPath(snap.ID), s.workPath(snap.ID)
+	}
+	if len(ids) > s.maxStack {
+		// Over the configured depth: flatten whatever the cap leaves.
+		return s.flattenedMounts(ctx, ids, s.maxStack, upper, work)
+	}
+	m, err := overlayutil.OverlayMount(s.lowerdirs(ids, false), upper, work, s.overlay)
+	if err == nil {
+		return []mount.Mount{m}, nil
+	}
+	var fit *overlayutil.FitError
+	if !errors.As(err, &fit) {
+		return nil, err
+	}
+	if errors.Is(err, overlayutil.ErrOptionsTooLong) {
+		// Too long with the layers' own paths: name them by their
+		// short links, which compact to a third of the length.
+		m, err = overlayutil.OverlayMount(s.lowerdirs(ids, true), upper, work, s.overlay)
+		if err == nil {
+			return []mount.Mount{m}, nil
+		}
+		if !errors.As(err, &fit) {
+			return nil, err
 		}
 	}
-	options = append(options, "lowerdir="+strings.Join(s.lowerdirs(snap.ParentIDs), ":"))
-	options = append(options, s.options...)
-	return []mount.Mount{{
-		Type:    "overlay",
-		Source:  "overlay",
-		Options: options,
-	}}
+	return s.flattenedMounts(ctx, ids, fit.Fits, upper, work)
 }
 
-// compactBudget is what a lowerdir= list may take once containerd's
-// core/mount has compacted it (made the paths relative to their common
-// directory) so that the whole option string stays within one page: the
-// page, less the 512 bytes containerd keeps in reserve, less room for
-// upperdir=, workdir= and the other options.
-const compactBudget = 4096 - 512 - 1024
-
-// lowerdirs names the layers of a stack, top first. A shallow stack uses
-// the layers' own paths, snapshots/<id>/fs; one too deep for those to fit in
-// a page even compacted uses the short links l/<base36 id>, made here the
+// lowerdirs names the layers of a stack, top first: by their own paths,
+// snapshots/<id>/fs, or by their short links, l/<base36 id>, made here the
 // first time a stack needs them and kept until the layer is removed. Links
-// cost a symlink per layer, so only stacks that need them pay for them.
-func (s *Snapshotter) lowerdirs(ids []string) []string {
-	size := 0
-	for _, id := range ids {
-		size += len(id) + len("/fs:")
-	}
+// cost a symlink per layer, so only stacks too deep for the plain paths pay
+// for them.
+func (s *Snapshotter) lowerdirs(ids []string, short bool) []string {
 	lowers := make([]string, len(ids))
-	if size <= compactBudget {
-		for i, id := range ids {
-			lowers[i] = s.upperPath(id)
-		}
-		return lowers
-	}
 	for i, id := range ids {
+		if !short {
+			lowers[i] = s.upperPath(id)
+			continue
+		}
 		lowers[i] = s.linkPath(id)
 		if err := s.ensureLink(id); err != nil {
 			// The mount will fail and say which path is missing.
-			log.L.WithError(err).WithField("id", id).Warn("failed to link layer for a deep stack")
+			lowers[i] = s.upperPath(id)
 		}
 	}
 	return lowers
+}
+
+func (s *Snapshotter) userspaceMounts(snap storage.Snapshot) []mount.Mount {
+	if snap.Kind == snapshots.KindActive {
+		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ID), Options: []string{"rw", "rbind"}}}
+	}
+	source := s.upperPath(snap.ID) // a view of nothing: its own empty dir
+	if len(snap.ParentIDs) > 0 {
+		source = s.upperPath(snap.ParentIDs[0])
+	}
+	return []mount.Mount{{Type: "bind", Source: source, Options: []string{"ro", "rbind"}}}
+}
+
+// isExtraction tells a layer being unpacked from any other snapshot:
+// containerd's unpacker labels the snapshots it applies layers into.
+func isExtraction(info snapshots.Info) bool {
+	_, ok := info.Labels[snapshots.LabelSnapshotRef]
+	return ok
+}
+
+// extractionMounts mounts a parentless layer being unpacked as an overlay
+// of its upper on an empty lower, where containerd's built-in snapshotter
+// hands out a bind.
+//
+// containerd 2.2+ unpacks layers in parallel when a snapshotter has the
+// "rebase" capability: each layer is prepared with no parent and given one
+// at Commit. containerd's applier turns a tar's whiteouts into overlay
+// whiteouts only when it writes into an overlay's upperdir; into a bind it
+// applies them by deleting files that are not there, and they are lost.
+// containerd patches the mounts for its own overlayfs snapshotter only
+// (core/unpack bindToOverlay), so overclone shapes them itself: the
+// applier writes whiteouts and opaque markers into the upper, and the
+// layer is a proper diff whichever parent it is committed onto. The mount
+// is a real one: anything that mounts it sees the layer's files.
+func (s *Snapshotter) extractionMounts(snap storage.Snapshot) ([]mount.Mount, error) {
+	m, err := overlayutil.OverlayMount([]string{filepath.Join(s.root, emptyDir)}, s.upperPath(snap.ID), s.workPath(snap.ID), s.overlay)
+	if err != nil {
+		return nil, err
+	}
+	return []mount.Mount{m}, nil
 }

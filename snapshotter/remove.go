@@ -38,14 +38,22 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
 	}
-	trashed, err := s.trash(s.snapshotDir(id))
-	if err != nil {
-		// The metadata is gone, so this is no longer the caller's
-		// problem: Cleanup will find the directory.
-		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to move removed snapshot to the trash")
-		return nil
+	// The snapshot's flattened layer, if a deep stack made one, is used
+	// only by snapshots standing on it, and there are none left.
+	var trashed []string
+	for _, dir := range []string{s.snapshotDir(id), s.flatPath(id)} {
+		to, err := s.trash(dir)
+		if err != nil {
+			// The metadata is gone, so this is no longer the
+			// caller's problem: Cleanup will find the directory.
+			log.G(ctx).WithError(err).WithField("id", id).Warn("failed to move removed snapshot to the trash")
+			continue
+		}
+		if to != "" {
+			trashed = append(trashed, to)
+		}
 	}
-	s.deleteLater(ctx, trashed)
+	s.deleteLater(ctx, trashed...)
 	return nil
 }
 
@@ -91,22 +99,25 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 	if err != nil {
 		return err
 	}
-	entries, err := os.ReadDir(filepath.Join(s.root, snapshotsDir))
-	if err != nil {
-		return fmt.Errorf("list snapshots: %w", err)
-	}
-	for _, e := range entries {
-		name := e.Name()
-		if _, ok := ids[name]; ok {
-			continue
+	for _, dir := range []string{snapshotsDir, flatDir} {
+		entries, err := os.ReadDir(filepath.Join(s.root, dir))
+		if err != nil {
+			return fmt.Errorf("list %s: %w", dir, err)
 		}
-		// new-* belong to creates in flight, unless nothing is running.
-		if strings.HasPrefix(name, "new-") && !starting {
-			continue
-		}
-		log.G(ctx).WithField("path", name).Info("removing snapshot directory that has no metadata")
-		if _, err := s.trash(filepath.Join(s.root, snapshotsDir, name)); err != nil {
-			return err
+		for _, e := range entries {
+			name := e.Name()
+			if _, ok := ids[name]; ok {
+				continue
+			}
+			// new-* belong to creates and flattenings in flight,
+			// unless nothing is running yet.
+			if strings.HasPrefix(name, "new-") && !starting {
+				continue
+			}
+			log.G(ctx).WithField("path", filepath.Join(dir, name)).Info("removing directory that no snapshot owns")
+			if _, err := s.trash(filepath.Join(s.root, dir, name)); err != nil {
+				return err
+			}
 		}
 	}
 
@@ -132,11 +143,14 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 var trashSeq atomic.Uint64
 
 // trash renames dir into ROOT/trash under a name nothing else uses and
-// returns where it went.
+// returns where it went, or "" if dir did not exist.
 func (s *Snapshotter) trash(dir string) (string, error) {
 	name := filepath.Base(dir) + "-" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(trashSeq.Add(1), 36)
 	to := filepath.Join(s.root, trashDir, name)
-	if err := os.Rename(dir, to); err != nil && !os.IsNotExist(err) {
+	if err := os.Rename(dir, to); err != nil {
+		if os.IsNotExist(err) {
+			return "", nil
+		}
 		return "", fmt.Errorf("move %s to the trash: %w", dir, err)
 	}
 	return to, nil

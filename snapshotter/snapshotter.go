@@ -2,6 +2,7 @@ package snapshotter
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -14,6 +15,8 @@ import (
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/log"
 	bolt "go.etcd.io/bbolt"
+
+	"github.com/overclone/overclone/overlayutil"
 )
 
 // dbOpenTimeout bounds how long start-up waits for bolt's file lock: a second
@@ -22,6 +25,8 @@ const dbOpenTimeout = 5 * time.Second
 
 // Config is what the functional options set.
 type Config struct {
+	// Mode is how snapshots are served; auto when empty.
+	Mode Mode
 	// MountOptions are appended verbatim to every overlay mount.
 	MountOptions []string
 	// Volatile adds overlay's "volatile" to active snapshots' mounts: no
@@ -29,12 +34,24 @@ type Config struct {
 	Volatile bool
 	// SyncOnCommit makes Commit return only once the layer is on disk.
 	SyncOnCommit bool
+	// MaxStack caps the layers of one overlay mount; deeper stacks get
+	// their bottom layers flattened into one. 0 means as deep as the
+	// kernel and the mount options allow.
+	MaxStack int
 	// Features overrides what the kernel probe found (tests use it).
-	Features *Features
+	Features *overlayutil.Features
 }
 
 // Opt configures a snapshotter.
 type Opt func(*Config) error
+
+// WithMode sets how snapshots are served.
+func WithMode(m Mode) Opt {
+	return func(c *Config) error {
+		c.Mode = m
+		return nil
+	}
+}
 
 // WithMountOptions appends options to every overlay mount.
 func WithMountOptions(options []string) Opt {
@@ -58,10 +75,21 @@ func WithSyncOnCommit(sync bool) Opt {
 	}
 }
 
-// WithFeatures replaces the kernel probe.
-func WithFeatures(f Features) Opt {
+// WithMaxStack caps the depth of one overlay mount.
+func WithMaxStack(n int) Opt {
 	return func(c *Config) error {
-		c.Features = &f
+		if n < 0 || n == 1 {
+			return fmt.Errorf("max_stack %d: want 0 (as deep as the kernel allows) or at least 2", n)
+		}
+		c.MaxStack = n
+		return nil
+	}
+}
+
+// WithFeatures replaces the kernel probe.
+func WithFeatures(f *overlayutil.Features) Opt {
+	return func(c *Config) error {
+		c.Features = f
 		return nil
 	}
 }
@@ -70,10 +98,14 @@ func WithFeatures(f Features) Opt {
 type Snapshotter struct {
 	root     string
 	ms       *storage.MetaStore
-	options  []string // overlay options for every overlay mount
-	volatile bool
+	mode     Mode
+	features *overlayutil.Features
+	overlay  overlayutil.Options // shape of every overlay mount
+	maxStack int
 	syncs    bool
 	missing  missingSet // snapshots whose directory is gone: refused
+
+	flat flatCache
 
 	// removals counts background deletions of trashed directories, so
 	// that Close can wait for them.
@@ -95,6 +127,10 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 			return nil, err
 		}
 	}
+	want, err := ParseMode(string(cfg.Mode))
+	if err != nil {
+		return nil, err
+	}
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("create root %s: %w", root, err)
 	}
@@ -109,7 +145,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if !dtype {
 		return nil, fmt.Errorf("%s does not support d_type, which overlay needs (an xfs root must be formatted with ftype=1)", root)
 	}
-	for _, dir := range []string{snapshotsDir, linksDir, trashDir} {
+	for _, dir := range []string{snapshotsDir, linksDir, flatDir, trashDir, emptyDir} {
 		if err := os.Mkdir(filepath.Join(root, dir), 0o700); err != nil && !os.IsExist(err) {
 			return nil, fmt.Errorf("create %s: %w", dir, err)
 		}
@@ -117,8 +153,9 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 
 	features := cfg.Features
 	if features == nil {
-		f := probeFeatures(ctx, root)
-		features = &f
+		if features, err = overlayutil.Probe(ctx, root); err != nil {
+			return nil, err
+		}
 	}
 
 	ms, err := storage.NewMetaStore(filepath.Join(root, "metadata.db"), func(o *bolt.Options) error {
@@ -128,25 +165,45 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if err != nil {
 		return nil, err
 	}
+	overlay := features.BaseOptions()
+	overlay.Volatile = cfg.Volatile
+	overlay.MountOptions = cfg.MountOptions
 	s := &Snapshotter{
 		root:     root,
 		ms:       ms,
-		options:  features.overlayOptions(cfg.MountOptions),
-		volatile: cfg.Volatile,
+		features: features,
+		overlay:  overlay,
+		maxStack: cfg.MaxStack,
 		syncs:    cfg.SyncOnCommit,
+	}
+	if s.maxStack == 0 || s.maxStack > overlay.MaxLowers {
+		s.maxStack = max(overlay.MaxLowers, 2)
 	}
 	// MetaStore opens the file lazily; open it now so that a root held by
 	// another daemon fails here, with a message, and not on the first call.
-	if err := ms.WithTransaction(ctx, false, func(context.Context) error { return nil }); err != nil {
-		return nil, fmt.Errorf("open metadata in %s (is another overclone using this root?): %w", root, err)
+	mode, why, err := s.recordMode(ctx, want, features)
+	if err != nil {
+		ms.Close()
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("open metadata in %s (is another overclone using this root?): %w", root, err)
+		}
+		return nil, err
 	}
+	s.mode = mode
 	if err := s.recover(ctx); err != nil {
 		ms.Close()
 		return nil, err
 	}
-	log.G(ctx).WithField("root", root).WithField("options", s.options).Info("overclone snapshotter ready")
+	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
+		WithField("max_stack", s.maxStack).Info("overclone snapshotter ready")
 	return s, nil
 }
+
+// Mode returns the mode the snapshotter serves in.
+func (s *Snapshotter) Mode() Mode { return s.mode }
+
+// Features returns what the kernel probe found under the root.
+func (s *Snapshotter) Features() *overlayutil.Features { return s.features }
 
 // Close waits for background removals and closes the metadata store. It
 // may be called more than once.
@@ -167,6 +224,8 @@ func (s *Snapshotter) Root() string { return s.root }
 const (
 	snapshotsDir = "snapshots"
 	linksDir     = "l"
+	flatDir      = "flat"
+	emptyDir     = "empty" // the lower of a layer being unpacked with no parent
 	trashDir     = "trash"
 )
 

@@ -12,6 +12,7 @@ import (
 	"github.com/containerd/log"
 
 	"github.com/overclone/overclone/config"
+	"github.com/overclone/overclone/overlayutil"
 	"github.com/overclone/overclone/snapshotter"
 )
 
@@ -82,7 +83,15 @@ func run(args []string) error {
 	}
 	ctx := log.WithLogger(context.Background(), log.L.WithField("daemon", "overclone"))
 
+	features, err := overlayutil.Probe(ctx, cfg.Root)
+	if err != nil {
+		return err
+	}
+	features.Log(ctx)
 	opts := []snapshotter.Opt{
+		snapshotter.WithMode(snapshotter.Mode(cfg.Mode)),
+		snapshotter.WithFeatures(features),
+		snapshotter.WithMaxStack(cfg.MaxStack),
 		snapshotter.WithMountOptions(cfg.MountOptions),
 		snapshotter.WithSyncOnCommit(cfg.SyncOnCommit),
 	}

@@ -1,0 +1,97 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/overclone/overclone/overlayutil"
+	"github.com/overclone/overclone/snapshotter"
+)
+
+// checkReport is the --json form: the probe's findings and its verdicts.
+type checkReport struct {
+	*overlayutil.Features
+	CanServe   bool `json:"can_serve"`
+	Intercepts bool `json:"intercepts_file_ops"`
+	MaxLowers  int  `json:"max_lowers"`
+}
+
+// runCheck probes overlayfs under --root and prints every check. It exits
+// non-zero when overlay cannot serve snapshots there at all, so that it can
+// gate an install script or a systemd ExecStartPre.
+func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("check", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	root := fs.String("root", defaultRoot, "snapshotter root; probes run in a scratch dir under it")
+	asJSON := fs.Bool("json", false, "print the findings as JSON")
+	mode := fs.String("mode", "auto", "the daemon's configured mode, to show what it resolves to")
+	if err := fs.Parse(args); err != nil {
+		if err == flag.ErrHelp {
+			return exitOK
+		}
+		return exitUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "overclone check: unexpected arguments %v\n", fs.Args())
+		return exitUsage
+	}
+	f, err := overlayutil.Probe(ctx, *root)
+	if err != nil {
+		fmt.Fprintf(stderr, "overclone check: %v\n", err)
+		return exitFail
+	}
+	if *asJSON {
+		enc := json.NewEncoder(stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(checkReport{f, f.CanServe(), f.Intercepts(), f.MaxLowers()}); err != nil {
+			fmt.Fprintf(stderr, "overclone check: %v\n", err)
+			return exitFail
+		}
+	} else {
+		printChecks(stdout, f)
+		m, why, err := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
+		if err != nil {
+			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, err)
+		} else {
+			fmt.Fprintf(stdout, "\nmode (%s): %s: %s\n", *mode, m, why)
+		}
+	}
+	if !f.CanServe() {
+		if !*asJSON {
+			fmt.Fprintf(stderr, "overclone check: overlayfs cannot serve snapshots under %s\n", f.Root)
+		}
+		return exitFail
+	}
+	return exitOK
+}
+
+func printChecks(w io.Writer, f *overlayutil.Features) {
+	fmt.Fprintf(w, "root:        %s\n", f.Root)
+	fmt.Fprintf(w, "backing fs:  %s\n", f.BackingFS)
+	fmt.Fprintf(w, "kernel:      %s\n", f.KernelRelease)
+	fmt.Fprintf(w, "can serve:   %s\n\n", yesNo(f.CanServe()))
+	var table bytes.Buffer
+	tw := tabwriter.NewWriter(&table, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "CHECK\tRESULT\tVALUE\tREASON")
+	for _, c := range f.Checks {
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", c.Name, yesNo(c.OK), c.Value, c.Reason)
+	}
+	tw.Flush()
+	// tabwriter pads a column even where the row's last cell is empty.
+	for _, line := range strings.SplitAfter(table.String(), "\n") {
+		fmt.Fprint(w, strings.TrimRight(line, " \n")+strings.Repeat("\n", strings.Count(line, "\n")))
+	}
+}
+
+func yesNo(b bool) string {
+	if b {
+		return "yes"
+	}
+	return "no"
+}

@@ -1,0 +1,113 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/overclone/overclone/overlayutil"
+	"github.com/overclone/overclone/test/loopfs"
+	"golang.org/x/sys/unix"
+)
+
+func run(args ...string) (code int, stdout, stderr string) {
+	var o, e bytes.Buffer
+	code = dispatch(context.Background(), args, &o, &e)
+	return code, o.String(), e.String()
+}
+
+func TestDispatch(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		code int
+		err  string
+	}{
+		{nil, exitUsage, "usage: overclone"},
+		{[]string{"help"}, exitOK, "check"},
+		{[]string{"frobnicate"}, exitUsage, `unknown command "frobnicate"`},
+		{[]string{"check", "--bogus"}, exitUsage, "flag provided but not defined"},
+		{[]string{"check", "extra"}, exitUsage, "unexpected arguments"},
+	} {
+		code, _, stderr := run(tc.args...)
+		if code != tc.code || !strings.Contains(stderr, tc.err) {
+			t.Errorf("overclone %v: exit %d, stderr %q; want %d and %q", tc.args, code, stderr, tc.code, tc.err)
+		}
+	}
+}
+
+func TestCheckTable(t *testing.T) {
+	for _, k := range []loopfs.Kind{loopfs.Ext4, loopfs.XFS, loopfs.Btrfs} {
+		t.Run(string(k), func(t *testing.T) {
+			root := filepath.Join(loopfs.Mount(t, k), "root")
+			code, stdout, stderr := run("check", "--root", root)
+			t.Logf("overclone check --root %s\n%s", root, stdout)
+			if code != exitOK {
+				t.Fatalf("exit %d: %s", code, stderr)
+			}
+			for _, want := range []string{"backing fs:  " + string(k), "kernel:", "can serve:   yes", "CHECK", "RESULT", "REASON",
+				overlayutil.CheckOverlay, overlayutil.CheckMaxLowers, overlayutil.CheckIntercepts, overlayutil.CheckReflink} {
+				if !strings.Contains(stdout, want) {
+					t.Errorf("output lacks %q", want)
+				}
+			}
+			for _, line := range strings.Split(stdout, "\n") {
+				if strings.HasSuffix(line, " ") {
+					t.Errorf("trailing space in %q", line)
+				}
+			}
+			reflink := "reflink              no"
+			if k.Reflinks() {
+				reflink = "reflink              yes"
+			}
+			if !strings.Contains(stdout, reflink) {
+				t.Errorf("output lacks %q", reflink)
+			}
+		})
+	}
+}
+
+func TestCheckJSON(t *testing.T) {
+	root := filepath.Join(loopfs.Mount(t, loopfs.Tmpfs), "root")
+	code, stdout, stderr := run("check", "--root", root, "--json")
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	var r struct {
+		Root      string              `json:"root"`
+		BackingFS string              `json:"backing_fs"`
+		Kernel    string              `json:"kernel_release"`
+		CanServe  bool                `json:"can_serve"`
+		MaxLowers int                 `json:"max_lowers"`
+		Checks    []overlayutil.Check `json:"checks"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &r); err != nil {
+		t.Fatalf("%v: %s", err, stdout)
+	}
+	if r.Root != root || r.BackingFS != "tmpfs" || r.Kernel == "" || !r.CanServe || r.MaxLowers != 500 || len(r.Checks) != 12 {
+		t.Errorf("report = %+v", r)
+	}
+}
+
+// TestCheckFailsOnOverlay: a root inside an overlay cannot serve, and the
+// exit code says so for scripts.
+func TestCheckFailsOnOverlay(t *testing.T) {
+	base := loopfs.Mount(t, loopfs.Tmpfs)
+	for _, d := range []string{"l", "u", "w", "m"} {
+		if err := os.Mkdir(filepath.Join(base, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	m := filepath.Join(base, "m")
+	if err := unix.Mount("overlay", m, "overlay", 0, "lowerdir="+base+"/l,upperdir="+base+"/u,workdir="+base+"/w"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(m, unix.MNT_DETACH) })
+	code, stdout, stderr := run("check", "--root", filepath.Join(m, "root"))
+	if code != exitFail || !strings.Contains(stderr, "cannot serve") || !strings.Contains(stdout, "is itself on overlayfs") {
+		t.Errorf("exit %d\nstdout %s\nstderr %s", code, stdout, stderr)
+	}
+}

@@ -1,0 +1,84 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"text/tabwriter"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	cfs "github.com/containerd/continuity/fs"
+)
+
+// runUsage lists every snapshot with its usage, as the daemon reports it,
+// and the flattened layers cached under the root.
+func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("usage", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	d := addDaemonFlags(fs)
+	root := fs.String("root", defaultRoot, "snapshotter root, for the flattened layers")
+	if code, ok := parseFlags(fs, args, 0, ""); !ok {
+		return code
+	}
+	ctx, sn, done, err := d.connect(ctx)
+	if err != nil {
+		fmt.Fprintf(stderr, "overclone usage: %v\n", err)
+		return exitFail
+	}
+	defer done()
+
+	var infos []snapshots.Info
+	if err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		infos = append(infos, info)
+		return nil
+	}); err != nil {
+		fmt.Fprintf(stderr, "overclone usage: %v\n", err)
+		return exitFail
+	}
+	sort.Slice(infos, func(i, j int) bool { return infos[i].Name < infos[j].Name })
+	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "KEY\tKIND\tSIZE\tINODES\tPARENT")
+	var total int64
+	for _, info := range infos {
+		u, err := sn.Usage(ctx, info.Name)
+		if err != nil {
+			fmt.Fprintf(stderr, "overclone usage: %s: %v\n", info.Name, err)
+			continue
+		}
+		total += u.Size
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", info.Name, info.Kind, humanBytes(u.Size), u.Inodes, info.Parent)
+	}
+	tw.Flush()
+	fmt.Fprintf(stdout, "%d snapshots, %s\n", len(infos), humanBytes(total))
+
+	flats, _ := os.ReadDir(filepath.Join(*root, "flat"))
+	if len(flats) == 0 {
+		return exitOK
+	}
+	fmt.Fprintln(stdout, "\nflattened layers (snapshot id: size):")
+	for _, f := range flats {
+		u, err := cfs.DiskUsage(ctx, filepath.Join(*root, "flat", f.Name()))
+		if err != nil {
+			continue
+		}
+		fmt.Fprintf(stdout, "  %s: %s, %d inodes\n", f.Name(), humanBytes(u.Size), u.Inodes)
+	}
+	return exitOK
+}
+
+func humanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

@@ -1,0 +1,255 @@
+package fileops
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"golang.org/x/sys/unix"
+)
+
+// CopyUp makes the entry at path live in the upper layer, as overlayfs'
+// copy-up does before a write: parents first (each with its own mode,
+// owner, xattrs and times), then the entry with its data, metadata and
+// overlay-foreign xattrs. Nothing is done for an entry already in the
+// upper. The new entry appears in one step: a regular file is written as
+// an O_TMPFILE and linked in, anything else is built under a staging name
+// (in the work dir, if one is set) and renamed into place.
+func (s *Stack) CopyUp(ctx context.Context, path string) (CopyResult, error) {
+	if !s.hasUpper {
+		return CopyResult{}, fmt.Errorf("copy up %s: %w", path, ErrReadOnly)
+	}
+	rel, err := cleanPath(path)
+	if err != nil {
+		return CopyResult{}, fmt.Errorf("copy up: %w", err)
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	v := s.newView()
+	defer v.close()
+	res, _, err := v.copyUp(ctx, rel)
+	return res, err
+}
+
+// copyUp returns the entry as it is after the copy-up, now in the upper.
+func (v *view) copyUp(ctx context.Context, rel string) (CopyResult, Entry, error) {
+	e, err := v.resolve(rel)
+	if err != nil {
+		return CopyResult{}, Entry{}, fmt.Errorf("copy up: %w", err)
+	}
+	if e.InUpper(v.s) {
+		return CopyResult{Method: MethodNone}, e, nil
+	}
+	if err := v.copyUpParents(ctx, rel); err != nil {
+		return CopyResult{}, Entry{}, err
+	}
+	res, err := v.copyUpEntry(ctx, e)
+	if err != nil {
+		return res, Entry{}, err
+	}
+	e, err = v.resolve(rel)
+	if err != nil {
+		return res, Entry{}, fmt.Errorf("copy up: %w", err)
+	}
+	return res, e, nil
+}
+
+func (v *view) copyUpParents(ctx context.Context, rel string) error {
+	dir, _ := parentName(rel)
+	comps := splitPath(dir)
+	for i := range comps {
+		p := strings.Join(comps[:i+1], "/")
+		e, err := v.resolve(p)
+		if err != nil {
+			return fmt.Errorf("copy up parent: %w", err)
+		}
+		if e.InUpper(v.s) {
+			if e.Kind != KindDir {
+				return fmt.Errorf("copy up parent %s in layer %s: %w", p, e.LayerDir, unix.ENOTDIR)
+			}
+			continue
+		}
+		if e.Kind != KindDir {
+			return fmt.Errorf("copy up parent %s in layer %s: %w", p, e.LayerDir, unix.ENOTDIR)
+		}
+		if _, err := v.copyUpEntry(ctx, e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// copyUpEntry copies one lower entry into the already existing upper
+// parent directory.
+func (v *view) copyUpEntry(ctx context.Context, e Entry) (res CopyResult, err error) {
+	defer func() {
+		if err != nil {
+			err = fmt.Errorf("copy up %s in layer %s: %w", e.Path, e.LayerDir, err)
+		}
+	}()
+	if err := ctx.Err(); err != nil {
+		return res, err
+	}
+	upperRoot, err := v.root(0)
+	if err != nil {
+		return res, err
+	}
+	pdir, name := parentName(e.Path)
+	pfd, err := openBeneath(upperRoot, pdir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return res, fmt.Errorf("open upper parent: %w", err)
+	}
+	defer closeFD(pfd)
+	var pst unix.Stat_t
+	if err := unix.Fstat(pfd, &pst); err != nil {
+		return res, err
+	}
+	srcRoot, err := v.root(e.Layer)
+	if err != nil {
+		return res, err
+	}
+	sdir, sname := parentName(e.RealPath)
+	spfd, err := openBeneath(srcRoot, sdir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return res, err
+	}
+	defer closeFD(spfd)
+	xs, err := v.s.srcXattrs(procPath(spfd, sname))
+	if err != nil {
+		return res, err
+	}
+	if e.Kind == KindFile {
+		res, err = v.copyUpFile(ctx, e, spfd, sname, pfd, name, xs)
+	} else {
+		res, err = v.copyUpNode(e, spfd, sname, pfd, name, xs)
+	}
+	if err != nil {
+		return res, err
+	}
+	if err := setTimes(pfd, name, &e.Stat); err != nil {
+		return res, err
+	}
+	// Creating the child changed the upper parent's times; overlayfs puts
+	// them back, so a copy-up is invisible in the parent's stat.
+	return res, setDirTimes(pfd, &pst)
+}
+
+func openSource(dirfd int, name string) (int, error) {
+	fd, err := unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NOATIME|unix.O_CLOEXEC, 0)
+	if errors.Is(err, unix.EPERM) {
+		// O_NOATIME needs ownership or CAP_FOWNER.
+		fd, err = unix.Openat(dirfd, name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	}
+	return fd, err
+}
+
+func (v *view) copyUpFile(ctx context.Context, e Entry, spfd int, sname string, pfd int, name string, xs []xattr) (CopyResult, error) {
+	key := inodeKey{layer: e.Layer, dev: e.Stat.Dev, ino: e.Stat.Ino}
+	if e.Stat.Nlink > 1 {
+		if ok, err := v.linkUp(key, pfd, name); err != nil || ok {
+			return CopyResult{Method: MethodHardLink}, err
+		}
+	}
+	sfd, err := openSource(spfd, sname)
+	if err != nil {
+		return CopyResult{}, fmt.Errorf("open source: %w", err)
+	}
+	defer closeFD(sfd)
+
+	// An O_TMPFILE has no name until linkat, so a crash at any point before
+	// leaves nothing in the upper.
+	dfd, err := unix.Openat(pfd, ".", unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return CopyResult{}, fmt.Errorf("create O_TMPFILE in upper: %w", err)
+	}
+	defer closeFD(dfd)
+	m, n, err := copyData(ctx, dfd, sfd, e.Stat.Size, v.s.cfg.methods)
+	if err != nil {
+		return CopyResult{}, fmt.Errorf("copy data: %w", err)
+	}
+	if !v.s.cfg.volatile {
+		if err := unix.Fsync(dfd); err != nil {
+			return CopyResult{}, fmt.Errorf("fsync: %w", err)
+		}
+	}
+	if err := applyMeta(fdTarget(dfd), &e.Stat, xs, false); err != nil {
+		return CopyResult{}, err
+	}
+	if err := unix.Linkat(unix.AT_FDCWD, fdPath(dfd), pfd, name, unix.AT_SYMLINK_FOLLOW); err != nil {
+		return CopyResult{}, fmt.Errorf("link into upper: %w", err)
+	}
+	if e.Stat.Nlink > 1 {
+		var st unix.Stat_t
+		if unix.Fstat(dfd, &st) == nil {
+			v.s.links[key] = upperLink{rel: e.Path, ino: st.Ino}
+		}
+	}
+	return CopyResult{Method: m, Bytes: n}, nil
+}
+
+// linkUp links name to an earlier copy-up of the same lower inode, if that
+// copy is still there and still the same inode.
+func (v *view) linkUp(key inodeKey, pfd int, name string) (bool, error) {
+	l, ok := v.s.links[key]
+	if !ok {
+		return false, nil
+	}
+	upperRoot, err := v.root(0)
+	if err != nil {
+		return false, err
+	}
+	fd, err := openBeneath(upperRoot, l.rel, unix.O_PATH|unix.O_NOFOLLOW, 0)
+	if err != nil {
+		delete(v.s.links, key)
+		return false, nil
+	}
+	defer closeFD(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil || st.Ino != l.ino {
+		delete(v.s.links, key)
+		return false, nil
+	}
+	if err := unix.Linkat(fd, "", pfd, name, unix.AT_EMPTY_PATH); err != nil {
+		return false, fmt.Errorf("link to %s: %w", l.rel, err)
+	}
+	return true, nil
+}
+
+// stageDir is where non-regular entries are built before the rename: the
+// work dir when set, else the target directory itself.
+func (v *view) stageDir(pfd int) (int, error) {
+	if v.s.cfg.workDir == "" {
+		return unix.Dup(pfd)
+	}
+	return openDir(v.s.cfg.workDir)
+}
+
+func (v *view) copyUpNode(e Entry, spfd int, sname string, pfd int, name string, xs []xattr) (CopyResult, error) {
+	var linkTarget string
+	if e.Kind == KindSymlink {
+		t, err := readlinkAt(spfd, sname)
+		if err != nil {
+			return CopyResult{}, fmt.Errorf("readlink: %w", err)
+		}
+		linkTarget = t
+	}
+	sd, err := v.stageDir(pfd)
+	if err != nil {
+		return CopyResult{}, fmt.Errorf("open staging dir: %w", err)
+	}
+	defer closeFD(sd)
+	tmp := tmpName()
+	if err := makeNode(sd, tmp, &e.Stat, linkTarget); err != nil {
+		return CopyResult{}, fmt.Errorf("create %s: %w", e.Kind, err)
+	}
+	if err := applyMeta(nameTarget(sd, tmp), &e.Stat, xs, false); err != nil {
+		removeStaged(sd, tmp, e.Kind == KindDir)
+		return CopyResult{}, err
+	}
+	if err := unix.Renameat2(sd, tmp, pfd, name, unix.RENAME_NOREPLACE); err != nil {
+		removeStaged(sd, tmp, e.Kind == KindDir)
+		return CopyResult{}, fmt.Errorf("rename into upper: %w", err)
+	}
+	return CopyResult{Method: MethodNone}, nil
+}

@@ -1,0 +1,296 @@
+package fileops
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+
+	"golang.org/x/sys/unix"
+)
+
+// dedupeChunk bounds one FIDEDUPERANGE call: btrfs compares at most 16 MiB
+// per call and the kernel may stop early on any filesystem.
+const dedupeChunk = 16 << 20
+
+// rangeFiles are the two open ends of a range operation.
+type rangeFiles struct {
+	src, dst       int
+	srcSt, dstSt   unix.Stat_t
+	srcEnt, dstEnt Entry
+}
+
+func (r *rangeFiles) close() {
+	closeFD(r.src)
+	closeFD(r.dst)
+}
+
+func (r *rangeFiles) sameFile() bool {
+	return r.srcSt.Dev == r.dstSt.Dev && r.srcSt.Ino == r.dstSt.Ino
+}
+
+// openRange copies up the destination first and only then resolves the
+// source: when both name the same lower file, the source is the fresh
+// upper copy, and a source copied up earlier is never read from its stale
+// lower version (the bug overlayfs had before Linux 4.19).
+func (s *Stack) openRange(ctx context.Context, op, src string, srcOff int64, dst string, dstOff, length int64) (*rangeFiles, error) {
+	if !s.hasUpper {
+		return nil, fmt.Errorf("%s %s to %s: %w", op, src, dst, ErrReadOnly)
+	}
+	if srcOff < 0 || dstOff < 0 || length < 0 {
+		return nil, fmt.Errorf("%s %s to %s: negative offset or length: %w", op, src, dst, unix.EINVAL)
+	}
+	srel, err := cleanPath(src)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", op, err)
+	}
+	drel, err := cleanPath(dst)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", op, err)
+	}
+	v := s.newView()
+	defer v.close()
+	de, err := v.resolve(drel)
+	if err != nil {
+		return nil, fmt.Errorf("%s destination: %w", op, err)
+	}
+	if de.Kind != KindFile {
+		return nil, fmt.Errorf("%s destination %s in layer %s is a %s: %w", op, drel, de.LayerDir, de.Kind, unix.EINVAL)
+	}
+	s.mu.Lock()
+	_, de, err = v.copyUp(ctx, drel)
+	s.mu.Unlock()
+	if err != nil {
+		return nil, fmt.Errorf("%s destination: %w", op, err)
+	}
+	se, err := v.resolve(srel)
+	if err != nil {
+		return nil, fmt.Errorf("%s source: %w", op, err)
+	}
+	if se.Kind != KindFile {
+		return nil, fmt.Errorf("%s source %s in layer %s is a %s: %w", op, srel, se.LayerDir, se.Kind, unix.EINVAL)
+	}
+	r := &rangeFiles{src: -1, dst: -1, srcEnt: se, dstEnt: de}
+	if r.src, err = v.openFile(se, unix.O_RDONLY); err != nil {
+		return nil, fmt.Errorf("%s source %s in layer %s: %w", op, srel, se.LayerDir, err)
+	}
+	// Never O_APPEND: FICLONERANGE refuses it with EBADF.
+	if r.dst, err = v.openFile(de, unix.O_RDWR); err != nil {
+		r.close()
+		return nil, fmt.Errorf("%s destination %s in layer %s: %w", op, drel, de.LayerDir, err)
+	}
+	if err := unix.Fstat(r.src, &r.srcSt); err != nil {
+		r.close()
+		return nil, err
+	}
+	if err := unix.Fstat(r.dst, &r.dstSt); err != nil {
+		r.close()
+		return nil, err
+	}
+	return r, nil
+}
+
+// openFile opens the real file of a resolved entry beneath its layer.
+func (v *view) openFile(e Entry, flags int) (int, error) {
+	root, err := v.root(e.Layer)
+	if err != nil {
+		return -1, err
+	}
+	if flags == unix.O_RDONLY {
+		dir, name := parentName(e.RealPath)
+		pfd, err := openBeneath(root, dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+		if err != nil {
+			return -1, err
+		}
+		defer closeFD(pfd)
+		return openSource(pfd, name)
+	}
+	return openBeneath(root, e.RealPath, flags|unix.O_NOFOLLOW, 0)
+}
+
+// span clips a request to the source's size, as copy_file_range does.
+func (r *rangeFiles) span(srcOff, dstOff, length int64) (int64, error) {
+	if srcOff >= r.srcSt.Size {
+		return 0, nil
+	}
+	n := min(length, r.srcSt.Size-srcOff)
+	// Like the kernel, refuse overlapping ranges of one file: a forward
+	// copy would read bytes it has just written.
+	if r.sameFile() && srcOff < dstOff+n && dstOff < srcOff+n {
+		return 0, fmt.Errorf("overlapping ranges in one file: %w", unix.EINVAL)
+	}
+	return n, nil
+}
+
+// CopyRange copies length bytes at srcOff of the visible file src to
+// dstOff of dst, like copy_file_range on the merged mount: the length is
+// clipped at the source's end and dst is extended as needed. The
+// block-aligned middle is cloned where the filesystem can; the rest goes
+// by copy_file_range, else read/write.
+func (s *Stack) CopyRange(ctx context.Context, src string, srcOff int64, dst string, dstOff, length int64) (RangeResult, error) {
+	r, err := s.openRange(ctx, "copy range", src, srcOff, dst, dstOff, length)
+	if err != nil {
+		return RangeResult{}, err
+	}
+	defer r.close()
+	n, err := r.span(srcOff, dstOff, length)
+	if err != nil || n == 0 {
+		return RangeResult{}, s.rangeErr("copy range", r, err)
+	}
+	res, err := s.transfer(ctx, r, srcOff, dstOff, n)
+	return res, s.rangeErr("copy range", r, err)
+}
+
+// CloneRange is CopyRange with FICLONERANGE's reading of length: 0 means
+// up to the source's end.
+func (s *Stack) CloneRange(ctx context.Context, src string, srcOff int64, dst string, dstOff, length int64) (RangeResult, error) {
+	r, err := s.openRange(ctx, "clone range", src, srcOff, dst, dstOff, length)
+	if err != nil {
+		return RangeResult{}, err
+	}
+	defer r.close()
+	if length == 0 {
+		length = max(r.srcSt.Size-srcOff, 0)
+	}
+	n, err := r.span(srcOff, dstOff, length)
+	if err != nil || n == 0 {
+		return RangeResult{}, s.rangeErr("clone range", r, err)
+	}
+	res, err := s.transfer(ctx, r, srcOff, dstOff, n)
+	return res, s.rangeErr("clone range", r, err)
+}
+
+func (s *Stack) rangeErr(op string, r *rangeFiles, err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("%s %s (layer %s) to %s (layer %s): %w", op, r.srcEnt.Path, r.srcEnt.LayerDir, r.dstEnt.Path, r.dstEnt.LayerDir, err)
+}
+
+// transfer moves n bytes: FICLONERANGE for the block-aligned middle (both
+// offsets must sit at the same place within a block), the unaligned head
+// and tail by copy.
+func (s *Stack) transfer(ctx context.Context, r *rangeFiles, srcOff, dstOff, n int64) (RangeResult, error) {
+	res := RangeResult{Bytes: n}
+	bs := int64(r.dstSt.Blksize)
+	if bs <= 0 {
+		bs = 4096
+	}
+	end := srcOff + n
+	canClone := slices.Contains(s.cfg.methods, MethodReflink) && r.srcSt.Dev == r.dstSt.Dev &&
+		capsFor(r.dstSt.Dev).Reflink != No && (srcOff-dstOff)%bs == 0
+	if canClone {
+		mStart := (srcOff + bs - 1) / bs * bs
+		mEnd := end / bs * bs
+		// A partial last block may be cloned only from the source's EOF to
+		// at or past the destination's EOF.
+		if end == r.srcSt.Size && dstOff+n >= r.dstSt.Size {
+			mEnd = end
+		}
+		if mStart < mEnd {
+			delta := dstOff - srcOff
+			m, err := s.copyBytes(ctx, r, srcOff, dstOff, mStart-srcOff)
+			if err != nil {
+				return res, err
+			}
+			err = unix.IoctlFileCloneRange(r.dst, &unix.FileCloneRange{
+				Src_fd: int64(r.src), Src_offset: uint64(mStart),
+				Src_length: uint64(mEnd - mStart), Dest_offset: uint64(mStart + delta),
+			})
+			if err == nil {
+				if _, err := s.copyBytes(ctx, r, mEnd, mEnd+delta, end-mEnd); err != nil {
+					return res, err
+				}
+				res.Cloned = mEnd - mStart
+				res.Method = MethodReflink
+				if m != MethodNone && res.Cloned*2 < n {
+					res.Method = m
+				}
+				return res, nil
+			}
+			if unsupported(err) && !errors.Is(err, unix.EINVAL) {
+				learnCaps(r.dstSt.Dev, func(c *Caps) { c.Reflink = No })
+			}
+		}
+	}
+	m, err := s.copyBytes(ctx, r, srcOff, dstOff, n)
+	res.Method = m
+	return res, err
+}
+
+// copyBytes copies by copy_file_range, falling back to read/write.
+func (s *Stack) copyBytes(ctx context.Context, r *rangeFiles, srcOff, dstOff, n int64) (Method, error) {
+	if n <= 0 {
+		return MethodNone, nil
+	}
+	if err := ctx.Err(); err != nil {
+		return MethodNone, err
+	}
+	if slices.Contains(s.cfg.methods, MethodCopyFileRange) && capsFor(r.dstSt.Dev).CopyFileRange != No {
+		err := cfrCopy(r.dst, r.src, srcOff, dstOff, n)
+		if err == nil {
+			return MethodCopyFileRange, nil
+		}
+		// EXDEV: another filesystem, e.g. a host file or a lower layer on
+		// a different disk; that is the read/write copy's job.
+		if !errors.Is(err, unix.EXDEV) && !unsupported(err) {
+			return MethodNone, err
+		}
+	}
+	for p := int64(0); p < n; p += chunk {
+		if err := ctx.Err(); err != nil {
+			return MethodNone, err
+		}
+		if err := rwCopy(r.dst, r.src, srcOff+p, dstOff+p, min(chunk, n-p)); err != nil {
+			return MethodNone, err
+		}
+	}
+	return MethodReadWrite, nil
+}
+
+// DedupeRange shares length bytes at srcOff of src with dstOff of dst
+// where the bytes are equal (FIDEDUPERANGE), copying dst up first. It
+// reports the bytes deduped; a range that differs stops it without error.
+// A filesystem that cannot dedupe gives an error wrapping
+// errors.ErrUnsupported.
+func (s *Stack) DedupeRange(ctx context.Context, src string, srcOff int64, dst string, dstOff, length int64) (RangeResult, error) {
+	r, err := s.openRange(ctx, "dedupe range", src, srcOff, dst, dstOff, length)
+	if err != nil {
+		return RangeResult{}, err
+	}
+	defer r.close()
+	if length == 0 {
+		length = max(r.srcSt.Size-srcOff, 0)
+	}
+	n, err := r.span(srcOff, dstOff, length)
+	if err != nil || n == 0 {
+		return RangeResult{}, s.rangeErr("dedupe range", r, err)
+	}
+	var res RangeResult
+	for done := int64(0); done < n; {
+		if err := ctx.Err(); err != nil {
+			return res, err
+		}
+		arg := unix.FileDedupeRange{
+			Src_offset: uint64(srcOff + done),
+			Src_length: uint64(min(dedupeChunk, n-done)),
+			Info:       []unix.FileDedupeRangeInfo{{Dest_fd: int64(r.dst), Dest_offset: uint64(dstOff + done)}},
+		}
+		if err := unix.IoctlFileDedupeRange(r.src, &arg); err != nil {
+			if unsupported(err) && !errors.Is(err, unix.EINVAL) {
+				err = fmt.Errorf("%w: %w", errors.ErrUnsupported, err)
+			}
+			return res, s.rangeErr("dedupe range", r, err)
+		}
+		info := arg.Info[0]
+		if info.Status < 0 {
+			return res, s.rangeErr("dedupe range", r, unix.Errno(-info.Status))
+		}
+		if info.Status == unix.FILE_DEDUPE_RANGE_DIFFERS || info.Bytes_deduped == 0 {
+			break
+		}
+		done += int64(info.Bytes_deduped)
+		res.Bytes, res.Cloned, res.Method = done, done, MethodReflink
+	}
+	return res, nil
+}

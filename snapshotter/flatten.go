@@ -1,0 +1,177 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/log"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/overclone/overclone/fileops"
+	"github.com/overclone/overclone/overlayutil"
+)
+
+// flatCache holds the flattened layers of deep stacks. ROOT/flat/<id> is the
+// merged view of committed snapshot <id> and every layer below it, made by
+// fileops.Flatten (reflinked where the filesystem can). Layers never change
+// once committed, so a flattened layer is valid for as long as <id> exists,
+// is shared by every snapshot that stands on <id>, and goes when <id> goes.
+type flatCache struct {
+	// group makes concurrent Prepares on the same deep parent build its
+	// flattened layer once; other calls are not held up at all.
+	group singleflight.Group
+	// builds counts flattened layers built, for tests and metrics.
+	builds atomic.Uint64
+	// OnBuild, if set, is told of every build and its duration.
+	onBuild func(time.Duration)
+}
+
+// FlattenBuilds returns how many flattened layers this snapshotter built.
+func (s *Snapshotter) FlattenBuilds() uint64 { return s.flat.builds.Load() }
+
+// OnFlatten registers fn to be called after every flattened layer built.
+func (s *Snapshotter) OnFlatten(fn func(time.Duration)) { s.flat.onBuild = fn }
+
+func (s *Snapshotter) flatPath(id string) string {
+	return filepath.Join(s.root, flatDir, id)
+}
+
+// flattenedMounts mounts a stack of which at most fits layers fit in one
+// overlay: it keeps layers from the top and replaces the rest, from the
+// bottom up, by one flattened layer.
+//
+// Where the cut falls decides how often flattening happens. A cut at a
+// fixed distance from the top would move with every layer an image adds,
+// and each Prepare of an unpack past the limit would flatten anew. Cuts
+// fall instead on multiples of flattenStep counted from the bottom: an
+// unpack of a 1000-layer image flattens three times, and every image and
+// container on the same base shares those layers.
+func (s *Snapshotter) flattenedMounts(ctx context.Context, ids []string, fits int, upper, work string) ([]mount.Mount, error) {
+	step := max(s.maxStack/2, 1)
+	// The flattened layer's path differs in length from the link it
+	// replaces, so try from the depth that fitted downwards; paths are
+	// only strings here, nothing is built until the shape is known.
+	for n := min(fits, len(ids)); n >= 1; n-- {
+		flattened := min(roundUp(len(ids)-(n-1), step), len(ids))
+		keep := len(ids) - flattened
+		lowers := append(s.lowerdirs(ids[:keep], true), s.flatPath(ids[keep]))
+		m, err := overlayutil.OverlayMount(lowers, upper, work, s.overlay)
+		var fit *overlayutil.FitError
+		if errors.As(err, &fit) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		if err := s.flatten(ctx, ids[keep:]); err != nil {
+			return nil, err
+		}
+		return []mount.Mount{m}, nil
+	}
+	return nil, fmt.Errorf("stack of %d layers does not fit in an overlay mount even flattened", len(ids))
+}
+
+func roundUp(n, step int) int {
+	return (n + step - 1) / step * step
+}
+
+// FlattenLabel on a View asks for the parent's whole stack as one
+// flattened layer: the view mounts as a read-only bind of it, and the
+// flattened layer stays cached for as long as the parent lives. It is how
+// `overclone flatten` reaches the daemon through the snapshots API.
+const FlattenLabel = "containerd.io/snapshot/overclone.flatten"
+
+func wantsFlatView(snap storage.Snapshot, info snapshots.Info) bool {
+	_, ok := info.Labels[FlattenLabel]
+	return ok && snap.Kind == snapshots.KindView && len(snap.ParentIDs) > 0
+}
+
+// flatView mounts a view of its parent's stack flattened into one layer.
+// In userspace mode the parent already is one complete directory.
+func (s *Snapshotter) flatView(ctx context.Context, snap storage.Snapshot) ([]mount.Mount, error) {
+	dir := s.upperPath(snap.ParentIDs[0])
+	if s.mode == ModeOverlay {
+		dir = s.flatPath(snap.ParentIDs[0])
+		if err := s.flatten(ctx, snap.ParentIDs); err != nil {
+			return nil, err
+		}
+	}
+	return []mount.Mount{{Type: "bind", Source: dir, Options: []string{"ro", "rbind"}}}, nil
+}
+
+// Flatten builds (or finds) the flattened layer of committed snapshot key
+// and returns its path.
+func (s *Snapshotter) Flatten(ctx context.Context, key string) (string, error) {
+	ids, err := s.chain(ctx, key)
+	if err != nil {
+		return "", err
+	}
+	return s.flatPath(ids[0]), s.flatten(ctx, ids)
+}
+
+// flatten makes sure ROOT/flat/<ids[0]> holds the merged view of ids (top
+// first). The build runs under no lock and with no transaction open.
+func (s *Snapshotter) flatten(ctx context.Context, ids []string) error {
+	dir := s.flatPath(ids[0])
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	_, err, _ := s.flat.group.Do(ids[0], func() (any, error) {
+		if _, err := os.Stat(dir); err == nil {
+			return nil, nil // built while we queued
+		}
+		// The build is shared: one caller's cancellation must not fail
+		// the others waiting on it.
+		return nil, s.buildFlat(context.WithoutCancel(ctx), ids, dir)
+	})
+	return err
+}
+
+func (s *Snapshotter) buildFlat(ctx context.Context, ids []string, dir string) error {
+	start := time.Now()
+	tmp, err := os.MkdirTemp(filepath.Join(s.root, flatDir), "new-")
+	if err != nil {
+		return fmt.Errorf("flatten: %w", err)
+	}
+	defer os.RemoveAll(tmp) // gone after the rename, unless it failed
+	layers := make([]string, len(ids))
+	for i, id := range ids {
+		layers[i] = s.upperPath(id)
+	}
+	var opts []fileops.StackOpt
+	if s.overlay.UserXattr {
+		opts = append(opts, fileops.WithUserXattr())
+	}
+	stack, err := fileops.NewStack("", layers, opts...)
+	if err != nil {
+		return fmt.Errorf("flatten layers %s..%s: %w", ids[0], ids[len(ids)-1], err)
+	}
+	stats, err := fileops.Flatten(ctx, stack, tmp)
+	if err != nil {
+		return fmt.Errorf("flatten layers %s..%s: %w", ids[0], ids[len(ids)-1], err)
+	}
+	// A flattened layer is trusted as long as its snapshot lives: it must
+	// not come back empty after a power cut.
+	if err := syncFilesystem(tmp); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, dir); err != nil {
+		return fmt.Errorf("move flattened layer into place at %s: %w", dir, err)
+	}
+	took := time.Since(start)
+	s.flat.builds.Add(1)
+	if s.flat.onBuild != nil {
+		s.flat.onBuild(took)
+	}
+	log.G(ctx).WithField("id", ids[0]).WithField("layers", len(ids)).WithField("files", stats.Files).
+		WithField("reflinked", stats.Reflinked).WithField("took", took).Info("flattened layer built")
+	return nil
+}

@@ -1,0 +1,137 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"syscall"
+	"unsafe"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	cfs "github.com/containerd/continuity/fs"
+	"golang.org/x/sys/unix"
+)
+
+// usage is what a snapshot's directory takes on disk.
+//
+// In overlay mode a layer holds only its own changes, so continuity's
+// DiskUsage (blocks of every inode, hard links once) is the answer.
+//
+// In userspace mode a snapshot holds its whole view, most of it reflinked
+// from its parent: counting every block would count the image once per
+// container. There a file's data counts only where its extents are not
+// shared (FIEMAP without FIEMAP_EXTENT_SHARED): what writing to it made its
+// own. Shared extents are counted by the snapshot that wrote them first, at
+// its Commit. Directories, symlinks and other inodes count in full: each
+// snapshot has its own. On a filesystem that cannot share extents nothing is
+// shared, and the figure is the full copy the snapshot really is.
+func (s *Snapshotter) usage(ctx context.Context, dir string) (snapshots.Usage, error) {
+	if s.mode != ModeUserspace {
+		du, err := cfs.DiskUsage(ctx, dir)
+		if err != nil {
+			return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
+		}
+		return snapshots.Usage(du), nil
+	}
+	return exclusiveUsage(ctx, dir)
+}
+
+func exclusiveUsage(ctx context.Context, dir string) (snapshots.Usage, error) {
+	type inode struct{ dev, ino uint64 }
+	seen := map[inode]struct{}{}
+	var u snapshots.Usage
+	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		key := inode{uint64(st.Dev), st.Ino}
+		if _, ok := seen[key]; ok {
+			return nil
+		}
+		seen[key] = struct{}{}
+		u.Inodes++
+		if !d.Type().IsRegular() {
+			u.Size += st.Blocks * 512
+			return nil
+		}
+		own, err := unsharedBytes(path)
+		if err != nil {
+			return err
+		}
+		u.Size += own
+		return nil
+	})
+	if err != nil {
+		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
+	}
+	return u, nil
+}
+
+// FIEMAP, from linux/fiemap.h and linux/fs.h; x/sys/unix has neither.
+const (
+	fiemapExtentLast   = 0x1
+	fiemapExtentShared = 0x2000
+	fiemapFlagSync     = 0x1
+	fiemapBatch        = 64
+	fsIocFiemap        = 0xc020660b // _IOWR('f', 11, struct fiemap)
+)
+
+type fiemapExtent struct {
+	Logical, Physical, Length uint64
+	_                         [2]uint64
+	Flags                     uint32
+	_                         [3]uint32
+}
+
+type fiemap struct {
+	Start, Length                        uint64
+	Flags, MappedExtents, ExtentCount, _ uint32
+	Extents                              [fiemapBatch]fiemapExtent
+}
+
+// unsharedBytes sums the extents of path that no other file shares.
+func unsharedBytes(path string) (int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	var total int64
+	fm := &fiemap{}
+	for start := uint64(0); ; {
+		*fm = fiemap{Start: start, Length: ^uint64(0) - start, Flags: fiemapFlagSync, ExtentCount: fiemapBatch}
+		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), fsIocFiemap, uintptr(unsafe.Pointer(fm))); errno != 0 {
+			if errno == unix.EOPNOTSUPP {
+				// No extent map (tmpfs): every block is its own.
+				var st unix.Stat_t
+				if err := unix.Fstat(int(f.Fd()), &st); err != nil {
+					return 0, err
+				}
+				return st.Blocks * 512, nil
+			}
+			return 0, fmt.Errorf("FIEMAP %s: %w", path, errno)
+		}
+		if fm.MappedExtents == 0 {
+			return total, nil
+		}
+		for _, e := range fm.Extents[:fm.MappedExtents] {
+			if e.Flags&fiemapExtentShared == 0 {
+				total += int64(e.Length)
+			}
+			if e.Flags&fiemapExtentLast != 0 {
+				return total, nil
+			}
+			start = e.Logical + e.Length
+		}
+	}
+}

@@ -1,0 +1,65 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
+
+	"github.com/overclone/overclone/fileops"
+)
+
+// In userspace mode a snapshot's fs dir is its whole view, as with
+// containerd's native snapshotter, but a new active snapshot is made from
+// its parent by fileops, which reflinks file data where the filesystem can:
+// a Prepare costs metadata, not a copy of the image.
+
+// parentID returns the id of the committed snapshot parent, or "" when
+// there is none (the write transaction will then say why, with the right
+// error class).
+func (s *Snapshotter) parentID(ctx context.Context, parent string) string {
+	var id string
+	s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		pid, info, _, err := storage.GetInfo(ctx, parent)
+		if err == nil && info.Kind == snapshots.KindCommitted {
+			id = pid
+		}
+		return nil
+	})
+	return id
+}
+
+// materialize writes the view of committed snapshot parentID into dst.
+func (s *Snapshotter) materialize(ctx context.Context, parentID, dst string) error {
+	stack, err := fileops.NewStack("", []string{s.upperPath(parentID)})
+	if err != nil {
+		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
+	}
+	if _, err := fileops.Flatten(ctx, stack, dst); err != nil {
+		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
+	}
+	return nil
+}
+
+// chain returns the ids of committed snapshot key and of every layer below
+// it, top first.
+func (s *Snapshotter) chain(ctx context.Context, key string) ([]string, error) {
+	var ids []string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		for k := key; k != ""; {
+			id, info, _, err := storage.GetInfo(ctx, k)
+			if err != nil {
+				return fmt.Errorf("snapshot %q: %w", k, err)
+			}
+			if info.Kind != snapshots.KindCommitted {
+				return fmt.Errorf("snapshot %q is %s, not committed: %w", k, info.Kind, errdefs.ErrFailedPrecondition)
+			}
+			ids = append(ids, id)
+			k = info.Parent
+		}
+		return nil
+	})
+	return ids, err
+}

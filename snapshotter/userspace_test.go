@@ -1,0 +1,76 @@
+package snapshotter
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+
+	"github.com/overclone/overclone/test/loopfs"
+)
+
+// TestUserspaceUsage: in userspace mode a container's snapshot is a
+// reflinked copy of its image on xfs and btrfs, so its usage is what it
+// writes, not the image again; on ext4 it is a real copy and counts so.
+func TestUserspaceUsage(t *testing.T) {
+	const image = 16 << 20
+	for _, kind := range []loopfs.Kind{loopfs.XFS, loopfs.Btrfs, loopfs.Ext4} {
+		t.Run(string(kind), func(t *testing.T) {
+			ctx := namespaces.WithNamespace(context.Background(), "test")
+			s, err := New(ctx, filepath.Join(loopfs.Mount(t, kind), "root"), WithMode(ModeUserspace))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer s.Close()
+			m, err := s.Prepare(ctx, "image-active", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			data := bytes.Repeat([]byte("overclone"), image/9)
+			if err := os.WriteFile(filepath.Join(m[0].Source, "big"), data, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Commit(ctx, "image", "image-active"); err != nil {
+				t.Fatal(err)
+			}
+			m, err = s.Prepare(ctx, "container", "image")
+			if err != nil {
+				t.Fatal(err)
+			}
+			got, err := os.ReadFile(filepath.Join(m[0].Source, "big"))
+			if err != nil || !bytes.Equal(got, data) {
+				t.Fatalf("materialized file differs (%v)", err)
+			}
+			fresh, err := s.Usage(ctx, "container")
+			if err != nil {
+				t.Fatal(err)
+			}
+			f, err := os.OpenFile(filepath.Join(m[0].Source, "big"), os.O_WRONLY, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := f.WriteAt(bytes.Repeat([]byte("x"), 1<<20), 0); err != nil {
+				t.Fatal(err)
+			}
+			f.Close()
+			written, err := s.Usage(ctx, "container")
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("%s: fresh container %d bytes, after a 1 MiB write %d bytes (image %d)", kind, fresh.Size, written.Size, image)
+			if kind.Reflinks() {
+				if fresh.Size >= 1<<20 {
+					t.Errorf("a fresh container on %s counts %d bytes: the image's shared extents were counted", kind, fresh.Size)
+				}
+				if d := written.Size - fresh.Size; d < 1<<20 || d > 2<<20 {
+					t.Errorf("a 1 MiB write added %d bytes of usage", d)
+				}
+			} else if fresh.Size < image {
+				t.Errorf("a copied container on %s counts only %d bytes", kind, fresh.Size)
+			}
+		})
+	}
+}
