@@ -63,6 +63,9 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			if err := s.materialize(ctx, materialized, filepath.Join(td, "fs")); err != nil {
 				return nil, err
 			}
+			if err := s.syncMaterialized(td); err != nil {
+				return nil, err
+			}
 		}
 	}
 

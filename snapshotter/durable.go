@@ -30,6 +30,19 @@ func (s *Snapshotter) syncPlaced(id string) error {
 	return nil
 }
 
+// syncMaterialized makes a userspace-mode copy of a parent durable before
+// its metadata commits. Without a reflink (ext4) the copy is fresh data in
+// the page cache: a power cut after Prepare returned would hand the
+// container files of the right size full of zeros, measured on a shut-down
+// ext4 in test/durability. It runs before the write transaction, so no
+// other call waits for it.
+func (s *Snapshotter) syncMaterialized(dir string) error {
+	if !s.syncs {
+		return nil
+	}
+	return syncFilesystem(dir)
+}
+
 func fsyncDir(dir string) error {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {

@@ -32,7 +32,7 @@ func writeLayer(rng *rand.Rand, dir string, files int, bigSize int) (layer, erro
 	for i := 0; i < files; i++ {
 		sub := fmt.Sprintf("d%02d", i/100)
 		if i%100 == 0 {
-			if err := os.Mkdir(filepath.Join(dir, sub), 0o755); err != nil {
+			if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
 				return nil, err
 			}
 			l[sub] = entry{}
