@@ -66,7 +66,7 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 	// The standard health service lets a DaemonSet probe or
 	// grpc-health-probe ask the socket itself whether overclone serves.
 	hs := health.NewServer()
-	healthpb.RegisterHealthServer(srv, hs)
+	healthpb.RegisterHealthServer(srv, checkedHealth{Server: hs, sn: sn})
 
 	signals := make(chan os.Signal, 2)
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)

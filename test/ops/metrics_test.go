@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/overclone/overclone/test/daemon"
 )
@@ -83,15 +84,20 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
-// TestHealthzFailsWhenRootReadOnly: /healthz says 503 with the reason
-// while the root takes no new file, and 200 again once it does.
+// TestHealthzFailsWhenRootReadOnly: /healthz says 503 with the reason, and
+// the gRPC health service NOT_SERVING, while the root takes no new file;
+// 200 again once it does.
 func TestHealthzFailsWhenRootReadOnly(t *testing.T) {
 	metricsSock := filepath.Join(t.TempDir(), "metrics.sock")
 	d := daemon.Start(t, t.TempDir(), fmt.Sprintf("metrics_address = %q\n", "unix://"+metricsSock))
 	c := unixHTTP(metricsSock)
 	chattr(t, "+i", d.Root)
 	code, body := get(t, c, "http://overclone/healthz")
+	grpcStatus, grpcErr := healthpb.NewHealthClient(d.Conn()).Check(context.Background(), &healthpb.HealthCheckRequest{})
 	chattr(t, "-i", d.Root)
+	if grpcErr != nil || grpcStatus.Status != healthpb.HealthCheckResponse_NOT_SERVING {
+		t.Errorf("grpc.health.v1 on an immutable root: %v %v", grpcStatus, grpcErr)
+	}
 	if code != http.StatusServiceUnavailable || !strings.Contains(body, "not writable") {
 		t.Errorf("/healthz on an immutable root: %d %q", code, body)
 	}
