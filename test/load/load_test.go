@@ -71,14 +71,16 @@ func duration(t *testing.T) time.Duration {
 // TestLoad: 64 clients, each on its own connection, run a mix of every
 // call on parents of their own and on shared ones, and fight over a few
 // shared keys. No call may hang, no error may fall outside the expected
-// classes; latency per method is reported.
+// classes; latency per method is reported. OVERCLONE_LOAD_CONFIG is the
+// daemon's TOML (e.g. "sync_on_commit = false", to see what durability
+// costs under load).
 func TestLoad(t *testing.T) {
 	run := duration(t)
 	seed := uint64(time.Now().UnixNano())
 	t.Logf("%d clients for %v, seed %d", clients, run, seed)
 	ctx := namespaces.WithNamespace(context.Background(), "load")
 	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
-	d := daemon.Start(t, root, "")
+	d := daemon.Start(t, root, os.Getenv("OVERCLONE_LOAD_CONFIG"))
 	sn := d.Client()
 
 	// The shared parents: a base and a layer on it.
