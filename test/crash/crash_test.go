@@ -48,6 +48,7 @@ type snap struct {
 	kind   snapshots.Kind
 	parent string
 	upper  string // active: where its files are written
+	whole  bool   // active: upper shows the parents' files too (a bind)
 	files  tree   // active, committed: the layer's own files
 }
 
@@ -75,7 +76,8 @@ var weights = [numOps]int{opPrepare: 30, opView: 8, opCommit: 22, opRemove: 20, 
 // either way, and the test asks the daemon which. At the end every layer
 // holds, byte for byte, what it held when committed, Walk lists exactly
 // the snapshots the test expects, and after Cleanup no directory without
-// metadata remains. OVERCLONE_CRASH_SEED replays a run.
+// metadata remains. OVERCLONE_CRASH_SEED replays a run;
+// OVERCLONE_CRASH_CONFIG is the daemon's TOML (e.g. mode = "userspace").
 func TestCrash(t *testing.T) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("OVERCLONE_CRASH_SEED"); s != "" {
@@ -91,7 +93,7 @@ func TestCrash(t *testing.T) {
 	// A filesystem of its own, so that each Commit's syncfs flushes only
 	// this test's writes, not the whole machine's.
 	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
-	d := daemon.Start(t, root, "")
+	d := daemon.Start(t, root, os.Getenv("OVERCLONE_CRASH_CONFIG"))
 	w := &workload{t: t, rng: rng, d: d, sn: d.Client(), model: map[string]*snap{}, uncertain: map[string]int{}}
 
 	start := time.Now()
@@ -309,7 +311,7 @@ func (w *workload) apply(ctx context.Context, o op, key, parent, name string) {
 // diff applier does. The daemon may be dead by now: the directory is not.
 func (w *workload) fill(ctx context.Context, key string) {
 	s := w.model[key]
-	dir, err := w.upper(ctx, key)
+	dir, whole, err := w.upper(ctx, key)
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -317,18 +319,18 @@ func (w *workload) fill(ctx context.Context, key string) {
 	if err != nil {
 		w.t.Fatalf("write into %s: %v", dir, err)
 	}
-	s.upper, s.files = dir, files
+	s.upper, s.whole, s.files = dir, whole, files
 }
 
 // upper finds an active's upper from its mounts, asking a live daemon.
-func (w *workload) upper(ctx context.Context, key string) (string, error) {
+func (w *workload) upper(ctx context.Context, key string) (string, bool, error) {
 	for i := 0; ; i++ {
 		m, err := w.sn.Mounts(ctx, key)
 		if err == nil {
 			return upperOf(m)
 		}
 		if !errdefs.IsUnavailable(err) || i > 0 {
-			return "", fmt.Errorf("mounts of %q: %w", key, err)
+			return "", false, fmt.Errorf("mounts of %q: %w", key, err)
 		}
 		// Killed right after the Prepare returned: ask after the
 		// restart, which the caller is about to do anyway.
@@ -417,10 +419,13 @@ func (w *workload) verifyContent(ctx context.Context) int64 {
 	sort.Strings(keys)
 	for _, k := range keys {
 		s := w.model[k]
-		var dir string
+		var (
+			dir   string
+			whole bool
+		)
 		switch s.kind {
 		case snapshots.KindActive:
-			dir = s.upper
+			dir, whole = s.upper, s.whole
 		case snapshots.KindCommitted:
 			// A view's top layer is the committed layer itself.
 			view := "verify/" + k
@@ -428,7 +433,7 @@ func (w *workload) verifyContent(ctx context.Context) int64 {
 			if err != nil {
 				w.t.Fatalf("view of %q: %v", k, err)
 			}
-			if dir, err = topLayer(m); err != nil {
+			if dir, whole, err = topLayer(m); err != nil {
 				w.t.Fatal(err)
 			}
 			defer w.sn.Remove(ctx, view)
@@ -441,12 +446,26 @@ func (w *workload) verifyContent(ctx context.Context) int64 {
 			w.t.Errorf("read %q at %s: %v", k, dir, err)
 			continue
 		}
-		if n, diff := lost(s.files, got); diff != "" {
+		want := s.files
+		if whole {
+			want = w.image(k)
+		}
+		if n, diff := lost(want, got); diff != "" {
 			w.t.Errorf("%v %q differs: %s", s.kind, k, diff)
 			total += n
 		}
 	}
 	return total
+}
+
+// image is what key shows whole: its files over its parents'. Names are
+// unique to the call that wrote them, so nothing is hidden.
+func (w *workload) image(key string) tree {
+	s := w.model[key]
+	if s.parent == "" {
+		return s.files
+	}
+	return merge(w.image(s.parent), s.files)
 }
 
 // verifyDisk opens the stopped daemon's metadata and checks that every

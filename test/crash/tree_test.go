@@ -115,21 +115,23 @@ func merge(a, b tree) tree {
 }
 
 // upperOf returns the directory a test writes an active snapshot's files
-// into: the bind source of a parentless one, the upperdir of an overlay.
-func upperOf(mounts []mount.Mount) (string, error) {
+// into: the bind source of a parentless one (or of any one in userspace
+// mode), the upperdir of an overlay. whole says the directory is a bind,
+// so it shows the whole image, the parents' files too.
+func upperOf(mounts []mount.Mount) (dir string, whole bool, err error) {
 	if len(mounts) != 1 {
-		return "", fmt.Errorf("want one mount, got %v", mounts)
+		return "", false, fmt.Errorf("want one mount, got %v", mounts)
 	}
 	m := mounts[0]
 	if m.Type == "bind" {
-		return m.Source, nil
+		return m.Source, true, nil
 	}
 	for _, o := range m.Options {
 		if v, ok := strings.CutPrefix(o, "upperdir="); ok {
-			return v, nil
+			return v, false, nil
 		}
 	}
-	return "", fmt.Errorf("no upperdir in %v", m)
+	return "", false, fmt.Errorf("no upperdir in %v", m)
 }
 
 // mountedPaths returns the directories a mount names, which must exist.
@@ -154,20 +156,21 @@ func mountedPaths(mounts []mount.Mount) []string {
 }
 
 // topLayer returns the directory of the layer a view was made of: the
-// source of a bind, the first (top) lowerdir of an overlay.
-func topLayer(mounts []mount.Mount) (string, error) {
+// source of a bind (whole: it shows the whole image), the first (top)
+// lowerdir of an overlay.
+func topLayer(mounts []mount.Mount) (dir string, whole bool, err error) {
 	if len(mounts) != 1 {
-		return "", fmt.Errorf("want one mount, got %v", mounts)
+		return "", false, fmt.Errorf("want one mount, got %v", mounts)
 	}
 	m := mounts[0]
 	if m.Type == "bind" {
-		return m.Source, nil
+		return m.Source, true, nil
 	}
 	for _, o := range m.Options {
 		if v, ok := strings.CutPrefix(o, "lowerdir="); ok {
 			top, _, _ := strings.Cut(v, ":")
-			return top, nil
+			return top, false, nil
 		}
 	}
-	return "", fmt.Errorf("no lowerdir in %v", m)
+	return "", false, fmt.Errorf("no lowerdir in %v", m)
 }
