@@ -60,18 +60,21 @@ const (
 	opCommit
 	opRemove
 	opMounts
+	opCleanup
 	numOps
 )
 
-var opNames = [...]string{"Prepare", "View", "Commit", "Remove", "Mounts"}
+var opNames = [...]string{"Prepare", "View", "Commit", "Remove", "Mounts", "Cleanup"}
 
 // weights is the call mix: creates and commits build the tree, removes
 // keep it small enough that the final checks stay quick.
-var weights = [numOps]int{opPrepare: 30, opView: 8, opCommit: 22, opRemove: 20, opMounts: 20}
+// Cleanup is rare, as containerd calls it only after its GC, but a kill in
+// the middle of one must be as harmless as in any other call.
+var weights = [numOps]int{opPrepare: 30, opView: 8, opCommit: 22, opRemove: 20, opMounts: 20, opCleanup: 2}
 
-// TestCrash runs a random workload of Prepare, View, Commit, Remove and
-// Mounts through the socket and SIGKILLs the daemon at random points,
-// restarting it each time. A call that returned success must have happened
+// TestCrash runs a random workload of Prepare, View, Commit, Remove, Mounts
+// and (rarely) Cleanup through the socket and SIGKILLs the daemon at random
+// points, restarting it each time. A call that returned success must have happened
 // and one that failed must not; the one call in flight at a kill may go
 // either way, and the test asks the daemon which. At the end every layer
 // holds, byte for byte, what it held when committed, Walk lists exactly
@@ -177,6 +180,8 @@ func (w *workload) step(ctx context.Context) {
 		err = w.sn.Commit(cctx, name, key)
 	case opRemove:
 		err = w.sn.Remove(cctx, key)
+	case opCleanup:
+		err = w.sn.(snapshots.Cleaner).Cleanup(cctx)
 	case opMounts:
 		var mounts []string
 		mounts, err = w.mounts(cctx, key)
@@ -247,6 +252,8 @@ func (w *workload) pick() (o op, key, parent, name string, ok bool) {
 	case opRemove:
 		key, ok = w.randomLeaf()
 		return o, key, "", "", ok
+	case opCleanup:
+		return o, "", "", "", true
 	default:
 		if key, ok = w.random(snapshots.KindActive); !ok || w.rng.IntN(4) == 0 {
 			key, ok = w.random(snapshots.KindView)

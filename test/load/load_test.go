@@ -313,8 +313,12 @@ func (c *client) step(ctx context.Context) {
 		})
 	case r < 88 && own > 0:
 		c.removeOwn(ctx)
-	case r < 100:
+	case r < 99:
 		c.race(ctx)
+	case r < 100:
+		// Cleanup holds the write transaction while it lists the
+		// root: it must not wedge the others.
+		c.call(ctx, "Cleanup", func(ctx context.Context) error { return c.sn.(snapshots.Cleaner).Cleanup(ctx) })
 	default:
 		c.removeOwn(ctx)
 	}
