@@ -60,6 +60,9 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	var materialized string // userspace mode: the parent copied into td
 	if s.mode == ModeUserspace && kind == snapshots.KindActive && parent != "" {
 		if materialized = s.parentID(ctx, parent); materialized != "" {
+			if err := s.missing.check(materialized); err != nil {
+				return nil, fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
+			}
 			if err := s.materialize(ctx, materialized, filepath.Join(td, "fs")); err != nil {
 				return nil, err
 			}

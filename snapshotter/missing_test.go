@@ -19,9 +19,15 @@ import (
 // FailedPrecondition and a message that says what to do; the rest of the
 // root keeps working, and removing the broken snapshot clears it.
 func TestMissingDirectoryRefused(t *testing.T) {
+	for _, mode := range []Mode{ModeOverlay, ModeUserspace} {
+		t.Run(string(mode), func(t *testing.T) { testMissingDirectoryRefused(t, mode) })
+	}
+}
+
+func testMissingDirectoryRefused(t *testing.T, mode Mode) {
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	root := t.TempDir()
-	s, err := New(ctx, root)
+	s, err := New(ctx, root, WithMode(mode))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +48,7 @@ func TestMissingDirectoryRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	s, err = New(ctx, root)
+	s, err = New(ctx, root, WithMode(mode))
 	if err != nil {
 		t.Fatalf("start with a missing layer must succeed: %v", err)
 	}
