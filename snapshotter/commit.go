@@ -41,6 +41,9 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return err
 	}
+	if err := s.missing.check(id); err != nil {
+		return fmt.Errorf("commit %q: %w", key, err)
+	}
 	if s.mode == ModeUserspace && info.Parent == "" && base.Parent != "" {
 		// A userspace snapshot holds its whole view: a layer unpacked
 		// alone has neither its parent's files nor its whiteouts.

@@ -37,15 +37,19 @@ func testMissingDirectoryRefused(t *testing.T, mode Mode) {
 		func() error { _, err := s.Prepare(ctx, "kept-active", ""); return err },
 		func() error { return s.Commit(ctx, "kept", "kept-active") },
 		func() error { _, err := s.Prepare(ctx, "container", "lost"); return err },
+		func() error { _, err := s.Prepare(ctx, "gone-active", ""); return err },
 	} {
 		if err := step(); err != nil {
 			t.Fatal(err)
 		}
 	}
 	s.Close()
-	// An operator's rm, or fsck, took layer 1 (the "lost" layer).
-	if err := os.RemoveAll(filepath.Join(root, "snapshots", "1")); err != nil {
-		t.Fatal(err)
+	// An operator's rm, or fsck, took layer 1 (the "lost" layer) and
+	// the directory of the active "gone-active" (id 4).
+	for _, id := range []string{"1", "4"} {
+		if err := os.RemoveAll(filepath.Join(root, "snapshots", id)); err != nil {
+			t.Fatal(err)
+		}
 	}
 
 	s, err = New(ctx, root, WithMode(mode))
@@ -53,20 +57,21 @@ func testMissingDirectoryRefused(t *testing.T, mode Mode) {
 		t.Fatalf("start with a missing layer must succeed: %v", err)
 	}
 	defer s.Close()
-	if m := s.Missing(); len(m) != 1 || m["1"] != "lost" {
+	if m := s.Missing(); len(m) != 2 || m["1"] != "lost" || m["4"] != "gone-active" {
 		t.Fatalf("missing after start: %v", m)
 	}
 	for name, call := range map[string]func() error{
 		"prepare on it":     func() error { _, err := s.Prepare(ctx, "new", "lost"); return err },
 		"view of it":        func() error { _, err := s.View(ctx, "v", "lost"); return err },
 		"mounts of a child": func() error { _, err := s.Mounts(ctx, "container"); return err },
+		"commit it":         func() error { return s.Commit(ctx, "gone", "gone-active") },
 	} {
 		err := call()
 		if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "missing from disk") {
 			t.Errorf("%s: want FailedPrecondition saying the directory is missing, got %v", name, err)
 		}
 	}
-	for _, key := range []string{"new", "v"} {
+	for _, key := range []string{"new", "v", "gone"} {
 		if _, err := s.Stat(ctx, key); !errdefs.IsNotFound(err) {
 			t.Errorf("refused create left %q behind: %v", key, err)
 		}
@@ -80,8 +85,8 @@ func testMissingDirectoryRefused(t *testing.T, mode Mode) {
 	if err := s.Remove(ctx, "lost"); err != nil {
 		t.Fatalf("removing the broken snapshot: %v", err)
 	}
-	if m := s.Missing(); len(m) != 0 {
-		t.Fatalf("missing after remove: %v", m)
+	if m := s.Missing(); len(m) != 1 || m["4"] != "gone-active" {
+		t.Fatalf("missing after removing one: %v", m)
 	}
 }
 
