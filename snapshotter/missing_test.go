@@ -65,6 +65,7 @@ func testMissingDirectoryRefused(t *testing.T, mode Mode) {
 		"view of it":        func() error { _, err := s.View(ctx, "v", "lost"); return err },
 		"mounts of a child": func() error { _, err := s.Mounts(ctx, "container"); return err },
 		"commit it":         func() error { return s.Commit(ctx, "gone", "gone-active") },
+		"usage of it":       func() error { _, err := s.Usage(ctx, "gone-active"); return err },
 	} {
 		err := call()
 		if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "missing from disk") {
