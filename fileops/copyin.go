@@ -142,13 +142,25 @@ func (c *inCopier) place(ctx context.Context, hostSrc string, hst *unix.Stat_t, 
 			return fmt.Errorf("copy in %s: mark %s opaque in layer %s: %w", hostSrc, rel, s.layers[0], err)
 		}
 	}
-	if err := unix.Renameat2(sd, tmp, pfd, name, 0); err != nil {
+	var flags uint
+	occupied := ust.Mode != 0
+	if isDir && occupied {
+		// rename(2) cannot put a dir over a non-dir; swap them in one step
+		// and remove what came back, as overlayfs does over a whiteout.
+		flags = unix.RENAME_EXCHANGE
+	}
+	if err := unix.Renameat2(sd, tmp, pfd, name, flags); err != nil {
 		if isDir {
 			_ = os.RemoveAll(procPath(sd, tmp))
 		} else {
 			removeStaged(sd, tmp, false)
 		}
 		return fmt.Errorf("copy in %s: rename into %s in layer %s: %w", hostSrc, rel, s.layers[0], err)
+	}
+	if flags == unix.RENAME_EXCHANGE {
+		if err := unix.Unlinkat(sd, tmp, 0); err != nil {
+			return fmt.Errorf("copy in %s: remove replaced %s in layer %s: %w", hostSrc, rel, s.layers[0], err)
+		}
 	}
 	if tarWhiteout {
 		if err := unix.Unlinkat(pfd, tarWhiteoutPrefix+name, 0); err != nil && !errors.Is(err, unix.ENOENT) {

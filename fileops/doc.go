@@ -19,4 +19,29 @@
 //
 // The package never mounts, never talks to containerd and never changes a
 // lower layer.
+//
+// # Where fileops and the kernel differ, on purpose
+//
+//   - Paths never follow symlinks, not even in the middle: a merged path
+//     whose component is a symlink gives ENOTDIR where a process on the
+//     mount would follow it. Callers that want link semantics resolve the
+//     link text themselves, inside the merged root.
+//   - Xattr whiteouts (overlay.whiteout on an empty file): the kernel's
+//     lookup hides the name everywhere, but its readdir still lists it in
+//     the upper, in a dir not marked opaque=x and in the bottom layer
+//     (measured on 6.18). fileops hides it from Resolve and ReadDir alike.
+//   - Hard links inside one lower layer stay links when copied up (the
+//     kernel needs index=on for that). fileops remembers them per Stack,
+//     in memory.
+//   - fileops writes no overlay bookkeeping (origin, impure, index) into the
+//     upper and never creates metacopy files; it reads metacopy files the
+//     kernel made and completes them on CopyUp.
+//   - Range operations always copy the destination up, dedupe included;
+//     the kernel refuses dedupe (EPERM) unless both files are upper.
+//   - A user's escaped "trusted.overlay.overlay.X" xattr is copied as it is
+//     stored, not unescaped as the kernel shows it through a mount.
+//   - Regular files appear in the upper through O_TMPFILE and linkat. Other
+//     entries are built under a ".overclone-tmp-*" name, in the work dir
+//     when WithWorkDir is given, else next to their final name; a crash in
+//     between can leave such a name behind.
 package fileops

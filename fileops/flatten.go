@@ -217,7 +217,7 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 }
 
 func (c *outCopier) copyFile(ctx context.Context, e Entry, spfd int, sname string, dpfd int, name string, xs []xattr) error {
-	sfd, err := openSource(spfd, sname)
+	sfd, err := c.v.openData(e)
 	if err != nil {
 		return fmt.Errorf("open source: %w", err)
 	}

@@ -57,7 +57,8 @@ type StackOpt func(*config) error
 
 // WithUserXattr reads and writes overlay metadata in the user.overlay.*
 // namespace, as overlayfs does when mounted with userxattr. Like the
-// kernel, it stops following redirects in that mode.
+// kernel in that mode, it does not follow redirects (see WithoutRedirects)
+// and ignores metacopy.
 func WithUserXattr() StackOpt {
 	return func(c *config) error { c.userXattr = true; c.noRedirect = true; return nil }
 }
@@ -69,8 +70,9 @@ func WithTarWhiteouts() StackOpt {
 	return func(c *config) error { c.tarWhiteouts = true; return nil }
 }
 
-// WithoutRedirects ignores overlay.redirect, as a mount with
-// redirect_dir=nofollow does.
+// WithoutRedirects does not follow overlay.redirect, as a mount with
+// redirect_dir=nofollow: like the kernel, a lookup that meets a redirect
+// on a directory above the bottom layer fails with EPERM.
 func WithoutRedirects() StackOpt {
 	return func(c *config) error { c.noRedirect = true; return nil }
 }
@@ -96,7 +98,7 @@ func WithDataMethods(ms ...Method) StackOpt {
 	return func(c *config) error {
 		for _, m := range ms {
 			if m != MethodReflink && m != MethodCopyFileRange && m != MethodReadWrite {
-				return fmt.Errorf("data method %v: %w", m, ErrInvalidPath)
+				return fmt.Errorf("data method %v cannot copy file data: %w", m, os.ErrInvalid)
 			}
 		}
 		c.methods = ms

@@ -88,7 +88,7 @@ func (v *view) dirMeta(dirfd int, name string) (opaque bool, redirect string, er
 			opaque = true
 		}
 	}
-	if opaque || v.s.cfg.noRedirect {
+	if opaque {
 		return opaque, "", nil
 	}
 	r, ok, err := getXattr(p, v.s.prefix()+"redirect")
@@ -100,20 +100,29 @@ func (v *view) dirMeta(dirfd int, name string) (opaque bool, redirect string, er
 
 // validRedirect checks a redirect the way the kernel does: an absolute path
 // of valid names, or a single name for a rename inside the same parent.
+// The kernel fails the lookup of a dir with an invalid redirect with
+// EINVAL (measured here), and so does fileops.
 func validRedirect(r string) (string, error) {
 	if r == "" || strings.IndexByte(r, 0) >= 0 {
-		return "", fmt.Errorf("redirect %q: %w", r, ErrInvalidPath)
+		return "", fmt.Errorf("redirect %q: %w: %w", r, ErrInvalidPath, unix.EINVAL)
 	}
 	if r[0] == '/' {
 		for _, c := range strings.Split(r[1:], "/") {
 			if c == "" || c == "." || c == ".." {
-				return "", fmt.Errorf("redirect %q: %w", r, ErrInvalidPath)
+				return "", fmt.Errorf("redirect %q: %w: %w", r, ErrInvalidPath, unix.EINVAL)
 			}
 		}
 		return r, nil
 	}
 	if strings.IndexByte(r, '/') >= 0 || r == "." || r == ".." {
-		return "", fmt.Errorf("redirect %q: %w", r, ErrInvalidPath)
+		return "", fmt.Errorf("redirect %q: %w: %w", r, ErrInvalidPath, unix.EINVAL)
 	}
 	return r, nil
+}
+
+// isMetacopy reports overlay.metacopy on a regular file: its data is in
+// the next regular file below (any value, even empty, marks it).
+func (v *view) isMetacopy(dirfd int, name string) (bool, error) {
+	_, ok, err := getXattr(procPath(dirfd, name), v.s.prefix()+"metacopy")
+	return ok, err
 }

@@ -107,10 +107,21 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		return nil, err
 	}
 	td = "" // renamed into place: the deferred clean-up must not touch it
+	var mounts []mount.Mount
 	if wantsFlatView(snap, info) {
-		return s.flatView(ctx, snap)
+		mounts, err = s.flatView(ctx, snap)
+	} else {
+		mounts, err = s.mounts(ctx, snap, info)
 	}
-	return s.mounts(ctx, snap, info)
+	if err != nil {
+		// A snapshot the caller was told failed must not linger and
+		// make the retry fail with AlreadyExists.
+		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
+			log.G(ctx).WithError(rerr).WithField("key", key).Warn("failed to remove snapshot whose mounts could not be made")
+		}
+		return nil, err
+	}
+	return mounts, nil
 }
 
 // prepareDirectory makes snapshots/new-XXXX with fs (and work for active

@@ -142,9 +142,18 @@ func (s *Snapshotter) buildFlat(ctx context.Context, ids []string, dir string) e
 		return fmt.Errorf("flatten: %w", err)
 	}
 	defer os.RemoveAll(tmp) // gone after the rename, unless it failed
-	layers := make([]string, len(ids))
-	for i, id := range ids {
-		layers[i] = s.upperPath(id)
+	// A flattened layer lower in the same chain already holds the merged
+	// view of everything below it: start from it rather than from the
+	// bottom, so each cut only flattens the layers since the last one.
+	var layers []string
+	for _, id := range ids {
+		if len(layers) > 0 {
+			if _, err := os.Stat(s.flatPath(id)); err == nil {
+				layers = append(layers, s.flatPath(id))
+				break
+			}
+		}
+		layers = append(layers, s.upperPath(id))
 	}
 	var opts []fileops.StackOpt
 	if s.overlay.UserXattr {
@@ -171,7 +180,7 @@ func (s *Snapshotter) buildFlat(ctx context.Context, ids []string, dir string) e
 	if s.flat.onBuild != nil {
 		s.flat.onBuild(took)
 	}
-	log.G(ctx).WithField("id", ids[0]).WithField("layers", len(ids)).WithField("files", stats.Files).
+	log.G(ctx).WithField("id", ids[0]).WithField("layers", len(ids)).WithField("read", len(layers)).WithField("files", stats.Files).
 		WithField("reflinked", stats.Reflinked).WithField("took", took).Info("flattened layer built")
 	return nil
 }
