@@ -31,7 +31,10 @@ func serveMetrics(ctx context.Context, address string, sn *snapshotter.Snapshott
 	// The scrape's own Walk goes to the snapshotter unmeasured: scrapes
 	// are not calls anyone made.
 	reg := metrics.NewRegistry(sn, sn.DBPath())
-	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	// A metric that cannot be gathered (the snapshot count, with the
+	// database closed) is left out; the others, which say why, still go
+	// out.
+	mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{ErrorHandling: promhttp.ContinueOnError}))
 	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) {
 		ctx, cancel := context.WithTimeout(r.Context(), healthCheckTimeout)
 		defer cancel()
