@@ -54,6 +54,9 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return err
 	}
+	if testHookCommitWalked != nil {
+		testHookCommitWalked()
+	}
 	if s.syncs {
 		if err := syncFilesystem(upper); err != nil {
 			return err
@@ -73,6 +76,11 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		return nil
 	})
 }
+
+// testHookCommitWalked, when a test sets it, runs between Commit's walk and
+// its write transaction: the point where containerd's built-in snapshotter
+// still holds the database.
+var testHookCommitWalked func()
 
 // active returns the id and info of key, which must be an active snapshot.
 func (s *Snapshotter) active(ctx context.Context, key string) (string, snapshots.Info, error) {

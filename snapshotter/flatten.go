@@ -71,6 +71,9 @@ func (s *Snapshotter) flattenedMounts(ctx context.Context, ids []string, fits in
 		if err != nil {
 			return nil, err
 		}
+		if err := s.linkLayers(ids[:keep]); err != nil {
+			return nil, err
+		}
 		if err := s.flatten(ctx, ids[keep:]); err != nil {
 			return nil, err
 		}

@@ -87,6 +87,9 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 		// short links, which compact to a third of the length.
 		m, err = overlayutil.OverlayMount(s.lowerdirs(ids, true), upper, work, s.overlay)
 		if err == nil {
+			if err := s.linkLayers(ids); err != nil {
+				return nil, err
+			}
 			return []mount.Mount{m}, nil
 		}
 		if !errors.As(err, &fit) {
@@ -97,24 +100,34 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 }
 
 // lowerdirs names the layers of a stack, top first: by their own paths,
-// snapshots/<id>/fs, or by their short links, l/<base36 id>, made here the
-// first time a stack needs them and kept until the layer is removed. Links
-// cost a symlink per layer, so only stacks too deep for the plain paths pay
-// for them.
+// snapshots/<id>/fs, or by their short links, l/<base36 id>. Only names:
+// the links a chosen mount uses are made by linkLayers.
 func (s *Snapshotter) lowerdirs(ids []string, short bool) []string {
 	lowers := make([]string, len(ids))
 	for i, id := range ids {
-		if !short {
-			lowers[i] = s.upperPath(id)
-			continue
-		}
-		lowers[i] = s.linkPath(id)
-		if err := s.ensureLink(id); err != nil {
-			// The mount will fail and say which path is missing.
+		if short {
+			lowers[i] = s.linkPath(id)
+		} else {
 			lowers[i] = s.upperPath(id)
 		}
 	}
 	return lowers
+}
+
+// linkLayers makes the short links of layers, the first time a stack too
+// deep for the plain paths needs them; they stay until the layer is
+// removed. Links cost a symlink per layer, so only deep stacks pay, once.
+func (s *Snapshotter) linkLayers(ids []string) error {
+	for _, id := range ids {
+		if _, ok := s.linked.Load(id); ok {
+			continue
+		}
+		if err := s.ensureLink(id); err != nil {
+			return err
+		}
+		s.linked.Store(id, struct{}{})
+	}
+	return nil
 }
 
 func (s *Snapshotter) userspaceMounts(snap storage.Snapshot) []mount.Mount {

@@ -35,6 +35,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 		return err
 	}
 	s.missing.drop(id)
+	s.linked.Delete(id)
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
 	}
@@ -132,6 +133,9 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 	for _, l := range links {
 		if _, ok := short[l.Name()]; ok {
 			continue
+		}
+		if n, err := strconv.ParseUint(l.Name(), 36, 64); err == nil {
+			s.linked.Delete(strconv.FormatUint(n, 10))
 		}
 		if err := os.Remove(filepath.Join(s.root, linksDir, l.Name())); err != nil && !os.IsNotExist(err) {
 			return fmt.Errorf("remove stale layer link %s: %w", l.Name(), err)

@@ -106,6 +106,10 @@ type Snapshotter struct {
 	missing  missingSet // snapshots whose directory is gone: refused
 
 	flat flatCache
+	// linked remembers the layers whose short link exists (linkLayers),
+	// so that mounting a deep stack costs no symlink calls after the
+	// first; Remove and Cleanup forget what they delete.
+	linked sync.Map
 
 	// removals counts background deletions of trashed directories, so
 	// that Close can wait for them.
