@@ -37,9 +37,11 @@ func (s *Snapshotter) materialize(ctx context.Context, parentID, dst string) err
 	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}
-	if _, err := fileops.Flatten(ctx, stack, dst); err != nil {
+	stats, err := fileops.Flatten(ctx, stack, dst)
+	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}
+	s.countCopied(stats)
 	return nil
 }
 
