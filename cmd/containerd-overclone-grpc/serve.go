@@ -64,6 +64,7 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 	// before it reaches the snapshotter, so nothing changes.
 	srv := grpc.NewServer(grpc.MaxRecvMsgSize(maxRecvMsgSize))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotter.NewService(measured))
+	snapshotter.RegisterAdmin(srv, sn)
 	// The standard health service lets a DaemonSet probe or
 	// grpc-health-probe ask the socket itself whether overclone serves.
 	hs := health.NewServer()
