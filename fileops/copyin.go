@@ -312,10 +312,7 @@ func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name str
 			return err
 		}
 		c.stats.Files++
-		c.stats.Bytes += n
-		if m == MethodReflink {
-			c.stats.Reflinked += n
-		}
+		c.stats.count(m, n)
 		if st.Nlink > 1 {
 			c.links.remember(key, dirfd, name)
 		}

@@ -17,6 +17,9 @@ type FlattenStats struct {
 	Dirs, Files, Symlinks, Specials, HardLinks int
 	Bytes                                      int64 // file data written or shared
 	Reflinked                                  int64 // of Bytes, shared by reflink
+	// CopyFileRanged and ReadWritten are the rest of Bytes, by the method
+	// that copied them: in the kernel, or through userspace.
+	CopyFileRanged, ReadWritten int64
 }
 
 // maxLinkFDs caps the descriptors kept open to re-link hard links; past
@@ -273,10 +276,7 @@ func (c *outCopier) copyFile(ctx context.Context, e Entry, spfd int, sname strin
 	if err != nil {
 		return fmt.Errorf("copy data: %w", err)
 	}
-	c.stats.Bytes += n
-	if m == MethodReflink {
-		c.stats.Reflinked += n
-	}
+	c.stats.count(m, n)
 	return applyMeta(fdTarget(dfd), &e.Stat, xs, c.lenient)
 }
 
@@ -286,3 +286,16 @@ type namedError struct{ err error }
 
 func (e *namedError) Error() string { return e.err.Error() }
 func (e *namedError) Unwrap() error { return e.err }
+
+// count adds n bytes copied by method m.
+func (st *FlattenStats) count(m Method, n int64) {
+	st.Bytes += n
+	switch m {
+	case MethodReflink:
+		st.Reflinked += n
+	case MethodCopyFileRange:
+		st.CopyFileRanged += n
+	case MethodReadWrite:
+		st.ReadWritten += n
+	}
+}

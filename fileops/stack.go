@@ -44,6 +44,7 @@ type upperLink struct {
 }
 
 type config struct {
+	verbatim     bool
 	userXattr    bool
 	tarWhiteouts bool
 	noRedirect   bool
@@ -61,6 +62,15 @@ type StackOpt func(*config) error
 // and ignores metacopy.
 func WithUserXattr() StackOpt {
 	return func(c *config) error { c.userXattr = true; c.noRedirect = true; return nil }
+}
+
+// WithVerbatim reads the layers as plain directories: no whiteouts, no
+// opaque or redirected directories, and every xattr is data, overlay's
+// included. A snapshot stored whole (overclone's userspace mode) is such a
+// directory: a 0/0 device or a trusted.overlay.* xattr a container made in
+// it is content, and a copy of it must carry it, not act on it.
+func WithVerbatim() StackOpt {
+	return func(c *config) error { c.verbatim = true; c.noRedirect = true; return nil }
 }
 
 // WithTarWhiteouts also honours OCI image-layer whiteouts: a ".wh.NAME"
@@ -116,6 +126,9 @@ func NewStack(upper string, lowers []string, opts ...StackOpt) (*Stack, error) {
 		if err := o(&s.cfg); err != nil {
 			return nil, err
 		}
+	}
+	if s.cfg.verbatim {
+		s.cfg.tarWhiteouts = false // plain directories have no whiteouts of any form
 	}
 	if upper != "" {
 		s.layers = append(s.layers, upper)
@@ -190,6 +203,9 @@ func (s *Stack) prefix() string {
 // a user's own "trusted.overlay.X" is stored escaped as
 // "trusted.overlay.overlay.X"; that one is data and is kept.
 func (s *Stack) isPrivateXattr(name string) bool {
+	if s.cfg.verbatim {
+		return false
+	}
 	p := s.prefix()
 	if len(name) < len(p) || name[:len(p)] != p {
 		return false

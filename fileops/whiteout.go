@@ -62,6 +62,9 @@ func (v *view) probe(dirfd int, name string) (unix.Stat_t, probeState, error) {
 }
 
 func (v *view) isWhiteout(dirfd int, name string, st *unix.Stat_t) (bool, error) {
+	if v.s.cfg.verbatim {
+		return false, nil
+	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFCHR:
 		return st.Rdev == 0, nil
@@ -79,6 +82,9 @@ func (v *view) isWhiteout(dirfd int, name string, st *unix.Stat_t) (bool, error)
 // opaque ('y' hides the layers below; 'x' only marks xattr whiteouts
 // inside) and the redirect target.
 func (v *view) dirMeta(dirfd int, name string) (opaque bool, redirect string, err error) {
+	if v.s.cfg.verbatim {
+		return false, "", nil
+	}
 	p := procPath(dirfd, name)
 	val, _, err := getXattr(p, v.s.prefix()+"opaque")
 	if err != nil {
@@ -127,6 +133,9 @@ func validRedirect(r string) (string, error) {
 // isMetacopy reports overlay.metacopy on a regular file: its data is in
 // the next regular file below (any value, even empty, marks it).
 func (v *view) isMetacopy(dirfd int, name string) (bool, error) {
+	if v.s.cfg.verbatim {
+		return false, nil
+	}
 	_, ok, err := getXattr(procPath(dirfd, name), v.s.prefix()+"metacopy")
 	return ok, err
 }

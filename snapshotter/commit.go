@@ -41,6 +41,9 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return err
 	}
+	if err := s.missing.check(id); err != nil {
+		return fmt.Errorf("commit %q: %w", key, err)
+	}
 	if s.mode == ModeUserspace && info.Parent == "" && base.Parent != "" {
 		// A userspace snapshot holds its whole view: a layer unpacked
 		// alone has neither its parent's files nor its whiteouts.
@@ -124,9 +127,11 @@ func (s *Snapshotter) ensureLink(id string) error {
 	return nil
 }
 
-// syncFilesystem flushes the filesystem that holds dir. One syncfs costs
-// about what fsyncing every file of a layer costs, and also covers the
-// directory entries, which per-file fsync would miss.
+// syncFilesystem flushes the filesystem that holds dir. One syncfs is far
+// cheaper than an fsync of every file and directory of a layer (1000 files:
+// 8x on xfs, 60x on ext4; with 64 MiB of unrelated dirty data on the same
+// filesystem still 3x and 13x; see test/durability's TestCommitSyncCost),
+// and it covers every directory entry without a walk.
 func syncFilesystem(dir string) error {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {

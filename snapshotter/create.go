@@ -60,7 +60,13 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	var materialized string // userspace mode: the parent copied into td
 	if s.mode == ModeUserspace && kind == snapshots.KindActive && parent != "" {
 		if materialized = s.parentID(ctx, parent); materialized != "" {
+			if err := s.missing.check(materialized); err != nil {
+				return nil, fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
+			}
 			if err := s.materialize(ctx, materialized, filepath.Join(td, "fs")); err != nil {
+				return nil, err
+			}
+			if err := s.syncMaterialized(td); err != nil {
 				return nil, err
 			}
 		}
@@ -76,6 +82,9 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		if err != nil {
 			return fmt.Errorf("create snapshot %q: %w", key, err)
 		}
+		if err := s.missing.check(snap.ParentIDs...); err != nil {
+			return fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
+		}
 		info = base // the labels given are the labels stored
 		switch {
 		case materialized != "" && snap.ParentIDs[0] != materialized:
@@ -89,7 +98,10 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 				return err
 			}
 		}
-		return s.placeDirectory(ctx, td, snap.ID)
+		if err := s.placeDirectory(ctx, td, snap.ID); err != nil {
+			return err
+		}
+		return s.syncPlaced(snap.ID)
 	})
 	if err != nil {
 		return nil, err

@@ -103,6 +103,7 @@ type Snapshotter struct {
 	overlay  overlayutil.Options // shape of every overlay mount
 	maxStack int
 	syncs    bool
+	missing  missingSet // snapshots whose directory is gone: refused
 
 	flat flatCache
 	// linked remembers the layers whose short link exists (linkLayers),
