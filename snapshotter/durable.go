@@ -7,22 +7,32 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// syncPlaced makes a new snapshot's directory durable before the
-// transaction that names it commits. bolt's fdatasync of its own file does
-// not order the rename of another directory on disk (on xfs an overwrite
-// of the preallocated db forces no log at all), so a power cut right after
-// a Prepare returned would leave metadata naming a directory that is gone,
-// and the snapshot unusable. It is measured on a shut-down xfs in
-// test/durability. Skipped with sync_on_commit off, which accepts losses.
+// syncPrepared and syncPlaced make a new snapshot's directory durable
+// before the transaction that names it commits. bolt's fdatasync of its own
+// file does not order the rename of another directory on disk (on xfs an
+// overwrite of the preallocated db forces no log at all), so a power cut
+// right after a Prepare returned would leave metadata naming a directory
+// that is gone, and the snapshot unusable. It is measured on a shut-down
+// xfs in test/durability. Both are skipped with sync_on_commit off, which
+// accepts losses.
 //
-// The fs dir, the snapshot's dir and snapshots/ are each fsynced: on xfs
-// and ext4 the first fsync forces the whole log and the others cost
-// nothing, but btrfs logs per inode.
-func (s *Snapshotter) syncPlaced(id string) error {
+// syncPrepared runs before the write transaction, so no other call waits
+// for it: the directory's contents and the directory itself. In userspace
+// mode the contents are a copy of the parent which, without a reflink
+// (ext4), is fresh data in the page cache: a power cut would hand the
+// container files of the right size full of zeros (also measured), so the
+// whole filesystem is synced. syncPlaced runs inside the transaction,
+// after the rename: only snapshots/, whose entry the rename changed.
+// Each directory is fsynced on its own because btrfs logs per inode, where
+// xfs and ext4 force the whole log on the first.
+func (s *Snapshotter) syncPrepared(td string) error {
 	if !s.syncs {
 		return nil
 	}
-	for _, dir := range []string{s.upperPath(id), s.snapshotDir(id), filepath.Join(s.root, snapshotsDir)} {
+	if s.mode == ModeUserspace {
+		return syncFilesystem(td)
+	}
+	for _, dir := range []string{filepath.Join(td, "fs"), td} {
 		if err := fsyncDir(dir); err != nil {
 			return err
 		}
@@ -30,17 +40,11 @@ func (s *Snapshotter) syncPlaced(id string) error {
 	return nil
 }
 
-// syncMaterialized makes a userspace-mode copy of a parent durable before
-// its metadata commits. Without a reflink (ext4) the copy is fresh data in
-// the page cache: a power cut after Prepare returned would hand the
-// container files of the right size full of zeros, measured on a shut-down
-// ext4 in test/durability. It runs before the write transaction, so no
-// other call waits for it.
-func (s *Snapshotter) syncMaterialized(dir string) error {
+func (s *Snapshotter) syncPlaced() error {
 	if !s.syncs {
 		return nil
 	}
-	return syncFilesystem(dir)
+	return fsyncDir(filepath.Join(s.root, snapshotsDir))
 }
 
 func fsyncDir(dir string) error {
