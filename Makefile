@@ -17,7 +17,10 @@ help:
 	@echo "make deps     install the Debian packages the tests need (root)"
 	@echo "make test     run every test (root: real mounts, loop devices)"
 	@echo "make run      build and serve overclone with the default config (root)"
-	@echo "make install  install the binaries"
+	@echo "make install  install binaries, systemd unit and default config"
+	@echo "make demo     overclone and a private containerd: import, run, clean up"
+	@echo "make e2e      only the end-to-end suite (containerd 1.6 and 2.x), verbose"
+	@echo "make containerd2  build containerd 2.x once into $(CONTAINERD2_CACHE)"
 
 build: $(addprefix bin/,$(BINARIES))
 
