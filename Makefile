@@ -17,7 +17,10 @@ help:
 	@echo "make deps     install the Debian packages the tests need (root)"
 	@echo "make test     run every test (root: real mounts, loop devices)"
 	@echo "make run      build and serve overclone with the default config (root)"
-	@echo "make install  install the binaries"
+	@echo "make install  install binaries, systemd unit and default config"
+	@echo "make demo     overclone and a private containerd: import, run, clean up"
+	@echo "make e2e      only the end-to-end suite (containerd 1.6 and 2.x), verbose"
+	@echo "make containerd2  build containerd 2.x once into $(CONTAINERD2_CACHE)"
 	@echo "make bench    overclone against containerd's built-in snapshotters (root, ~10 min;"
 	@echo "              BENCHFLAGS=-quick for ~1 min); writes results/results.{md,json,svg}"
 
@@ -49,6 +52,63 @@ install: build
 
 clean:
 	rm -rf bin
+
+# --- containerd 2.x for the end-to-end tests -------------------------------
+# Built once from the Go module proxy and cached outside the tree, so a second
+# run (and CI with a persistent cache) does not rebuild it. The e2e tests find
+# it through OVERCLONE_CONTAINERD2_BIN (default: this directory).
+CONTAINERD2_VERSION ?= v2.4.2
+CONTAINERD2_CACHE   ?= /var/cache/overclone/containerd-$(CONTAINERD2_VERSION)
+CONTAINERD2_BIN     := $(CONTAINERD2_CACHE)/bin
+CONTAINERD2_TOOLS   := containerd ctr containerd-shim-runc-v2
+
+.PHONY: containerd2
+containerd2: $(addprefix $(CONTAINERD2_BIN)/,$(CONTAINERD2_TOOLS))
+
+$(CONTAINERD2_BIN)/%:
+	@mkdir -p $(CONTAINERD2_BIN)
+	cd /tmp && GOBIN=$(CONTAINERD2_BIN) GOFLAGS=-buildvcs=false $(GO) install \
+		-tags "no_btrfs no_devmapper no_zfs" \
+		github.com/containerd/containerd/v2/cmd/$*@$(CONTAINERD2_VERSION)
+
+# --- end-to-end tests, demo, deploy files ------------------------------------
+# The e2e suite (test/e2e) runs real containerd 1.6 (Debian) and 2.x (the
+# cached build above) with runc, and a local docker-registry for pulls.
+DEB_PKGS += docker-registry
+SYSTEMDDIR ?= /etc/systemd/system
+CONFDIR    ?= /etc/containerd-overclone
+
+.PHONY: e2e demo install-deploy
+
+# `make test` runs the e2e suite with the rest; it needs containerd 2.x.
+test: containerd2
+
+# e2e runs only the end-to-end suite, verbosely, and prints the timings of
+# overclone next to containerd's built-in overlayfs (also written to
+# results/e2e-timings.txt).
+e2e: deps build containerd2
+	OVERCLONE_BIN=$(CURDIR)/bin/containerd-overclone-grpc OVERCLONE_CONTAINERD2_BIN=$(CONTAINERD2_BIN) \
+		$(GO) test -count=1 -timeout 15m -v ./test/e2e/
+
+# demo starts overclone and a private containerd 1.6, imports the test image
+# with --snapshotter overclone, runs a container that prints its view, and
+# stops everything it started.
+demo: deps build
+	$(GO) run ./test/e2e/cmd/demo -overclone bin/containerd-overclone-grpc
+
+# install also puts the systemd unit and the default config in place; an
+# existing config is never overwritten.
+install: install-deploy
+
+install-deploy:
+	install -d $(DESTDIR)$(SYSTEMDDIR) $(DESTDIR)$(CONFDIR)
+	install -m 0644 deploy/systemd/containerd-overclone-grpc.service $(DESTDIR)$(SYSTEMDDIR)/
+	@if [ -e $(DESTDIR)$(CONFDIR)/config.toml ]; then \
+		echo "keeping existing $(DESTDIR)$(CONFDIR)/config.toml"; \
+	else \
+		install -m 0644 deploy/config.toml $(DESTDIR)$(CONFDIR)/config.toml; \
+	fi
+	@if [ -z "$(DESTDIR)" ] && command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 
 # bench runs every workload of test/bench on loop ext4 and xfs, overclone
 # and containerd's built-in overlayfs and native snapshotters side by side.

@@ -71,6 +71,15 @@ type Config struct {
 	// ShutdownTimeout is how long SIGTERM waits for calls in flight
 	// before closing anyway. Default "10s".
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
+	// MetricsAddress serves Prometheus metrics on /metrics and a health
+	// check on /healthz (200 only while the metadata is readable and the
+	// root writable): "127.0.0.1:PORT" or "unix:///path". Default ""
+	// (off), as containerd's own metrics are opt-in.
+	MetricsAddress string `toml:"metrics_address"`
+	// DebugAddress serves Go's pprof on /debug/pprof/: a unix socket
+	// ("unix:///path") or a loopback "127.0.0.1:PORT" only. Default ""
+	// (off).
+	DebugAddress string `toml:"debug_address"`
 }
 
 // Default returns the configuration used when no file is given.
@@ -137,6 +146,16 @@ func (c *Config) Validate() error {
 	case "trace", "debug", "info", "warn", "warning", "error", "fatal", "panic":
 	default:
 		return fmt.Errorf("log_level %q: want trace, debug, info, warn or error", c.LogLevel)
+	}
+	if c.MetricsAddress != "" {
+		if _, _, err := ListenAddress(c.MetricsAddress); err != nil {
+			return fmt.Errorf("metrics_address %w", err)
+		}
+	}
+	if c.DebugAddress != "" {
+		if err := localOnly(c.DebugAddress); err != nil {
+			return fmt.Errorf("debug_address %w", err)
+		}
 	}
 	switch c.Mode {
 	case "auto", "overlay", "userspace":

@@ -30,6 +30,14 @@ func TestParse(t *testing.T) {
 		{name: "bad type", toml: "volatile = \"yes\"\n", wantErr: "line 1"},
 		{name: "bad duration", toml: "shutdown_timeout = \"soon\"\n", wantErr: "soon"},
 		{name: "bad log level", toml: "log_level = \"loud\"\n", wantErr: "log_level"},
+		{name: "metrics and debug addresses", toml: "metrics_address = \"127.0.0.1:9101\"\ndebug_address = \"unix:///run/x/debug.sock\"\n", check: func(t *testing.T, c Config) {
+			if c.MetricsAddress != "127.0.0.1:9101" || c.DebugAddress != "unix:///run/x/debug.sock" {
+				t.Fatalf("got %+v", c)
+			}
+		}},
+		{name: "relative unix metrics socket", toml: "metrics_address = \"unix://run/m.sock\"\n", wantErr: "must be absolute"},
+		{name: "metrics address without port", toml: "metrics_address = \"localhost\"\n", wantErr: "metrics_address"},
+		{name: "debug on the network", toml: "debug_address = \"0.0.0.0:6060\"\n", wantErr: "only a loopback address"},
 		{name: "bad mode", toml: "mode = \"kernel\"\n", wantErr: "mode"},
 		{name: "max_stack of one", toml: "max_stack = 1\n", wantErr: "max_stack"},
 		{name: "empty root", toml: "root = \"\"\n", wantErr: "root must not be empty"},

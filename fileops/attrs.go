@@ -50,7 +50,8 @@ func applyMeta(t target, st *unix.Stat_t, xs []xattr, lenient bool) error {
 	} else {
 		err = unix.Fchownat(t.dirfd, t.name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW)
 	}
-	if err != nil {
+	// A copy to the host by an unprivileged caller keeps its own owner.
+	if err != nil && !(lenient && errors.Is(err, unix.EPERM)) {
 		return fmt.Errorf("chown: %w", err)
 	}
 	for _, x := range xs {
@@ -114,9 +115,11 @@ func readlinkAt(dirfd int, name string) (string, error) {
 
 var tmpSeq atomic.Uint64
 
-// tmpName is a staging name that no layer content uses.
+// tmpName is a staging name that no layer content uses (isStagingName
+// hides the form in every layer). Callers reserve it through
+// newStagingName.
 func tmpName() string {
-	return ".overclone-tmp-" + strconv.Itoa(unix.Getpid()) + "-" + strconv.FormatUint(tmpSeq.Add(1), 10)
+	return stagingPrefix + strconv.Itoa(unix.Getpid()) + "-" + strconv.FormatUint(tmpSeq.Add(1), 10)
 }
 
 // makeNode creates a non-regular entry like st at dirfd/name.

@@ -29,18 +29,35 @@ type Caps struct {
 
 // capCache is process wide: a filesystem's abilities do not change while it
 // is mounted, and a failed FICLONE per file would cost a syscall each.
-var capCache sync.Map // uint64 dev -> *Caps guarded by capMu
+var capCache sync.Map // fsKey -> *Caps, written under capMu
 
 var capMu sync.Mutex
 
-func capsFor(dev uint64) Caps {
+// fsKey names one mounted filesystem. st_dev alone is not enough: a loop
+// device number comes back for the next filesystem attached to it, so the
+// unique mount id (statx STATX_MNT_ID_UNIQUE, never reused while the
+// system runs) goes with it.
+type fsKey struct {
+	dev uint64
+	mnt uint64
+}
+
+func fsKeyOf(fd int) (fsKey, error) {
+	var stx unix.Statx_t
+	if err := unix.Statx(fd, "", unix.AT_EMPTY_PATH, unix.STATX_MNT_ID_UNIQUE|unix.STATX_MNT_ID, &stx); err != nil {
+		return fsKey{}, err
+	}
+	return fsKey{dev: unix.Mkdev(stx.Dev_major, stx.Dev_minor), mnt: stx.Mnt_id}, nil
+}
+
+func capsFor(dev fsKey) Caps {
 	if c, ok := capCache.Load(dev); ok {
 		return *c.(*Caps)
 	}
 	return Caps{}
 }
 
-func learnCaps(dev uint64, f func(*Caps)) {
+func learnCaps(dev fsKey, f func(*Caps)) {
 	capMu.Lock()
 	defer capMu.Unlock()
 	c := capsFor(dev)
@@ -52,11 +69,16 @@ func learnCaps(dev uint64, f func(*Caps)) {
 // files (O_TMPFILE, so nothing is left behind) and caches the answer for
 // every later operation on that filesystem.
 func ProbeCaps(dir string) (Caps, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
+	dfd, err := openDir(dir)
+	if err != nil {
 		return Caps{}, fmt.Errorf("probe %s: %w", dir, err)
 	}
-	if c := capsFor(st.Dev); c.Reflink != Unknown && c.CopyFileRange != Unknown &&
+	defer closeFD(dfd)
+	key, err := fsKeyOf(dfd)
+	if err != nil {
+		return Caps{}, fmt.Errorf("probe %s: %w", dir, err)
+	}
+	if c := capsFor(key); c.Reflink != Unknown && c.CopyFileRange != Unknown &&
 		c.TrustedXattr != Unknown && c.UserXattr != Unknown {
 		return c, nil
 	}
@@ -93,14 +115,15 @@ func ProbeCaps(dir string) (Caps, error) {
 		c.UserXattr = Yes
 	}
 	capMu.Lock()
-	capCache.Store(st.Dev, &c)
+	capCache.Store(key, &c)
 	capMu.Unlock()
 	return c, nil
 }
 
 // unsupported reports errors that mean "this filesystem cannot do that at
-// all", as opposed to a failure of this one call.
+// all", as opposed to a failure of this one call. EINVAL is not one: btrfs
+// refuses a clone between files of different checksum modes with it.
 func unsupported(err error) bool {
 	return errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOTTY) ||
-		errors.Is(err, unix.ENOSYS) || errors.Is(err, unix.EINVAL)
+		errors.Is(err, unix.ENOSYS)
 }

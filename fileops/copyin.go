@@ -18,13 +18,26 @@ import (
 // place in one step; one that replaces a whiteout in the upper is made
 // opaque, as overlayfs does, so the names the whiteout hid stay hidden.
 // Overlay-private xattrs on host files are not carried in.
+//
+// The merged path is walked as ResolveFollow walks it, the last symlink
+// included, as open(2) on the mount would: a copy to /lib/x/f lands in
+// usr/lib/x/f when /lib links to usr/lib, and a copy onto a link to a
+// file replaces that file (cp and docker cp do the same). A last link
+// that leads nowhere is refused, as cp refuses to write through it.
+// Entries below the destination merge by name, without following links.
+//
+// Missing directories on the way are created like mkdir -p through the
+// mount: mode 0755, owner root:root (the group and set-gid bit of a
+// set-gid parent), opaque where they replace a whiteout. Names that came
+// out of a link's text are never created.
 func (s *Stack) CopyIn(ctx context.Context, hostSrc, path string) (FlattenStats, error) {
 	if !s.hasUpper {
 		return FlattenStats{}, fmt.Errorf("copy in %s: %w", path, ErrReadOnly)
 	}
-	rel, err := cleanPath(path)
-	if err != nil {
-		return FlattenStats{}, fmt.Errorf("copy in: %w", err)
+	hostSrc = filepath.Clean(hostSrc)
+	var hst unix.Stat_t
+	if err := unix.Lstat(hostSrc, &hst); err != nil {
+		return FlattenStats{}, fmt.Errorf("copy in %s: %w", hostSrc, err)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -32,8 +45,55 @@ func (s *Stack) CopyIn(ctx context.Context, hostSrc, path string) (FlattenStats,
 	defer v.close()
 	c := &inCopier{v: v, links: newLinker()}
 	defer c.links.close()
-	err = c.copyIn(ctx, filepath.Clean(hostSrc), rel)
+	r, err := v.walk(path, true, c.mkdir(ctx))
+	switch {
+	case err == nil:
+	case r.missing && r.viaLink:
+		return FlattenStats{}, fmt.Errorf("copy in %s: not writing through a dangling symlink: %w", hostSrc, err)
+	case r.missing && r.mustDir && hst.Mode&unix.S_IFMT != unix.S_IFDIR:
+		return FlattenStats{}, fmt.Errorf("copy in %s to %s: %w", hostSrc, path, unix.ENOTDIR)
+	case !r.missing:
+		return FlattenStats{}, fmt.Errorf("copy in %s: %w", hostSrc, err)
+	}
+	if _, name := parentName(r.canon); isStagingName(name) {
+		return FlattenStats{}, fmt.Errorf("copy in %s to %s: name reserved for staging: %w", hostSrc, r.canon, ErrInvalidPath)
+	}
+	err = c.copyIn(ctx, hostSrc, r.canon)
 	return c.stats, err
+}
+
+// mkdir creates a missing directory of the destination path in the upper,
+// as mkdir -p through the mount would.
+func (c *inCopier) mkdir(ctx context.Context) mkdirFunc {
+	return func(parent Entry, name string) error {
+		rel := joinRel(parent.Path, name)
+		if isStagingName(name) {
+			return fmt.Errorf("mkdir %s: name reserved for staging: %w", rel, ErrInvalidPath)
+		}
+		if parent.Path != "" {
+			if _, _, err := c.v.copyUp(ctx, parent.Path); err != nil {
+				return err
+			}
+		}
+		st := unix.Stat_t{Mode: unix.S_IFDIR | 0o755}
+		if parent.Stat.Mode&unix.S_ISGID != 0 {
+			st.Gid = parent.Stat.Gid
+			st.Mode |= unix.S_ISGID
+		}
+		err := c.place(rel, true, func(sd int, tmp string) error {
+			if err := unix.Mkdirat(sd, tmp, 0o700); err != nil {
+				return fmt.Errorf("mkdir %s: %w", rel, err)
+			}
+			if err := applyMeta(nameTarget(sd, tmp), &st, nil, false); err != nil {
+				return fmt.Errorf("mkdir %s: %w", rel, err)
+			}
+			return nil
+		})
+		if err == nil {
+			c.stats.Dirs++
+		}
+		return err
+	}
 }
 
 type inCopier struct {
@@ -62,6 +122,9 @@ func (c *inCopier) copyIn(ctx context.Context, hostSrc, rel string) error {
 			return fmt.Errorf("copy in %s: %w", hostSrc, err)
 		}
 		for _, de := range ents {
+			if isStagingName(de.Name()) {
+				return fmt.Errorf("copy in %s: name reserved for staging: %w", filepath.Join(hostSrc, de.Name()), ErrInvalidPath)
+			}
 			if err := c.copyIn(ctx, filepath.Join(hostSrc, de.Name()), joinRel(rel, de.Name())); err != nil {
 				return err
 			}
@@ -78,12 +141,14 @@ func (c *inCopier) copyIn(ctx context.Context, hostSrc, rel string) error {
 	if err := c.v.copyUpParents(ctx, rel); err != nil {
 		return err
 	}
-	return c.place(ctx, hostSrc, &hst, rel)
+	return c.place(rel, srcIsDir, func(sd int, tmp string) error {
+		return c.copyHost(ctx, hostSrc, sd, tmp)
+	})
 }
 
-// place builds hostSrc under a staging name and renames it over rel in
-// the upper, replacing a non-directory or a whiteout there.
-func (c *inCopier) place(ctx context.Context, hostSrc string, hst *unix.Stat_t, rel string) error {
+// place builds a new entry through build under a staging name and renames
+// it over rel in the upper, replacing a non-directory or a whiteout there.
+func (c *inCopier) place(rel string, isDir bool, build func(sd int, tmp string) error) error {
 	s := c.v.s
 	upperRoot, err := c.v.root(0)
 	if err != nil {
@@ -92,7 +157,7 @@ func (c *inCopier) place(ctx context.Context, hostSrc string, hst *unix.Stat_t, 
 	pdir, name := parentName(rel)
 	pfd, err := openBeneath(upperRoot, pdir, unix.O_PATH|unix.O_DIRECTORY, 0)
 	if err != nil {
-		return fmt.Errorf("copy in %s: open upper parent %s in layer %s: %w", hostSrc, pdir, s.layers[0], err)
+		return fmt.Errorf("place %s: open upper parent %s in layer %s: %w", rel, pdir, s.layers[0], err)
 	}
 	defer closeFD(pfd)
 	// What the upper holds at that name now decides whether a new
@@ -101,7 +166,7 @@ func (c *inCopier) place(ctx context.Context, hostSrc string, hst *unix.Stat_t, 
 	var ust unix.Stat_t
 	if unix.Fstatat(pfd, name, &ust, unix.AT_SYMLINK_NOFOLLOW) == nil {
 		if ust.Mode&unix.S_IFMT == unix.S_IFDIR {
-			return fmt.Errorf("copy in %s: %s in layer %s is a hidden directory: %w", hostSrc, rel, s.layers[0], unix.EEXIST)
+			return fmt.Errorf("place %s in layer %s: a hidden directory is there: %w", rel, s.layers[0], unix.EEXIST)
 		}
 		hidden, err = c.v.isWhiteout(pfd, name, &ust)
 		if err != nil {
@@ -115,12 +180,12 @@ func (c *inCopier) place(ctx context.Context, hostSrc string, hst *unix.Stat_t, 
 	}
 	sd, err := c.v.stageDir(pfd)
 	if err != nil {
-		return fmt.Errorf("copy in %s: open staging dir: %w", hostSrc, err)
+		return fmt.Errorf("place %s: open staging dir: %w", rel, err)
 	}
 	defer closeFD(sd)
-	tmp := tmpName()
-	isDir := hst.Mode&unix.S_IFMT == unix.S_IFDIR
-	if err := c.copyHost(ctx, hostSrc, sd, tmp); err != nil {
+	tmp := newStagingName()
+	defer releaseStagingName(tmp)
+	if err := build(sd, tmp); err != nil {
 		if isDir {
 			_ = os.RemoveAll(procPath(sd, tmp))
 		} else {
@@ -139,20 +204,35 @@ func (c *inCopier) place(ctx context.Context, hostSrc string, hst *unix.Stat_t, 
 		}
 		if err != nil {
 			_ = os.RemoveAll(procPath(sd, tmp))
-			return fmt.Errorf("copy in %s: mark %s opaque in layer %s: %w", hostSrc, rel, s.layers[0], err)
+			return fmt.Errorf("place %s: mark it opaque in layer %s: %w", rel, s.layers[0], err)
 		}
 	}
-	if err := unix.Renameat2(sd, tmp, pfd, name, 0); err != nil {
+	var flags uint
+	occupied := ust.Mode != 0
+	if isDir && occupied {
+		// rename(2) cannot put a dir over a non-dir; swap them in one step
+		// and remove what came back, as overlayfs does over a whiteout.
+		flags = unix.RENAME_EXCHANGE
+	}
+	if stagedHook != nil {
+		stagedHook()
+	}
+	if err := unix.Renameat2(sd, tmp, pfd, name, flags); err != nil {
 		if isDir {
 			_ = os.RemoveAll(procPath(sd, tmp))
 		} else {
 			removeStaged(sd, tmp, false)
 		}
-		return fmt.Errorf("copy in %s: rename into %s in layer %s: %w", hostSrc, rel, s.layers[0], err)
+		return fmt.Errorf("place %s: rename into layer %s: %w", rel, s.layers[0], err)
+	}
+	if flags == unix.RENAME_EXCHANGE {
+		if err := unix.Unlinkat(sd, tmp, 0); err != nil {
+			return fmt.Errorf("place %s: remove what it replaced in layer %s: %w", rel, s.layers[0], err)
+		}
 	}
 	if tarWhiteout {
 		if err := unix.Unlinkat(pfd, tarWhiteoutPrefix+name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("copy in %s: remove whiteout of %s in layer %s: %w", hostSrc, rel, s.layers[0], err)
+			return fmt.Errorf("place %s: remove its whiteout in layer %s: %w", rel, s.layers[0], err)
 		}
 	}
 	return nil
@@ -194,6 +274,9 @@ func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name str
 			return err
 		}
 		for _, de := range ents {
+			if isStagingName(de.Name()) {
+				return fmt.Errorf("name reserved for staging: %w", ErrInvalidPath)
+			}
 			if err := c.copyHost(ctx, filepath.Join(src, de.Name()), dfd, de.Name()); err != nil {
 				return err
 			}
@@ -229,10 +312,7 @@ func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name str
 			return err
 		}
 		c.stats.Files++
-		c.stats.Bytes += n
-		if m == MethodReflink {
-			c.stats.Reflinked += n
-		}
+		c.stats.count(m, n)
 		if st.Nlink > 1 {
 			c.links.remember(key, dirfd, name)
 		}

@@ -38,6 +38,10 @@ func (v *view) copyUp(ctx context.Context, rel string) (CopyResult, Entry, error
 	if err != nil {
 		return CopyResult{}, Entry{}, fmt.Errorf("copy up: %w", err)
 	}
+	if e.InUpper(v.s) && e.Metacopy {
+		res, err := v.copyUpData(ctx, e)
+		return res, e, err
+	}
 	if e.InUpper(v.s) {
 		return CopyResult{Method: MethodNone}, e, nil
 	}
@@ -120,7 +124,7 @@ func (v *view) copyUpEntry(ctx context.Context, e Entry) (res CopyResult, err er
 		return res, err
 	}
 	if e.Kind == KindFile {
-		res, err = v.copyUpFile(ctx, e, spfd, sname, pfd, name, xs)
+		res, err = v.copyUpFile(ctx, e, pfd, name, xs)
 	} else {
 		res, err = v.copyUpNode(e, spfd, sname, pfd, name, xs)
 	}
@@ -144,44 +148,43 @@ func openSource(dirfd int, name string) (int, error) {
 	return fd, err
 }
 
-func (v *view) copyUpFile(ctx context.Context, e Entry, spfd int, sname string, pfd int, name string, xs []xattr) (CopyResult, error) {
+func (v *view) copyUpFile(ctx context.Context, e Entry, pfd int, name string, xs []xattr) (CopyResult, error) {
 	key := inodeKey{layer: e.Layer, dev: e.Stat.Dev, ino: e.Stat.Ino}
 	if e.Stat.Nlink > 1 {
 		if ok, err := v.linkUp(key, pfd, name); err != nil || ok {
 			return CopyResult{Method: MethodHardLink}, err
 		}
 	}
-	sfd, err := openSource(spfd, sname)
+	sfd, err := v.openData(e)
 	if err != nil {
 		return CopyResult{}, fmt.Errorf("open source: %w", err)
 	}
 	defer closeFD(sfd)
-
-	// An O_TMPFILE has no name until linkat, so a crash at any point before
-	// leaves nothing in the upper.
-	dfd, err := unix.Openat(pfd, ".", unix.O_TMPFILE|unix.O_RDWR|unix.O_CLOEXEC, 0o600)
+	f, err := v.stageFile(pfd)
 	if err != nil {
-		return CopyResult{}, fmt.Errorf("create O_TMPFILE in upper: %w", err)
+		return CopyResult{}, err
 	}
-	defer closeFD(dfd)
-	m, n, err := copyData(ctx, dfd, sfd, e.Stat.Size, v.s.cfg.methods)
+	defer f.close()
+	m, n, err := copyData(ctx, f.fd, sfd, e.Stat.Size, v.s.cfg.methods)
 	if err != nil {
 		return CopyResult{}, fmt.Errorf("copy data: %w", err)
 	}
+	// Data must be on disk before the name is: a power cut must not leave
+	// a complete-looking file with zero-length data.
 	if !v.s.cfg.volatile {
-		if err := unix.Fsync(dfd); err != nil {
+		if err := unix.Fsync(f.fd); err != nil {
 			return CopyResult{}, fmt.Errorf("fsync: %w", err)
 		}
 	}
-	if err := applyMeta(fdTarget(dfd), &e.Stat, xs, false); err != nil {
+	if err := applyMeta(fdTarget(f.fd), &e.Stat, xs, false); err != nil {
 		return CopyResult{}, err
 	}
-	if err := unix.Linkat(unix.AT_FDCWD, fdPath(dfd), pfd, name, unix.AT_SYMLINK_FOLLOW); err != nil {
-		return CopyResult{}, fmt.Errorf("link into upper: %w", err)
+	if err := f.place(pfd, name); err != nil {
+		return CopyResult{}, err
 	}
 	if e.Stat.Nlink > 1 {
 		var st unix.Stat_t
-		if unix.Fstat(dfd, &st) == nil {
+		if unix.Fstat(f.fd, &st) == nil {
 			v.s.links[key] = upperLink{rel: e.Path, ino: st.Ino}
 		}
 	}
@@ -216,15 +219,6 @@ func (v *view) linkUp(key inodeKey, pfd int, name string) (bool, error) {
 	return true, nil
 }
 
-// stageDir is where non-regular entries are built before the rename: the
-// work dir when set, else the target directory itself.
-func (v *view) stageDir(pfd int) (int, error) {
-	if v.s.cfg.workDir == "" {
-		return unix.Dup(pfd)
-	}
-	return openDir(v.s.cfg.workDir)
-}
-
 func (v *view) copyUpNode(e Entry, spfd int, sname string, pfd int, name string, xs []xattr) (CopyResult, error) {
 	var linkTarget string
 	if e.Kind == KindSymlink {
@@ -239,13 +233,17 @@ func (v *view) copyUpNode(e Entry, spfd int, sname string, pfd int, name string,
 		return CopyResult{}, fmt.Errorf("open staging dir: %w", err)
 	}
 	defer closeFD(sd)
-	tmp := tmpName()
+	tmp := newStagingName()
+	defer releaseStagingName(tmp)
 	if err := makeNode(sd, tmp, &e.Stat, linkTarget); err != nil {
 		return CopyResult{}, fmt.Errorf("create %s: %w", e.Kind, err)
 	}
 	if err := applyMeta(nameTarget(sd, tmp), &e.Stat, xs, false); err != nil {
 		removeStaged(sd, tmp, e.Kind == KindDir)
 		return CopyResult{}, err
+	}
+	if stagedHook != nil {
+		stagedHook()
 	}
 	if err := unix.Renameat2(sd, tmp, pfd, name, unix.RENAME_NOREPLACE); err != nil {
 		removeStaged(sd, tmp, e.Kind == KindDir)

@@ -17,35 +17,39 @@ const chunk = 8 << 20
 // keeping holes. It tries each allowed method in turn, skipping those the
 // capability cache says the filesystem lacks.
 func copyData(ctx context.Context, dst, src int, size int64, methods []Method) (Method, int64, error) {
-	var dstSt, srcSt unix.Stat_t
-	if err := unix.Fstat(dst, &dstSt); err != nil {
+	if size == 0 {
+		return MethodNone, 0, nil
+	}
+	dk, err := fsKeyOf(dst)
+	if err != nil {
 		return MethodNone, 0, err
 	}
-	if err := unix.Fstat(src, &srcSt); err != nil {
+	sk, err := fsKeyOf(src)
+	if err != nil {
 		return MethodNone, 0, err
 	}
-	sameDev := dstSt.Dev == srcSt.Dev
+	sameDev := dk == sk
 	var lastErr error
 	for _, m := range methods {
 		switch m {
 		case MethodReflink:
-			if size == 0 || capsFor(dstSt.Dev).Reflink == No {
+			if capsFor(dk).Reflink == No {
 				continue
 			}
 			err := unix.IoctlFileClone(dst, src)
 			if err == nil {
-				if capsFor(dstSt.Dev).Reflink == Unknown {
-					learnCaps(dstSt.Dev, func(c *Caps) { c.Reflink = Yes })
+				if capsFor(dk).Reflink == Unknown {
+					learnCaps(dk, func(c *Caps) { c.Reflink = Yes })
 				}
 				return MethodReflink, size, nil
 			}
 			// EXDEV says nothing about the filesystem itself.
 			if sameDev && unsupported(err) {
-				learnCaps(dstSt.Dev, func(c *Caps) { c.Reflink = No })
+				learnCaps(dk, func(c *Caps) { c.Reflink = No })
 			}
 			lastErr = err
 		case MethodCopyFileRange:
-			if capsFor(dstSt.Dev).CopyFileRange == No {
+			if capsFor(dk).CopyFileRange == No {
 				continue
 			}
 			n, err := copySegments(ctx, dst, src, size, cfrCopy)
@@ -56,7 +60,7 @@ func copyData(ctx context.Context, dst, src int, size int64, methods []Method) (
 				return MethodNone, 0, err
 			}
 			if sameDev && unsupported(err) {
-				learnCaps(dstSt.Dev, func(c *Caps) { c.CopyFileRange = No })
+				learnCaps(dk, func(c *Caps) { c.CopyFileRange = No })
 			}
 			lastErr = err
 			// The next method starts over; drop anything written.

@@ -71,6 +71,17 @@ type Entry struct {
 	// Dirs lists every layer directory merged into a directory entry, top
 	// first; Dirs[0] is the visible one. Empty for non-directories.
 	Dirs []Location
+	// Metacopy marks a file whose metadata is at Layer/RealPath but whose
+	// data lives in a lower file (overlayfs' metacopy=on); DataLayer and
+	// DataPath name where to read it. For every other file they equal
+	// Layer and RealPath.
+	Metacopy  bool
+	DataLayer int
+	DataPath  string
+	// Err is set on a ReadDir entry whose name is listed but cannot be
+	// looked up, as a stat of it on the mount would fail; the other fields
+	// then hold only Path and Info's name.
+	Err error
 }
 
 // InUpper reports whether the visible entry already lives in the upper.

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -16,6 +17,9 @@ type FlattenStats struct {
 	Dirs, Files, Symlinks, Specials, HardLinks int
 	Bytes                                      int64 // file data written or shared
 	Reflinked                                  int64 // of Bytes, shared by reflink
+	// CopyFileRanged and ReadWritten are the rest of Bytes, by the method
+	// that copied them: in the kernel, or through userspace.
+	CopyFileRanged, ReadWritten int64
 }
 
 // maxLinkFDs caps the descriptors kept open to re-link hard links; past
@@ -61,19 +65,32 @@ func (l *linker) remember(key inodeKey, dirfd int, name string) {
 // consumed, data is reflinked where the filesystem allows, hard links
 // inside one layer stay links. The result is what the kernel shows when
 // it mounts the stack, as one plain directory tree.
+//
+// A name that the merged view lists but cannot look up (see ReadDir's
+// Err) stops Flatten with an error naming its merged path: the kernel
+// would fail to read it too, and a layer silently missing an entry is
+// worse than no layer. dst is then left partly written for the caller to
+// remove.
 func Flatten(ctx context.Context, s *Stack, dst string) (FlattenStats, error) {
 	return s.copyOut(ctx, "", dst, true, false)
 }
 
 // CopyOut copies the merged entry at path (a file, or a whole tree) to the
-// host path hostDst, which must not exist yet. Attributes the host
-// filesystem cannot hold (an xattr namespace it lacks) are skipped.
+// host path hostDst. Attributes the host filesystem cannot hold (an xattr
+// namespace it lacks) are skipped.
+//
+// The merged path is walked as ResolveFollow walks it, symlinks on the way
+// followed inside the merged root (so /lib/x86_64-linux-gnu/libc.so.6
+// works where /lib is a link to usr/lib), but a symlink as the last
+// component is copied as the link itself, like cp -P; a path ending in "/"
+// follows it, like cp -a LINK/ DST.
+//
+// When hostDst is an existing directory the entry is copied into it under
+// its own name (the last component of path), like cp -a SRC DIR/ and
+// nerdctl cp; that name must not exist there yet. Otherwise hostDst must
+// not exist and becomes the copy.
 func (s *Stack) CopyOut(ctx context.Context, path, hostDst string) (FlattenStats, error) {
-	rel, err := cleanPath(path)
-	if err != nil {
-		return FlattenStats{}, fmt.Errorf("copy out: %w", err)
-	}
-	return s.copyOut(ctx, rel, hostDst, false, true)
+	return s.copyOut(ctx, path, hostDst, false, true)
 }
 
 type outCopier struct {
@@ -83,17 +100,27 @@ type outCopier struct {
 	lenient bool
 }
 
-func (s *Stack) copyOut(ctx context.Context, rel, hostDst string, intoEmpty, lenient bool) (FlattenStats, error) {
+func (s *Stack) copyOut(ctx context.Context, path, hostDst string, intoEmpty, lenient bool) (FlattenStats, error) {
 	v := s.newView()
 	defer v.close()
-	e, err := v.resolve(rel)
+	r, err := v.walk(path, false, nil)
 	if err != nil {
 		return FlattenStats{}, fmt.Errorf("copy out: %w", err)
 	}
+	e := r.e
 	hostDst = filepath.Clean(hostDst)
+	if !intoEmpty {
+		if fi, err := os.Stat(hostDst); err == nil && fi.IsDir() {
+			name := outName(path, e)
+			if name == "" {
+				return FlattenStats{}, fmt.Errorf("copy out the root into existing directory %s (Flatten copies a whole view): %w", hostDst, os.ErrExist)
+			}
+			hostDst = filepath.Join(hostDst, name)
+		}
+	}
 	pfd, err := openDir(filepath.Dir(hostDst))
 	if err != nil {
-		return FlattenStats{}, fmt.Errorf("copy out %s to %s: %w", rel, hostDst, err)
+		return FlattenStats{}, fmt.Errorf("copy out %s to %s: %w", e.Path, hostDst, err)
 	}
 	defer closeFD(pfd)
 	name := filepath.Base(hostDst)
@@ -109,6 +136,18 @@ func (s *Stack) copyOut(ctx context.Context, rel, hostDst string, intoEmpty, len
 	defer c.links.close()
 	err = c.copy(ctx, e, pfd, name, exists)
 	return c.stats, err
+}
+
+// outName is the name a copy into a directory gets: the last component
+// of the path as the caller wrote it (a link keeps its own name), or, for
+// a path ending in "." or "..", the name of the directory reached. The
+// root has none.
+func outName(path string, e Entry) string {
+	name := filepath.Base(strings.TrimRight(path, "/"))
+	if name == "." || name == ".." || name == "/" || strings.TrimRight(path, "/") == "" {
+		_, name = parentName(e.Path)
+	}
+	return name
 }
 
 func isEmptyDir(dir string) (bool, error) {
@@ -169,6 +208,12 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 			return err
 		}
 		for _, ch := range children {
+			if ch.Err != nil {
+				// The kernel lists the name but fails to stat it, so a
+				// copy of the mount would miss it too. A flattened layer
+				// that silently lacks an entry is worse than none: stop.
+				return &namedError{fmt.Errorf("copy out %s: %w", ch.Path, ch.Err)}
+			}
 			_, chName := parentName(ch.Path)
 			if err := c.copy(ctx, ch, dfd, chName, false); err != nil {
 				return err
@@ -217,7 +262,7 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 }
 
 func (c *outCopier) copyFile(ctx context.Context, e Entry, spfd int, sname string, dpfd int, name string, xs []xattr) error {
-	sfd, err := openSource(spfd, sname)
+	sfd, err := c.v.openData(e)
 	if err != nil {
 		return fmt.Errorf("open source: %w", err)
 	}
@@ -231,10 +276,7 @@ func (c *outCopier) copyFile(ctx context.Context, e Entry, spfd int, sname strin
 	if err != nil {
 		return fmt.Errorf("copy data: %w", err)
 	}
-	c.stats.Bytes += n
-	if m == MethodReflink {
-		c.stats.Reflinked += n
-	}
+	c.stats.count(m, n)
 	return applyMeta(fdTarget(dfd), &e.Stat, xs, c.lenient)
 }
 
@@ -244,3 +286,16 @@ type namedError struct{ err error }
 
 func (e *namedError) Error() string { return e.err.Error() }
 func (e *namedError) Unwrap() error { return e.err }
+
+// count adds n bytes copied by method m.
+func (st *FlattenStats) count(m Method, n int64) {
+	st.Bytes += n
+	switch m {
+	case MethodReflink:
+		st.Reflinked += n
+	case MethodCopyFileRange:
+		st.CopyFileRanged += n
+	case MethodReadWrite:
+		st.ReadWritten += n
+	}
+}

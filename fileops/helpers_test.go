@@ -137,6 +137,9 @@ func stackTree(t testing.TB, s *Stack) tree {
 				t.Fatalf("Resolve(%q) = layer %d %q, ReadDir said layer %d %q", e.Path, r.Layer, r.RealPath, e.Layer, e.RealPath)
 			}
 			n := readNode(t, filepath.Join(e.LayerDir, e.RealPath), s.isPrivateXattr)
+			if e.Metacopy {
+				n.Sum = readNode(t, filepath.Join(s.layers[e.DataLayer], e.DataPath), nil).Sum
+			}
 			if n.Kind != e.Kind || n.Mode != e.Stat.Mode&0o7777 && e.Kind != KindSymlink {
 				t.Fatalf("entry %q: stat in Entry disagrees with the real file", e.Path)
 			}
@@ -280,4 +283,12 @@ func needRoot(t testing.TB) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for mounts, whiteouts and trusted xattrs")
 	}
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if fuzzBase != "" {
+		os.RemoveAll(fuzzBase)
+	}
+	os.Exit(code)
 }

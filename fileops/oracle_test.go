@@ -77,8 +77,12 @@ func TestKernelOracle(t *testing.T) {
 				}
 
 				flat := filepath.Join(base, "flat")
-				if _, err := Flatten(context.Background(), s, flat); err != nil {
+				fst, err := Flatten(context.Background(), s, flat)
+				if err != nil {
 					t.Fatal(err)
+				}
+				if fst.Reflinked != fst.Bytes || fst.Files == 0 {
+					t.Errorf("Flatten on xfs reflinked %d of %d bytes (%d files)", fst.Reflinked, fst.Bytes, fst.Files)
 				}
 				flatTree, _ := walkTree(t, flat, skipOverlayXattrs)
 				compareTrees(t, "Flatten vs kernel", want, flatTree, true, nil)

@@ -17,6 +17,7 @@ const dedupeChunk = 16 << 20
 type rangeFiles struct {
 	src, dst       int
 	srcSt, dstSt   unix.Stat_t
+	srcFS, dstFS   fsKey
 	srcEnt, dstEnt Entry
 }
 
@@ -71,7 +72,7 @@ func (s *Stack) openRange(ctx context.Context, op, src string, srcOff int64, dst
 		return nil, fmt.Errorf("%s source %s in layer %s is a %s: %w", op, srel, se.LayerDir, se.Kind, unix.EINVAL)
 	}
 	r := &rangeFiles{src: -1, dst: -1, srcEnt: se, dstEnt: de}
-	if r.src, err = v.openFile(se, unix.O_RDONLY); err != nil {
+	if r.src, err = v.openData(se); err != nil {
 		return nil, fmt.Errorf("%s source %s in layer %s: %w", op, srel, se.LayerDir, err)
 	}
 	// Never O_APPEND: FICLONERANGE refuses it with EBADF.
@@ -87,6 +88,13 @@ func (s *Stack) openRange(ctx context.Context, op, src string, srcOff int64, dst
 		r.close()
 		return nil, err
 	}
+	if r.srcFS, err = fsKeyOf(r.src); err == nil {
+		r.dstFS, err = fsKeyOf(r.dst)
+	}
+	if err != nil {
+		r.close()
+		return nil, err
+	}
 	return r, nil
 }
 
@@ -95,15 +103,6 @@ func (v *view) openFile(e Entry, flags int) (int, error) {
 	root, err := v.root(e.Layer)
 	if err != nil {
 		return -1, err
-	}
-	if flags == unix.O_RDONLY {
-		dir, name := parentName(e.RealPath)
-		pfd, err := openBeneath(root, dir, unix.O_PATH|unix.O_DIRECTORY, 0)
-		if err != nil {
-			return -1, err
-		}
-		defer closeFD(pfd)
-		return openSource(pfd, name)
 	}
 	return openBeneath(root, e.RealPath, flags|unix.O_NOFOLLOW, 0)
 }
@@ -177,8 +176,8 @@ func (s *Stack) transfer(ctx context.Context, r *rangeFiles, srcOff, dstOff, n i
 		bs = 4096
 	}
 	end := srcOff + n
-	canClone := slices.Contains(s.cfg.methods, MethodReflink) && r.srcSt.Dev == r.dstSt.Dev &&
-		capsFor(r.dstSt.Dev).Reflink != No && (srcOff-dstOff)%bs == 0
+	canClone := slices.Contains(s.cfg.methods, MethodReflink) && r.srcFS == r.dstFS &&
+		capsFor(r.dstFS).Reflink != No && (srcOff-dstOff)%bs == 0
 	if canClone {
 		mStart := (srcOff + bs - 1) / bs * bs
 		mEnd := end / bs * bs
@@ -208,8 +207,8 @@ func (s *Stack) transfer(ctx context.Context, r *rangeFiles, srcOff, dstOff, n i
 				}
 				return res, nil
 			}
-			if unsupported(err) && !errors.Is(err, unix.EINVAL) {
-				learnCaps(r.dstSt.Dev, func(c *Caps) { c.Reflink = No })
+			if unsupported(err) {
+				learnCaps(r.dstFS, func(c *Caps) { c.Reflink = No })
 			}
 		}
 	}
@@ -226,14 +225,14 @@ func (s *Stack) copyBytes(ctx context.Context, r *rangeFiles, srcOff, dstOff, n 
 	if err := ctx.Err(); err != nil {
 		return MethodNone, err
 	}
-	if slices.Contains(s.cfg.methods, MethodCopyFileRange) && capsFor(r.dstSt.Dev).CopyFileRange != No {
+	if slices.Contains(s.cfg.methods, MethodCopyFileRange) && capsFor(r.dstFS).CopyFileRange != No {
 		err := cfrCopy(r.dst, r.src, srcOff, dstOff, n)
 		if err == nil {
 			return MethodCopyFileRange, nil
 		}
 		// EXDEV: another filesystem, e.g. a host file or a lower layer on
 		// a different disk; that is the read/write copy's job.
-		if !errors.Is(err, unix.EXDEV) && !unsupported(err) {
+		if !errors.Is(err, unix.EXDEV) && !errors.Is(err, unix.EINVAL) && !unsupported(err) {
 			return MethodNone, err
 		}
 	}
@@ -277,7 +276,7 @@ func (s *Stack) DedupeRange(ctx context.Context, src string, srcOff int64, dst s
 			Info:       []unix.FileDedupeRangeInfo{{Dest_fd: int64(r.dst), Dest_offset: uint64(dstOff + done)}},
 		}
 		if err := unix.IoctlFileDedupeRange(r.src, &arg); err != nil {
-			if unsupported(err) && !errors.Is(err, unix.EINVAL) {
+			if unsupported(err) {
 				err = fmt.Errorf("%w: %w", errors.ErrUnsupported, err)
 			}
 			return res, s.rangeErr("dedupe range", r, err)

@@ -73,158 +73,6 @@ func closeDirs(ds []dirRef) {
 	}
 }
 
-type hit struct {
-	loc Location
-	st  unix.Stat_t
-}
-
-// lookup finds name in a merged directory, given that directory's layer
-// parts top first, following overlayfs' per-component rules: a whiteout
-// ends the search; a non-directory is opaque and never merges with a
-// directory above or below it; an opaque directory ends merging; a
-// redirect renames the lookup in the layers below (a relative one within
-// the same parent, an absolute one from each lower root).
-func (v *view) lookup(dirs []dirRef, name string) ([]hit, bool, error) {
-	var hits []hit
-	opaque := false
-	rel := name   // the name looked up in the parents' layer dirs
-	abs := ""     // after an absolute redirect: the path below each root
-	absFrom := -1 // the next layer an absolute lookup visits
-	next := 0     // the next parent layer dir
-	last := len(v.s.layers) - 1
-	for {
-		var (
-			st    unix.Stat_t
-			state probeState
-			loc   Location
-			pfd   = -1
-			pname string
-			stop  bool
-			err   error
-		)
-		if abs == "" {
-			if next >= len(dirs) {
-				break
-			}
-			d := dirs[next]
-			next++
-			st, state, err = v.probe(d.fd, rel)
-			loc = Location{d.loc.Layer, joinRel(d.loc.Path, rel)}
-			pfd, pname = d.fd, rel
-		} else {
-			if absFrom > last {
-				break
-			}
-			loc = Location{absFrom, abs}
-			absFrom++
-			var own int
-			st, state, own, stop, err = v.probeAbs(loc.Layer, abs)
-			defer closeFD(own)
-			_, pname = parentName(abs)
-			pfd = own
-		}
-		if err != nil {
-			return nil, false, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
-		}
-		if state == absent {
-			if stop {
-				break
-			}
-			continue
-		}
-		if state == whitedOut {
-			break
-		}
-		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-			if len(hits) == 0 {
-				hits = append(hits, hit{loc, st})
-			}
-			break
-		}
-		hits = append(hits, hit{loc, st})
-		if loc.Layer == last || stop {
-			break
-		}
-		opq, redirect, err := v.dirMeta(pfd, pname)
-		if err != nil {
-			return nil, false, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
-		}
-		if opq {
-			opaque = opaque || len(hits) == 1
-			break
-		}
-		if redirect == "" {
-			continue
-		}
-		r, err := validRedirect(redirect)
-		if err != nil {
-			return nil, false, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
-		}
-		switch {
-		case r[0] == '/':
-			abs, absFrom = r[1:], loc.Layer+1
-		case abs != "":
-			dir, _ := parentName(abs)
-			abs = joinRel(dir, r)
-		default:
-			rel = r
-		}
-	}
-	return hits, opaque, nil
-}
-
-// probeAbs looks an absolute redirect target up below one layer root,
-// component by component: a whiteout or non-directory on the way ends the
-// whole lookup, an opaque directory on the way ends it after this layer.
-// It returns the open parent of the last component for dirMeta.
-func (v *view) probeAbs(layer int, abs string) (st unix.Stat_t, state probeState, pfd int, stop bool, err error) {
-	r, err := v.root(layer)
-	if err != nil {
-		return st, absent, -1, false, err
-	}
-	comps := splitPath(abs)
-	cur, err := unix.Dup(r)
-	if err != nil {
-		return st, absent, -1, false, err
-	}
-	for i, c := range comps {
-		st, state, err = v.probe(cur, c)
-		if err != nil || state == absent {
-			closeFD(cur)
-			return st, absent, -1, false, err
-		}
-		if state == whitedOut {
-			closeFD(cur)
-			return st, absent, -1, true, nil
-		}
-		if i == len(comps)-1 {
-			return st, present, cur, stop, nil
-		}
-		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
-			closeFD(cur)
-			return st, absent, -1, true, nil
-		}
-		opq, _, err := v.dirMeta(cur, c)
-		if err != nil {
-			closeFD(cur)
-			return st, absent, -1, false, err
-		}
-		stop = stop || opq
-		child, err := openBeneath(cur, c, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
-		closeFD(cur)
-		if err != nil {
-			return st, absent, -1, false, err
-		}
-		cur = child
-	}
-	// An empty absolute redirect ("/") names the root itself.
-	if err := unix.Fstat(cur, &st); err != nil {
-		closeFD(cur)
-		return st, absent, -1, false, err
-	}
-	return st, present, cur, stop, nil
-}
-
 func (v *view) rootLocs() []Location {
 	locs := make([]Location, len(v.s.layers))
 	for i := range locs {
@@ -233,7 +81,8 @@ func (v *view) rootLocs() []Location {
 	return locs
 }
 
-func (v *view) entry(p string, hits []hit, opaque bool) Entry {
+func (v *view) entry(p string, f found) Entry {
+	hits, opaque := f.hits, f.opaque
 	h := hits[0]
 	e := Entry{
 		Path:     p,
@@ -245,6 +94,11 @@ func (v *view) entry(p string, hits []hit, opaque bool) Entry {
 		Opaque:   opaque,
 	}
 	e.Info = newInfo(p, &e.Stat)
+	e.DataLayer, e.DataPath = e.Layer, e.RealPath
+	if f.data != nil {
+		e.Metacopy = true
+		e.DataLayer, e.DataPath = f.data.loc.Layer, f.data.loc.Path
+	}
 	if e.Kind == KindDir {
 		for _, x := range hits {
 			e.Dirs = append(e.Dirs, x.loc)
@@ -268,7 +122,7 @@ func (v *view) resolve(rel string) (Entry, error) {
 		for i, l := range v.rootLocs() {
 			hits[i] = hit{loc: l, st: st}
 		}
-		return v.entry("", hits, false), nil
+		return v.entry("", found{hits: hits}), nil
 	}
 	locs := v.rootLocs()
 	comps := splitPath(rel)
@@ -277,16 +131,17 @@ func (v *view) resolve(rel string) (Entry, error) {
 		if err != nil {
 			return Entry{}, fmt.Errorf("resolve %s: %w", rel, err)
 		}
-		hits, opaque, err := v.lookup(dirs, c)
+		f, err := v.lookup(dirs, c)
 		closeDirs(dirs)
 		if err != nil {
 			return Entry{}, fmt.Errorf("resolve %s: %w", rel, err)
 		}
+		hits := f.hits
 		if len(hits) == 0 {
 			return Entry{}, fmt.Errorf("resolve %s: %w", rel, fs.ErrNotExist)
 		}
 		if i == len(comps)-1 {
-			return v.entry(rel, hits, opaque), nil
+			return v.entry(rel, f), nil
 		}
 		if hits[0].st.Mode&unix.S_IFMT != unix.S_IFDIR {
 			return Entry{}, fmt.Errorf("resolve %s: %s is a %s in layer %s: %w", rel, joinRel("", hits[0].loc.Path),
@@ -315,6 +170,12 @@ func (s *Stack) Resolve(path string) (Entry, error) {
 
 // ReadDir returns the merged listing of the directory at path, sorted by
 // name, without whiteouts and without the names they hide.
+//
+// A name whose lookup fails (a directory with an invalid redirect, or one
+// that WithoutRedirects refuses to follow, a metacopy file whose data is
+// gone) is listed all the same, as the kernel's readdir lists it: its
+// Entry has Err set, Kind KindUnknown and only Path and Info's name
+// filled in. Only that entry fails, as only its stat fails on a mount.
 func (s *Stack) ReadDir(path string) ([]Entry, error) {
 	rel, err := cleanPath(path)
 	if err != nil {
@@ -355,14 +216,20 @@ func (v *view) readDir(e Entry) ([]Entry, error) {
 	sort.Strings(names)
 	out := make([]Entry, 0, len(names))
 	for _, n := range names {
-		hits, opaque, err := v.lookup(dirs, n)
+		p := joinRel(e.Path, n)
+		f, err := v.lookup(dirs, n)
 		if err != nil {
-			return nil, fmt.Errorf("read dir %s: %w", e.Path, err)
-		}
-		if len(hits) == 0 {
+			// The kernel's readdir lists such a name and only its stat
+			// fails; one bad child must not hide its siblings.
+			bad := Entry{Path: p, Kind: KindUnknown, Err: fmt.Errorf("read dir /%s: %w", e.Path, err)}
+			bad.Info = newInfo(p, &bad.Stat)
+			out = append(out, bad)
 			continue
 		}
-		out = append(out, v.entry(joinRel(e.Path, n), hits, opaque))
+		if len(f.hits) == 0 {
+			continue
+		}
+		out = append(out, v.entry(p, f))
 	}
 	return out, nil
 }

@@ -44,6 +44,7 @@ type upperLink struct {
 }
 
 type config struct {
+	verbatim     bool
 	userXattr    bool
 	tarWhiteouts bool
 	noRedirect   bool
@@ -57,9 +58,19 @@ type StackOpt func(*config) error
 
 // WithUserXattr reads and writes overlay metadata in the user.overlay.*
 // namespace, as overlayfs does when mounted with userxattr. Like the
-// kernel, it stops following redirects in that mode.
+// kernel in that mode, it does not follow redirects (see WithoutRedirects)
+// and ignores metacopy.
 func WithUserXattr() StackOpt {
 	return func(c *config) error { c.userXattr = true; c.noRedirect = true; return nil }
+}
+
+// WithVerbatim reads the layers as plain directories: no whiteouts, no
+// opaque or redirected directories, and every xattr is data, overlay's
+// included. A snapshot stored whole (overclone's userspace mode) is such a
+// directory: a 0/0 device or a trusted.overlay.* xattr a container made in
+// it is content, and a copy of it must carry it, not act on it.
+func WithVerbatim() StackOpt {
+	return func(c *config) error { c.verbatim = true; c.noRedirect = true; return nil }
 }
 
 // WithTarWhiteouts also honours OCI image-layer whiteouts: a ".wh.NAME"
@@ -69,8 +80,9 @@ func WithTarWhiteouts() StackOpt {
 	return func(c *config) error { c.tarWhiteouts = true; return nil }
 }
 
-// WithoutRedirects ignores overlay.redirect, as a mount with
-// redirect_dir=nofollow does.
+// WithoutRedirects does not follow overlay.redirect, as a mount with
+// redirect_dir=nofollow: like the kernel, a lookup that meets a redirect
+// on a directory above the bottom layer fails with EPERM.
 func WithoutRedirects() StackOpt {
 	return func(c *config) error { c.noRedirect = true; return nil }
 }
@@ -96,7 +108,7 @@ func WithDataMethods(ms ...Method) StackOpt {
 	return func(c *config) error {
 		for _, m := range ms {
 			if m != MethodReflink && m != MethodCopyFileRange && m != MethodReadWrite {
-				return fmt.Errorf("data method %v: %w", m, ErrInvalidPath)
+				return fmt.Errorf("data method %v cannot copy file data: %w", m, os.ErrInvalid)
 			}
 		}
 		c.methods = ms
@@ -114,6 +126,9 @@ func NewStack(upper string, lowers []string, opts ...StackOpt) (*Stack, error) {
 		if err := o(&s.cfg); err != nil {
 			return nil, err
 		}
+	}
+	if s.cfg.verbatim {
+		s.cfg.tarWhiteouts = false // plain directories have no whiteouts of any form
 	}
 	if upper != "" {
 		s.layers = append(s.layers, upper)
@@ -188,6 +203,9 @@ func (s *Stack) prefix() string {
 // a user's own "trusted.overlay.X" is stored escaped as
 // "trusted.overlay.overlay.X"; that one is data and is kept.
 func (s *Stack) isPrivateXattr(name string) bool {
+	if s.cfg.verbatim {
+		return false
+	}
 	p := s.prefix()
 	if len(name) < len(p) || name[:len(p)] != p {
 		return false

@@ -35,6 +35,10 @@ func (v *view) probe(dirfd int, name string) (unix.Stat_t, probeState, error) {
 	if v.s.cfg.tarWhiteouts && strings.HasPrefix(name, tarWhiteoutPrefix) {
 		return st, absent, nil
 	}
+	// An interrupted copy's staging name is not content (CleanStaging).
+	if isStagingName(name) {
+		return st, absent, nil
+	}
 	if err := unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		if !notHere(err) {
 			return st, absent, err
@@ -58,6 +62,9 @@ func (v *view) probe(dirfd int, name string) (unix.Stat_t, probeState, error) {
 }
 
 func (v *view) isWhiteout(dirfd int, name string, st *unix.Stat_t) (bool, error) {
+	if v.s.cfg.verbatim {
+		return false, nil
+	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFCHR:
 		return st.Rdev == 0, nil
@@ -75,6 +82,9 @@ func (v *view) isWhiteout(dirfd int, name string, st *unix.Stat_t) (bool, error)
 // opaque ('y' hides the layers below; 'x' only marks xattr whiteouts
 // inside) and the redirect target.
 func (v *view) dirMeta(dirfd int, name string) (opaque bool, redirect string, err error) {
+	if v.s.cfg.verbatim {
+		return false, "", nil
+	}
 	p := procPath(dirfd, name)
 	val, _, err := getXattr(p, v.s.prefix()+"opaque")
 	if err != nil {
@@ -88,7 +98,7 @@ func (v *view) dirMeta(dirfd int, name string) (opaque bool, redirect string, er
 			opaque = true
 		}
 	}
-	if opaque || v.s.cfg.noRedirect {
+	if opaque {
 		return opaque, "", nil
 	}
 	r, ok, err := getXattr(p, v.s.prefix()+"redirect")
@@ -100,20 +110,32 @@ func (v *view) dirMeta(dirfd int, name string) (opaque bool, redirect string, er
 
 // validRedirect checks a redirect the way the kernel does: an absolute path
 // of valid names, or a single name for a rename inside the same parent.
+// The kernel fails the lookup of a dir with an invalid redirect with
+// EINVAL (measured here), and so does fileops.
 func validRedirect(r string) (string, error) {
 	if r == "" || strings.IndexByte(r, 0) >= 0 {
-		return "", fmt.Errorf("redirect %q: %w", r, ErrInvalidPath)
+		return "", fmt.Errorf("redirect %q: %w: %w", r, ErrInvalidPath, unix.EINVAL)
 	}
 	if r[0] == '/' {
 		for _, c := range strings.Split(r[1:], "/") {
 			if c == "" || c == "." || c == ".." {
-				return "", fmt.Errorf("redirect %q: %w", r, ErrInvalidPath)
+				return "", fmt.Errorf("redirect %q: %w: %w", r, ErrInvalidPath, unix.EINVAL)
 			}
 		}
 		return r, nil
 	}
 	if strings.IndexByte(r, '/') >= 0 || r == "." || r == ".." {
-		return "", fmt.Errorf("redirect %q: %w", r, ErrInvalidPath)
+		return "", fmt.Errorf("redirect %q: %w: %w", r, ErrInvalidPath, unix.EINVAL)
 	}
 	return r, nil
+}
+
+// isMetacopy reports overlay.metacopy on a regular file: its data is in
+// the next regular file below (any value, even empty, marks it).
+func (v *view) isMetacopy(dirfd int, name string) (bool, error) {
+	if v.s.cfg.verbatim {
+		return false, nil
+	}
+	_, ok, err := getXattr(procPath(dirfd, name), v.s.prefix()+"metacopy")
+	return ok, err
 }

@@ -114,6 +114,11 @@ func OverlayMount(lowers []string, upper, work string, opts Options) (mount.Moun
 		return mount.Mount{}, &FitError{Err: ErrStackTooDeep, Lowers: len(lowers), Fits: FitDepth(lowers, upper, work, opts), Limit: max}
 	}
 	m := mount.Mount{Type: "overlay", Source: "overlay", Options: overlayOptions(lowers, upper, work, opts)}
+	// Options that fit uncompacted fit: compaction only shortens them.
+	// Most stacks end here, on the hot path of Prepare and Mounts.
+	if summedLen(m.Options)+len(m.Options) <= maxData(opts.pageSize()) {
+		return m, nil
+	}
 	if _, data := MountData(m, opts.pageSize()); len(data) > maxData(opts.pageSize()) {
 		return mount.Mount{}, &FitError{Err: ErrOptionsTooLong, Lowers: len(lowers), Fits: FitDepth(lowers, upper, work, opts), Bytes: len(data), Limit: maxData(opts.pageSize())}
 	}

@@ -37,14 +37,25 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		return err
 	}
 
-	id, err := s.activeID(ctx, key)
+	id, info, err := s.active(ctx, key)
 	if err != nil {
 		return err
+	}
+	if err := s.missing.check(id); err != nil {
+		return fmt.Errorf("commit %q: %w", key, err)
+	}
+	if s.mode == ModeUserspace && info.Parent == "" && base.Parent != "" {
+		// A userspace snapshot holds its whole view: a layer unpacked
+		// alone has neither its parent's files nor its whiteouts.
+		return fmt.Errorf("commit %q onto parent %q: rebase is not supported in userspace mode (do not advertise the rebase capability): %w", key, base.Parent, errdefs.ErrFailedPrecondition)
 	}
 	upper := s.upperPath(id)
 	usage, err := s.usage(ctx, upper)
 	if err != nil {
 		return err
+	}
+	if testHookCommitWalked != nil {
+		testHookCommitWalked()
 	}
 	if s.syncs {
 		if err := syncFilesystem(upper); err != nil {
@@ -66,14 +77,19 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	})
 }
 
-// activeID returns the id of key, which must be an active snapshot.
-func (s *Snapshotter) activeID(ctx context.Context, key string) (string, error) {
-	var id string
+// testHookCommitWalked, when a test sets it, runs between Commit's walk and
+// its write transaction: the point where containerd's built-in snapshotter
+// still holds the database.
+var testHookCommitWalked func()
+
+// active returns the id and info of key, which must be an active snapshot.
+func (s *Snapshotter) active(ctx context.Context, key string) (string, snapshots.Info, error) {
+	var (
+		id   string
+		info snapshots.Info
+	)
 	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		var (
-			info snapshots.Info
-			err  error
-		)
+		var err error
 		id, info, _, err = storage.GetInfo(ctx, key)
 		if err != nil {
 			return fmt.Errorf("commit %q: %w", key, err)
@@ -83,7 +99,7 @@ func (s *Snapshotter) activeID(ctx context.Context, key string) (string, error) 
 		}
 		return nil
 	})
-	return id, err
+	return id, info, err
 }
 
 // ensureLink makes l/<short> point at the layer's fs dir, replacing a link
@@ -111,9 +127,11 @@ func (s *Snapshotter) ensureLink(id string) error {
 	return nil
 }
 
-// syncFilesystem flushes the filesystem that holds dir. One syncfs costs
-// about what fsyncing every file of a layer costs, and also covers the
-// directory entries, which per-file fsync would miss.
+// syncFilesystem flushes the filesystem that holds dir. One syncfs is far
+// cheaper than an fsync of every file and directory of a layer (1000 files:
+// 8x on xfs, 60x on ext4; with 64 MiB of unrelated dirty data on the same
+// filesystem still 3x and 13x; see test/durability's TestCommitSyncCost),
+// and it covers every directory entry without a walk.
 func syncFilesystem(dir string) error {
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {

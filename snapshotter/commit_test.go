@@ -15,10 +15,12 @@ import (
 )
 
 // bigLayerFiles makes Commit's usage walk long enough to see who waits.
-const bigLayerFiles = 20000
+const bigLayerFiles = 10000
 
 // TestCommitDoesNotBlockPrepare: a Prepare issued while a big layer is being
-// committed returns before the Commit does. containerd's built-in overlayfs
+// committed returns before the Commit does. For overclone this is shown
+// without timing: the Commit is held between its walk and its transaction
+// until the Prepare has returned. containerd's built-in overlayfs
 // snapshotter, measured side by side, makes the Prepare wait for the walk.
 func TestCommitDoesNotBlockPrepare(t *testing.T) {
 	ctx := namespaces.WithNamespace(context.Background(), "test")
@@ -33,24 +35,30 @@ func TestCommitDoesNotBlockPrepare(t *testing.T) {
 	}
 	defer builtin.Close()
 
+	prepared := make(chan struct{})
+	testHookCommitWalked = func() {
+		select {
+		case <-prepared:
+		case <-time.After(time.Minute):
+			t.Error("the Prepare never returned while the Commit was held after its walk")
+		}
+	}
+	defer func() { testHookCommitWalked = nil }()
+
 	for _, tc := range []struct {
 		name string
 		sn   snapshots.Snapshotter
-		dir  func(key string) string
-	}{
-		{"overclone", ours, func(key string) string { return bindSource(ctx, t, ours, key) }},
-		{"builtin-overlayfs", builtin, func(key string) string { return bindSource(ctx, t, builtin, key) }},
-	} {
+	}{{"overclone", ours}, {"builtin-overlayfs", builtin}} {
 		t.Run(tc.name, func(t *testing.T) {
 			if _, err := tc.sn.Prepare(ctx, "big", ""); err != nil {
 				t.Fatal(err)
 			}
-			fill(t, tc.dir("big"), bigLayerFiles)
+			fill(t, bindSource(ctx, t, tc.sn, "big"), bigLayerFiles)
 
 			var (
-				wg                      sync.WaitGroup
-				commitDone, prepareDone time.Time
-				commitErr               error
+				wg         sync.WaitGroup
+				commitDone time.Time
+				commitErr  error
 			)
 			start := time.Now()
 			wg.Add(1)
@@ -65,16 +73,16 @@ func TestCommitDoesNotBlockPrepare(t *testing.T) {
 			if _, err := tc.sn.Prepare(ctx, "small", ""); err != nil {
 				t.Fatal(err)
 			}
-			prepareDone = time.Now()
+			prepareDone := time.Now()
+			if tc.name == "overclone" {
+				close(prepared)
+			}
 			wg.Wait()
 			if commitErr != nil {
 				t.Fatal(commitErr)
 			}
-			commit, prepare := commitDone.Sub(start), prepareDone.Sub(prepareStart)
-			t.Logf("%s: commit of %d files took %v; a Prepare issued during it took %v", tc.name, bigLayerFiles, commit, prepare)
-			if tc.sn == snapshots.Snapshotter(ours) && !prepareDone.Before(commitDone) {
-				t.Fatalf("Prepare (%v) waited for the Commit (%v)", prepare, commit)
-			}
+			t.Logf("%s: commit of %d files took %v; a Prepare issued during it took %v",
+				tc.name, bigLayerFiles, commitDone.Sub(start), prepareDone.Sub(prepareStart))
 		})
 	}
 }

@@ -57,13 +57,24 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}()
-	var materialized string // userspace mode: the parent copied into td
-	if s.mode == ModeUserspace && kind == snapshots.KindActive && parent != "" {
-		if materialized = s.parentID(ctx, parent); materialized != "" {
-			if err := s.materialize(ctx, materialized, filepath.Join(td, "fs")); err != nil {
+	// The parent's layer shapes the new directory: in userspace mode its
+	// whole view is copied in, in overlay mode its root's owner is given
+	// to the upper's root (the merged root), as the kernel would on
+	// copy-up. The write transaction checks that the parent is still the
+	// one read here.
+	var parentID string
+	if parent != "" {
+		if parentID = s.parentID(ctx, parent); parentID != "" {
+			if err := s.missing.check(parentID); err != nil {
+				return nil, fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
+			}
+			if err := s.shapeDirectory(ctx, kind, parentID, filepath.Join(td, "fs")); err != nil {
 				return nil, err
 			}
 		}
+	}
+	if err := s.syncPrepared(td); err != nil {
+		return nil, err
 	}
 
 	var (
@@ -76,29 +87,39 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		if err != nil {
 			return fmt.Errorf("create snapshot %q: %w", key, err)
 		}
-		info = base // the labels given are the labels stored
-		switch {
-		case materialized != "" && snap.ParentIDs[0] != materialized:
-			// The parent was removed and committed again under the
-			// same name while it was being copied.
-			return fmt.Errorf("parent %q changed while it was materialized: %w", parent, errdefs.ErrFailedPrecondition)
-		case len(snap.ParentIDs) > 0 && s.mode == ModeOverlay:
-			// The upper's root is the merged root: give it the owner
-			// of the parent's root, as the kernel would on copy-up.
-			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
-				return err
-			}
+		if err := s.missing.check(snap.ParentIDs...); err != nil {
+			return fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
 		}
-		return s.placeDirectory(ctx, td, snap.ID)
+		info = base // the labels given are the labels stored
+		if len(snap.ParentIDs) > 0 && snap.ParentIDs[0] != parentID {
+			// The parent was removed and committed again under the
+			// same name while the directory was being made.
+			return fmt.Errorf("parent %q changed while snapshot %q was prepared: %w", parent, key, errdefs.ErrFailedPrecondition)
+		}
+		if err := s.placeDirectory(ctx, td, snap.ID); err != nil {
+			return err
+		}
+		return s.syncPlaced()
 	})
 	if err != nil {
 		return nil, err
 	}
 	td = "" // renamed into place: the deferred clean-up must not touch it
+	var mounts []mount.Mount
 	if wantsFlatView(snap, info) {
-		return s.flatView(ctx, snap)
+		mounts, err = s.flatView(ctx, snap)
+	} else {
+		mounts, err = s.mounts(ctx, snap, info)
 	}
-	return s.mounts(ctx, snap)
+	if err != nil {
+		// A snapshot the caller was told failed must not linger and
+		// make the retry fail with AlreadyExists.
+		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
+			log.G(ctx).WithError(rerr).WithField("key", key).Warn("failed to remove snapshot whose mounts could not be made")
+		}
+		return nil, err
+	}
+	return mounts, nil
 }
 
 // prepareDirectory makes snapshots/new-XXXX with fs (and work for active
@@ -143,6 +164,17 @@ func (s *Snapshotter) placeDirectory(ctx context.Context, td, id string) error {
 		return fmt.Errorf("move snapshot directory into place at %s: %w", target, err)
 	}
 	return nil
+}
+
+// shapeDirectory prepares fs, the new snapshot's files, from its parent.
+func (s *Snapshotter) shapeDirectory(ctx context.Context, kind snapshots.Kind, parentID, fs string) error {
+	switch {
+	case s.mode == ModeOverlay:
+		return copyOwner(s.upperPath(parentID), fs)
+	case kind == snapshots.KindActive:
+		return s.materialize(ctx, parentID, fs)
+	}
+	return nil // a userspace view binds its parent's directory
 }
 
 func copyOwner(from, to string) error {

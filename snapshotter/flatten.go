@@ -32,6 +32,9 @@ type flatCache struct {
 	builds atomic.Uint64
 	// OnBuild, if set, is told of every build and its duration.
 	onBuild func(time.Duration)
+	// onCopy, if set, is told of the bytes every flattening and every
+	// userspace materialization copied, by method.
+	onCopy func(method string, bytes int64)
 }
 
 // FlattenBuilds returns how many flattened layers this snapshotter built.
@@ -39,6 +42,21 @@ func (s *Snapshotter) FlattenBuilds() uint64 { return s.flat.builds.Load() }
 
 // OnFlatten registers fn to be called after every flattened layer built.
 func (s *Snapshotter) OnFlatten(fn func(time.Duration)) { s.flat.onBuild = fn }
+
+// OnCopy registers fn to be told the bytes overclone's engine copied, by
+// method: "reflink", "copy_file_range" or "copy".
+func (s *Snapshotter) OnCopy(fn func(method string, bytes int64)) { s.flat.onCopy = fn }
+
+func (s *Snapshotter) countCopied(st fileops.FlattenStats) {
+	if s.flat.onCopy == nil {
+		return
+	}
+	for method, n := range map[string]int64{"reflink": st.Reflinked, "copy_file_range": st.CopyFileRanged, "copy": st.ReadWritten} {
+		if n > 0 {
+			s.flat.onCopy(method, n)
+		}
+	}
+}
 
 func (s *Snapshotter) flatPath(id string) string {
 	return filepath.Join(s.root, flatDir, id)
@@ -69,6 +87,9 @@ func (s *Snapshotter) flattenedMounts(ctx context.Context, ids []string, fits in
 			continue
 		}
 		if err != nil {
+			return nil, err
+		}
+		if err := s.linkLayers(ids[:keep]); err != nil {
 			return nil, err
 		}
 		if err := s.flatten(ctx, ids[keep:]); err != nil {
@@ -142,9 +163,18 @@ func (s *Snapshotter) buildFlat(ctx context.Context, ids []string, dir string) e
 		return fmt.Errorf("flatten: %w", err)
 	}
 	defer os.RemoveAll(tmp) // gone after the rename, unless it failed
-	layers := make([]string, len(ids))
-	for i, id := range ids {
-		layers[i] = s.upperPath(id)
+	// A flattened layer lower in the same chain already holds the merged
+	// view of everything below it: start from it rather than from the
+	// bottom, so each cut only flattens the layers since the last one.
+	var layers []string
+	for _, id := range ids {
+		if len(layers) > 0 {
+			if _, err := os.Stat(s.flatPath(id)); err == nil {
+				layers = append(layers, s.flatPath(id))
+				break
+			}
+		}
+		layers = append(layers, s.upperPath(id))
 	}
 	var opts []fileops.StackOpt
 	if s.overlay.UserXattr {
@@ -167,11 +197,12 @@ func (s *Snapshotter) buildFlat(ctx context.Context, ids []string, dir string) e
 		return fmt.Errorf("move flattened layer into place at %s: %w", dir, err)
 	}
 	took := time.Since(start)
+	s.countCopied(stats)
 	s.flat.builds.Add(1)
 	if s.flat.onBuild != nil {
 		s.flat.onBuild(took)
 	}
-	log.G(ctx).WithField("id", ids[0]).WithField("layers", len(ids)).WithField("files", stats.Files).
+	log.G(ctx).WithField("id", ids[0]).WithField("layers", len(ids)).WithField("read", len(layers)).WithField("files", stats.Files).
 		WithField("reflinked", stats.Reflinked).WithField("took", took).Info("flattened layer built")
 	return nil
 }

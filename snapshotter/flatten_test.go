@@ -6,6 +6,7 @@ import (
 	"os"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
@@ -17,7 +18,8 @@ const deepImage = 1000
 // TestFlattenDeepStack: a 1000-layer image (a whiteout every tenth layer)
 // prepared in overlay mode mounts and shows the right view, as a container
 // and as a view. Its bottom layers are flattened once, however many
-// Prepares race for them, and the flattened layer goes with its snapshot.
+// Prepares race for them, without holding up calls on other snapshots, and
+// the flattened layer goes with its snapshot.
 func TestFlattenDeepStack(t *testing.T) {
 	ctx := namespaces.WithNamespace(context.Background(), "test")
 	s, err := New(ctx, t.TempDir(), WithMode(ModeOverlay))
@@ -35,14 +37,27 @@ func TestFlattenDeepStack(t *testing.T) {
 	// Two containers start on the image at once.
 	var wg sync.WaitGroup
 	errs := make([]error, 2)
+	done := make([]time.Time, 2)
 	for i := range errs {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			_, errs[i] = s.Prepare(ctx, "racer-"+string(rune('a'+i)), top)
+			done[i] = time.Now()
 		}()
 	}
+	// Meanwhile, a call that has nothing to do with the deep image.
+	time.Sleep(5 * time.Millisecond)
+	if _, err := s.Prepare(ctx, "unrelated", ""); err != nil {
+		t.Fatal(err)
+	}
+	otherDone := time.Now()
 	wg.Wait()
+	for _, racer := range done {
+		if !otherDone.Before(racer) {
+			t.Errorf("an unrelated Prepare waited for the flattening")
+		}
+	}
 	for _, err := range errs {
 		if err != nil {
 			t.Fatal(err)

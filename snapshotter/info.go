@@ -2,6 +2,7 @@ package snapshotter
 
 import (
 	"context"
+	"fmt"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
@@ -47,6 +48,9 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		return snapshots.Usage{}, err
 	}
 	if info.Kind == snapshots.KindActive {
+		if err := s.missing.check(id); err != nil {
+			return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
+		}
 		return s.usage(ctx, s.upperPath(id))
 	}
 	return usage, nil

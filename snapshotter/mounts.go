@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -31,10 +32,13 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	if err != nil {
 		return nil, err
 	}
+	if err := s.missing.check(append([]string{snap.ID}, snap.ParentIDs...)...); err != nil {
+		return nil, fmt.Errorf("get mounts of %q: %w", key, err)
+	}
 	if wantsFlatView(snap, info) {
 		return s.flatView(ctx, snap)
 	}
-	return s.mounts(ctx, snap)
+	return s.mounts(ctx, snap, info)
 }
 
 // mounts builds the mounts containerd expects for a snapshot.
@@ -47,11 +51,14 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 //
 // In userspace mode every snapshot is a complete directory: an active
 // snapshot is a rw bind of its own, a view a ro bind of its parent's.
-func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot) ([]mount.Mount, error) {
+func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info snapshots.Info) ([]mount.Mount, error) {
 	if s.mode == ModeUserspace {
 		return s.userspaceMounts(snap), nil
 	}
 	ids := snap.ParentIDs
+	if len(ids) == 0 && snap.Kind == snapshots.KindActive && isExtraction(info) {
+		return s.extractionMounts(snap)
+	}
 	if len(ids) == 0 {
 		mode := "rw"
 		if snap.Kind == snapshots.KindView {
@@ -80,6 +87,9 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot) ([]moun
 		// short links, which compact to a third of the length.
 		m, err = overlayutil.OverlayMount(s.lowerdirs(ids, true), upper, work, s.overlay)
 		if err == nil {
+			if err := s.linkLayers(ids); err != nil {
+				return nil, err
+			}
 			return []mount.Mount{m}, nil
 		}
 		if !errors.As(err, &fit) {
@@ -90,24 +100,34 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot) ([]moun
 }
 
 // lowerdirs names the layers of a stack, top first: by their own paths,
-// snapshots/<id>/fs, or by their short links, l/<base36 id>, made here the
-// first time a stack needs them and kept until the layer is removed. Links
-// cost a symlink per layer, so only stacks too deep for the plain paths pay
-// for them.
+// snapshots/<id>/fs, or by their short links, l/<base36 id>. Only names:
+// the links a chosen mount uses are made by linkLayers.
 func (s *Snapshotter) lowerdirs(ids []string, short bool) []string {
 	lowers := make([]string, len(ids))
 	for i, id := range ids {
-		if !short {
-			lowers[i] = s.upperPath(id)
-			continue
-		}
-		lowers[i] = s.linkPath(id)
-		if err := s.ensureLink(id); err != nil {
-			// The mount will fail and say which path is missing.
+		if short {
+			lowers[i] = s.linkPath(id)
+		} else {
 			lowers[i] = s.upperPath(id)
 		}
 	}
 	return lowers
+}
+
+// linkLayers makes the short links of layers, the first time a stack too
+// deep for the plain paths needs them; they stay until the layer is
+// removed. Links cost a symlink per layer, so only deep stacks pay, once.
+func (s *Snapshotter) linkLayers(ids []string) error {
+	for _, id := range ids {
+		if _, ok := s.linked.Load(id); ok {
+			continue
+		}
+		if err := s.ensureLink(id); err != nil {
+			return err
+		}
+		s.linked.Store(id, struct{}{})
+	}
+	return nil
 }
 
 func (s *Snapshotter) userspaceMounts(snap storage.Snapshot) []mount.Mount {
@@ -119,4 +139,33 @@ func (s *Snapshotter) userspaceMounts(snap storage.Snapshot) []mount.Mount {
 		source = s.upperPath(snap.ParentIDs[0])
 	}
 	return []mount.Mount{{Type: "bind", Source: source, Options: []string{"ro", "rbind"}}}
+}
+
+// isExtraction tells a layer being unpacked from any other snapshot:
+// containerd's unpacker labels the snapshots it applies layers into.
+func isExtraction(info snapshots.Info) bool {
+	_, ok := info.Labels[snapshots.LabelSnapshotRef]
+	return ok
+}
+
+// extractionMounts mounts a parentless layer being unpacked as an overlay
+// of its upper on an empty lower, where containerd's built-in snapshotter
+// hands out a bind.
+//
+// containerd 2.2+ unpacks layers in parallel when a snapshotter has the
+// "rebase" capability: each layer is prepared with no parent and given one
+// at Commit. containerd's applier turns a tar's whiteouts into overlay
+// whiteouts only when it writes into an overlay's upperdir; into a bind it
+// applies them by deleting files that are not there, and they are lost.
+// containerd patches the mounts for its own overlayfs snapshotter only
+// (core/unpack bindToOverlay), so overclone shapes them itself: the
+// applier writes whiteouts and opaque markers into the upper, and the
+// layer is a proper diff whichever parent it is committed onto. The mount
+// is a real one: anything that mounts it sees the layer's files.
+func (s *Snapshotter) extractionMounts(snap storage.Snapshot) ([]mount.Mount, error) {
+	m, err := overlayutil.OverlayMount([]string{filepath.Join(s.root, emptyDir)}, s.upperPath(snap.ID), s.workPath(snap.ID), s.overlay)
+	if err != nil {
+		return nil, err
+	}
+	return []mount.Mount{m}, nil
 }

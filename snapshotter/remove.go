@@ -34,6 +34,8 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
+	s.missing.drop(id)
+	s.linked.Delete(id)
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
 	}
@@ -62,7 +64,10 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 // for an orphan; the deleting happens after.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		return s.trashOrphans(ctx, false)
+		if err := s.trashOrphans(ctx, false); err != nil {
+			return err
+		}
+		return s.checkLayers(ctx)
 	}); err != nil {
 		return err
 	}
@@ -129,23 +134,11 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 		if _, ok := short[l.Name()]; ok {
 			continue
 		}
+		if n, err := strconv.ParseUint(l.Name(), 36, 64); err == nil {
+			s.linked.Delete(strconv.FormatUint(n, 10))
+		}
 		if err := os.Remove(filepath.Join(s.root, linksDir, l.Name())); err != nil && !os.IsNotExist(err) {
 			return fmt.Errorf("remove stale layer link %s: %w", l.Name(), err)
-		}
-	}
-	return nil
-}
-
-// checkLayers says loudly which snapshots lost their directory (a disk repaired by fsck, an
-// operator's rm): containerd will fail to mount them and must re-pull.
-func (s *Snapshotter) checkLayers(ctx context.Context) error {
-	ids, err := idMap(ctx)
-	if err != nil {
-		return err
-	}
-	for id, key := range ids {
-		if _, err := os.Stat(s.upperPath(id)); err != nil {
-			log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("snapshot directory is missing: the snapshot is unusable, remove it and pull its image again")
 		}
 	}
 	return nil

@@ -103,8 +103,13 @@ type Snapshotter struct {
 	overlay  overlayutil.Options // shape of every overlay mount
 	maxStack int
 	syncs    bool
+	missing  missingSet // snapshots whose directory is gone: refused
 
 	flat flatCache
+	// linked remembers the layers whose short link exists (linkLayers),
+	// so that mounting a deep stack costs no symlink calls after the
+	// first; Remove and Cleanup forget what they delete.
+	linked sync.Map
 
 	// removals counts background deletions of trashed directories, so
 	// that Close can wait for them.
@@ -144,7 +149,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if !dtype {
 		return nil, fmt.Errorf("%s does not support d_type, which overlay needs (an xfs root must be formatted with ftype=1)", root)
 	}
-	for _, dir := range []string{snapshotsDir, linksDir, flatDir, trashDir} {
+	for _, dir := range []string{snapshotsDir, linksDir, flatDir, trashDir, emptyDir} {
 		if err := os.Mkdir(filepath.Join(root, dir), 0o700); err != nil && !os.IsExist(err) {
 			return nil, fmt.Errorf("create %s: %w", dir, err)
 		}
@@ -224,6 +229,7 @@ const (
 	snapshotsDir = "snapshots"
 	linksDir     = "l"
 	flatDir      = "flat"
+	emptyDir     = "empty" // the lower of a layer being unpacked with no parent
 	trashDir     = "trash"
 )
 

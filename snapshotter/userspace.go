@@ -33,13 +33,15 @@ func (s *Snapshotter) parentID(ctx context.Context, parent string) string {
 
 // materialize writes the view of committed snapshot parentID into dst.
 func (s *Snapshotter) materialize(ctx context.Context, parentID, dst string) error {
-	stack, err := fileops.NewStack("", []string{s.upperPath(parentID)})
+	stack, err := fileops.NewStack("", []string{s.upperPath(parentID)}, fileops.WithVerbatim())
 	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}
-	if _, err := fileops.Flatten(ctx, stack, dst); err != nil {
+	stats, err := fileops.Flatten(ctx, stack, dst)
+	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}
+	s.countCopied(stats)
 	return nil
 }
 

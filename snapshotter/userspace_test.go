@@ -25,6 +25,8 @@ func TestUserspaceUsage(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer s.Close()
+			copied := map[string]int64{}
+			s.OnCopy(func(method string, n int64) { copied[method] += n })
 			m, err := s.Prepare(ctx, "image-active", "")
 			if err != nil {
 				t.Fatal(err)
@@ -43,6 +45,13 @@ func TestUserspaceUsage(t *testing.T) {
 			got, err := os.ReadFile(filepath.Join(m[0].Source, "big"))
 			if err != nil || !bytes.Equal(got, data) {
 				t.Fatalf("materialized file differs (%v)", err)
+			}
+			wantMethod := "copy_file_range"
+			if kind.Reflinks() {
+				wantMethod = "reflink"
+			}
+			if copied[wantMethod] != int64(len(data)) {
+				t.Errorf("materializing on %s: copied %v, want the image's %d bytes by %s", kind, copied, len(data), wantMethod)
 			}
 			fresh, err := s.Usage(ctx, "container")
 			if err != nil {

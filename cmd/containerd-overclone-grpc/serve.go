@@ -17,7 +17,14 @@ import (
 
 	"github.com/overclone/overclone/config"
 	"github.com/overclone/overclone/snapshotter"
+	"github.com/overclone/overclone/snapshotter/metrics"
 )
+
+// maxRecvMsgSize is the largest request taken. No snapshotter request
+// needs more than a key, a parent and labels: containerd limits a label to
+// 4 KiB and sends a few; gRPC's own default of 4 MiB is kept, named here so
+// that it is a decision.
+const maxRecvMsgSize = 4 << 20
 
 // serve runs the gRPC server until SIGTERM or SIGINT. The first signal stops
 // taking new calls and waits (up to the configured timeout) for calls in
@@ -35,12 +42,33 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 		return err
 	}
 
-	srv := grpc.NewServer()
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotter.NewService(sn))
+	measured := metrics.Wrap(sn)
+	sn.OnFlatten(metrics.FlattenedLayerBuilt)
+	sn.OnCopy(metrics.CopiedUp)
+	if cfg.MetricsAddress != "" {
+		stop, err := serveMetrics(ctx, cfg.MetricsAddress, sn)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+	if cfg.DebugAddress != "" {
+		stop, err := serveDebug(ctx, cfg.DebugAddress)
+		if err != nil {
+			return err
+		}
+		defer stop()
+	}
+
+	// A message over the limit is refused by gRPC with ResourceExhausted
+	// before it reaches the snapshotter, so nothing changes.
+	srv := grpc.NewServer(grpc.MaxRecvMsgSize(maxRecvMsgSize))
+	snapshotsapi.RegisterSnapshotsServer(srv, snapshotter.NewService(measured))
+	snapshotter.RegisterAdmin(srv, sn)
 	// The standard health service lets a DaemonSet probe or
 	// grpc-health-probe ask the socket itself whether overclone serves.
 	hs := health.NewServer()
-	healthpb.RegisterHealthServer(srv, hs)
+	healthpb.RegisterHealthServer(srv, checkedHealth{Server: hs, sn: sn})
 
 	signals := make(chan os.Signal, 2)
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)

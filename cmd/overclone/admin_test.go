@@ -88,6 +88,28 @@ func TestAdminCommands(t *testing.T) {
 	if code != exitOK || !strings.Contains(out, "img-2") || !strings.Contains(out, "ctr") || !strings.Contains(out, "flattened layers") {
 		t.Fatalf("usage: %d %s", code, out)
 	}
+	// Something no snapshot owns, as a crash leaves it.
+	orphan := filepath.Join(root, "snapshots", "999", "fs")
+	if err := os.MkdirAll(orphan, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(orphan, "junk"), make([]byte, 8192), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, code = run("gc", "--dry-run")
+	if code != exitOK || !strings.Contains(out, filepath.Join(root, "snapshots", "999")) || !strings.Contains(out, "directory without metadata") {
+		t.Fatalf("gc --dry-run on a live daemon: %d %s", code, out)
+	}
+	if _, err := os.Stat(orphan); err != nil {
+		t.Fatalf("a dry run removed the orphan: %v", err)
+	}
+	if out, code := run("gc"); code != exitOK {
+		t.Fatalf("gc: %d %s", code, out)
+	}
+	if _, err := os.Stat(orphan); !os.IsNotExist(err) {
+		t.Fatalf("gc left the orphan: %v", err)
+	}
+
 	// The CLI's temporary views are gone again.
 	if err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
 		if strings.HasPrefix(info.Name, "overclone-") {
@@ -149,5 +171,29 @@ func wantFile(t *testing.T, path, want string) {
 	got, err := os.ReadFile(path)
 	if err != nil || string(got) != want {
 		t.Errorf("%s: %q (%v), want %q", path, got, err, want)
+	}
+}
+
+// TestGCStoppedRoot: with no daemon on the socket, gc reads the root itself.
+func TestGCStoppedRoot(t *testing.T) {
+	root := t.TempDir()
+	d := daemon.Start(t, root, "")
+	if err := d.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "snapshots", "5", "fs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	args := []string{"gc", "--dry-run", "--address", d.Address, "--root", root}
+	if code := dispatch(context.Background(), args, &out, &out); code != exitOK || !strings.Contains(out.String(), "1 orphans") {
+		t.Fatalf("gc --dry-run on a stopped root: %d %s", code, out.String())
+	}
+	out.Reset()
+	if code := dispatch(context.Background(), []string{"gc", "--address", d.Address, "--root", root}, &out, &out); code != exitOK {
+		t.Fatalf("gc on a stopped root: %s", out.String())
+	}
+	if _, err := os.Stat(filepath.Join(root, "snapshots", "5")); !os.IsNotExist(err) {
+		t.Fatalf("gc left the orphan: %v", err)
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"time"
 
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
@@ -37,4 +38,17 @@ func runHealth(ctx context.Context, args []string, stdout, stderr io.Writer) int
 		return exitFail
 	}
 	return exitOK
+}
+
+// daemonAnswers reports whether a daemon serves on the socket.
+func daemonAnswers(ctx context.Context, d daemonFlags) bool {
+	conn, err := d.conn()
+	if err != nil {
+		return false
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	_, err = healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{})
+	return err == nil
 }

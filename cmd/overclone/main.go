@@ -22,6 +22,7 @@ var commands = map[string]command{
 	"check":   {"probe what overlayfs can do under the snapshotter root", runCheck},
 	"cp":      {"copy out of a snapshot, or into an active one, without mounting", runCp},
 	"flatten": {"build the flattened layer of a committed snapshot's stack now", runFlatten},
+	"gc":      {"remove (or with --dry-run list) what no snapshot owns", runGC},
 	"health":  {"ask the daemon whether it serves (exit 0 if so)", runHealth},
 	"usage":   {"list snapshots with their usage, and flattened layers", runUsage},
 }

@@ -194,3 +194,33 @@ func (d *Daemon) Log() string {
 	b, _ := os.ReadFile(d.LogPath)
 	return string(b)
 }
+
+// Signal sends sig to the daemon without waiting: a test of what the
+// daemon does between two signals, or a SIGKILL that must land while a
+// call is in flight (Kill closes the connection first). Wait or Kill
+// reaps the process afterwards.
+func (d *Daemon) Signal(sig syscall.Signal) error {
+	if d.cmd == nil {
+		return fmt.Errorf("daemon not running")
+	}
+	return d.cmd.Process.Signal(sig)
+}
+
+// Wait waits up to timeout for the daemon to exit on its own (after
+// Signal) and returns how it exited.
+func (d *Daemon) Wait(timeout time.Duration) error {
+	if d.cmd == nil {
+		return nil
+	}
+	select {
+	case err := <-d.done:
+		d.cmd = nil
+		if d.conn != nil {
+			d.conn.Close()
+			d.conn = nil
+		}
+		return err
+	case <-time.After(timeout):
+		return fmt.Errorf("daemon still running %s after the signal", timeout)
+	}
+}

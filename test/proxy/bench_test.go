@@ -33,22 +33,26 @@ func BenchmarkCalls(b *testing.B) {
 		prepareCommitted(ctx, b, target.sn, base)
 
 		b.Run("Prepare/"+target.name, func(b *testing.B) {
-			for i := 0; b.Loop(); i++ {
-				if _, err := target.sn.Prepare(ctx, fmt.Sprintf("p-%d", i), base); err != nil {
+			for b.Loop() {
+				if _, err := target.sn.Prepare(ctx, uniqueKey("p"), base); err != nil {
 					b.Fatal(err)
 				}
 			}
 		})
 		b.Run("View/"+target.name, func(b *testing.B) {
-			for i := 0; b.Loop(); i++ {
-				if _, err := target.sn.View(ctx, fmt.Sprintf("v-%d", i), base); err != nil {
+			for b.Loop() {
+				if _, err := target.sn.View(ctx, uniqueKey("v"), base); err != nil {
 					b.Fatal(err)
 				}
 			}
 		})
+		container := uniqueKey("container")
+		if _, err := target.sn.Prepare(ctx, container, base); err != nil {
+			b.Fatal(err)
+		}
 		b.Run("Mounts/"+target.name, func(b *testing.B) {
 			for b.Loop() {
-				if _, err := target.sn.Mounts(ctx, "p-0"); err != nil {
+				if _, err := target.sn.Mounts(ctx, container); err != nil {
 					b.Fatal(err)
 				}
 			}
@@ -148,13 +152,18 @@ func prepareCommitted(ctx context.Context, b *testing.B, sn snapshots.Snapshotte
 	}
 }
 
-var prepareRound int
+var keySeq int
+
+// uniqueKey names a snapshot no earlier round of the benchmark used.
+func uniqueKey(prefix string) string {
+	keySeq++
+	return fmt.Sprintf("%s-%d", prefix, keySeq)
+}
 
 func prepareMany(ctx context.Context, b *testing.B, sn snapshots.Snapshotter, prefix, parent string, n int) []string {
-	prepareRound++
 	keys := make([]string, n)
 	for i := range keys {
-		keys[i] = fmt.Sprintf("%s-%d-%d", prefix, prepareRound, i)
+		keys[i] = uniqueKey(prefix)
 		if _, err := sn.Prepare(ctx, keys[i], parent); err != nil {
 			b.Fatal(err)
 		}

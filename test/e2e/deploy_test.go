@@ -1,0 +1,124 @@
+package e2e
+
+import (
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/overclone/overclone/test/e2e/harness"
+)
+
+// TestDeploySnippets runs containerd on the deploy/containerd snippets as
+// they ship (only paths swapped for private ones, CRI enabled): the proxy
+// plugin loads, CRI starts, and an import with --snapshotter overclone
+// unpacks and runs, on 2.x through the transfer service the snippet
+// configures.
+func TestDeploySnippets(t *testing.T) {
+	for _, tc := range []struct {
+		name, binDir, snippet string
+	}{
+		{"containerd-1.6", harness.Containerd16Bin, "config-v2.toml"},
+		{"containerd-2", harness.Containerd2BinDir(), "config-v3.toml"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			snippet, err := os.ReadFile(filepath.Join(repoRoot(), "deploy", "containerd", tc.snippet))
+			if err != nil {
+				t.Fatal(err)
+			}
+			s := newSuite(t, tc.binDir, harness.ContainerdOptions{Snippet: string(snippet)})
+			s.requireOverclone(t)
+			plugins := s.ctr(t, "plugins", "ls")
+			for _, want := range [][2]string{
+				{"io.containerd.snapshotter.v1", "overclone"},
+				{"io.containerd.grpc.v1", "cri"},
+			} {
+				if !pluginOK(plugins, want[0], want[1]) {
+					t.Errorf("plugin %s %s not ok:\n%s", want[0], want[1], plugins)
+				}
+			}
+			// CRI says at start which snapshotter it uses and where
+			// the image filesystem is (exports.root; 1.6 ignores
+			// exports and reports a dir under its own root).
+			b, err := os.ReadFile(s.c.Log)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := []string{`Start cri plugin with config {PluginConfig:{ContainerdConfig:{Snapshotter:overclone `}
+			if s.c.Major >= 2 {
+				want = []string{
+					`Get image filesystem path \"` + s.oc.Root + `\" for snapshotter \"overclone\"`,
+					`Registered runtime \"runc\" with snapshotter \"overclone\"`,
+				}
+			}
+			for _, w := range want {
+				if !strings.Contains(string(b), w) {
+					t.Errorf("containerd log lacks %s", w)
+				}
+			}
+			s.ctr(t, "images", "import", "--snapshotter", harness.SnapshotterName, s.f.archive)
+			s.requireUnpacked(t, harness.SnapshotterName)
+			s.runView(t, harness.SnapshotterName, imageName, "deploy", "")
+			s.removeImages(t)
+		})
+	}
+}
+
+func pluginOK(ls, typ, id string) bool {
+	for _, line := range strings.Split(ls, "\n") {
+		f := strings.Fields(line)
+		if len(f) >= 4 && f[0] == typ && f[1] == id {
+			return f[len(f)-1] == "ok"
+		}
+	}
+	return false
+}
+
+// TestWaitScript checks hack/wait-overclone.sh, the gate a node setup runs
+// before restarting containerd: it fails while nothing answers and returns
+// once the daemon, started after it, serves.
+func TestWaitScript(t *testing.T) {
+	f := getFixture(t)
+	if f.overcloneBin == "" || f.cliBin == "" {
+		t.Skip(f.noOverclone)
+	}
+	dir, err := harness.TempDir("oc-wait-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(dir)
+	oc, err := harness.NewOverclone(f.overcloneBin, dir, "", t.Logf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	script := filepath.Join(repoRoot(), "hack", "wait-overclone.sh")
+	env := append(os.Environ(), "OVERCLONE="+f.cliBin)
+
+	cmd := exec.Command(script, oc.Socket, "1")
+	cmd.Env = env
+	if out, err := cmd.CombinedOutput(); err == nil {
+		t.Fatalf("wait-overclone.sh succeeded with no daemon: %s", out)
+	}
+
+	cmd = exec.Command(script, oc.Socket, "60")
+	cmd.Env = env
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(1500 * time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := oc.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	defer oc.Stop()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("wait-overclone.sh after the daemon started: %v: %s", err, out.String())
+	}
+	t.Log(strings.TrimSpace(out.String()))
+}

@@ -1,0 +1,199 @@
+package harness
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// ContainerdOptions choose the containerd binaries and what its generated
+// config says about overclone.
+type ContainerdOptions struct {
+	BinDir string // holds containerd, ctr, containerd-shim-runc-v2
+	// Proxies become [proxy_plugins] entries (and, on 2.x, unpack_config
+	// entries).
+	Proxies []Proxy
+	// Capabilities and MaxConcurrentUnpacks: see containerdConfig.
+	Capabilities         []string
+	MaxConcurrentUnpacks int
+	// LogLevel defaults to info; debug shows how each image was unpacked.
+	LogLevel string
+	// Snippet, when set, replaces the generated config: a deploy/containerd
+	// file, run as it is except for this daemon's own root, state and
+	// socket, and overclone's socket and root instead of the default paths.
+	Snippet string
+}
+
+// Proxy is one overclone daemon as a containerd proxy snapshotter.
+type Proxy struct {
+	Name      string // the snapshotter name containerd knows it by
+	Overclone *Overclone
+}
+
+// Containerd is a private containerd daemon: own root, state, socket and
+// config, nothing shared with a containerd the host may run.
+type Containerd struct {
+	Opts    ContainerdOptions
+	Dir     string
+	Address string
+	Config  string
+	Log     string
+	Version string // as `containerd --version` reports it, e.g. "1.6.20" or "2.4.2"
+	Major   int
+
+	env  []string
+	logf Logf
+	proc *process
+}
+
+var versionRE = regexp.MustCompile(`\bv?(\d+)\.(\d+)\.(\d+)`)
+
+// StartContainerd writes the config under dir and starts containerd.
+func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, logf Logf) (*Containerd, error) {
+	c := &Containerd{
+		Opts:    opts,
+		Dir:     dir,
+		Address: filepath.Join(dir, "containerd.sock"),
+		Config:  filepath.Join(dir, "config.toml"),
+		Log:     filepath.Join(dir, "containerd.log"),
+		logf:    logf,
+		// The shim and runc are looked up in PATH: the shim next to this
+		// containerd first, runc from Debian.
+		env: append(os.Environ(), "PATH="+opts.BinDir+":/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+	}
+	out, err := run(ctx, c.env, filepath.Join(opts.BinDir, "containerd"), "--version")
+	if err != nil {
+		return nil, err
+	}
+	m := versionRE.FindStringSubmatch(out)
+	if m == nil {
+		return nil, fmt.Errorf("containerd --version: cannot parse %q", out)
+	}
+	c.Version = m[1] + "." + m[2] + "." + m[3]
+	c.Major, _ = strconv.Atoi(m[1])
+
+	cfg := containerdConfig{
+		Root:                 filepath.Join(dir, "root"),
+		State:                filepath.Join(dir, "state"),
+		Address:              c.Address,
+		Capabilities:         opts.Capabilities,
+		MaxConcurrentUnpacks: opts.MaxConcurrentUnpacks,
+	}
+	cfg.Proxies = opts.Proxies
+	text, err := cfg.render(c.Major)
+	if opts.Snippet != "" {
+		text, err = cfg.fromSnippet(opts.Snippet)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(c.Config, []byte(text), 0o644); err != nil {
+		return nil, err
+	}
+	level := opts.LogLevel
+	if level == "" {
+		level = "info"
+	}
+	p, err := startProcess("containerd "+c.Version, c.Log, c.env, filepath.Join(opts.BinDir, "containerd"),
+		"--config", c.Config, "--log-level", level)
+	if err != nil {
+		return nil, err
+	}
+	c.proc = p
+	wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
+	defer cancel()
+	start := time.Now()
+	err = waitFor(wctx, p, "containerd "+c.Version+" ready", func() error {
+		_, err := c.Ctr(wctx, "version")
+		return err
+	})
+	if err != nil {
+		_ = p.stop()
+		return nil, err
+	}
+	logf("containerd %s up on %s in %s", c.Version, c.Address, time.Since(start).Round(time.Millisecond))
+	return c, nil
+}
+
+// Ctr runs this containerd's ctr against it in the test namespace.
+func (c *Containerd) Ctr(ctx context.Context, args ...string) (string, error) {
+	return run(ctx, c.env, filepath.Join(c.Opts.BinDir, "ctr"),
+		append([]string{"--address", c.Address, "--namespace", Namespace}, args...)...)
+}
+
+// Running reports whether containerd is alive.
+func (c *Containerd) Running() bool { return c.proc != nil && c.proc.running() }
+
+// Tail returns the end of containerd's log.
+func (c *Containerd) Tail(n int) string { return tailFile(c.Log, n) }
+
+// Stop kills and removes every task and container containerd still has (a
+// failed test leaves them behind, and their shims outlive containerd), then
+// stops containerd and unmounts whatever is left under its dir.
+func (c *Containerd) Stop() error {
+	if c.proc == nil {
+		return nil
+	}
+	var errs []string
+	if c.proc.running() {
+		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		if err := c.removeAll(ctx); err != nil {
+			errs = append(errs, err.Error())
+		}
+		cancel()
+	}
+	if err := c.proc.stop(); err != nil {
+		errs = append(errs, err.Error())
+	}
+	if err := UnmountUnder(c.Dir); err != nil {
+		errs = append(errs, err.Error())
+	}
+	removeNamespaceCgroups()
+	if len(errs) > 0 {
+		return fmt.Errorf("stop containerd %s: %s", c.Version, strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func (c *Containerd) removeAll(ctx context.Context) error {
+	out, err := c.Ctr(ctx, "tasks", "ls", "-q")
+	if err != nil {
+		return err
+	}
+	for _, id := range strings.Fields(out) {
+		c.logf("cleanup: killing task %s", id)
+		_, _ = c.Ctr(ctx, "tasks", "kill", "-s", "SIGKILL", id)
+		for i := 0; i < 100; i++ {
+			if _, err := c.Ctr(ctx, "tasks", "rm", "-f", id); err == nil {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	out, err = c.Ctr(ctx, "containers", "ls", "-q")
+	if err != nil {
+		return err
+	}
+	for _, id := range strings.Fields(out) {
+		if _, err := c.Ctr(ctx, "containers", "rm", id); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// removeNamespaceCgroups removes the per-namespace parent cgroups runc
+// made (/sys/fs/cgroup/<controller>/overclone-e2e on cgroup v1, one dir on
+// v2) once they are empty; a cgroup still in use by another run refuses.
+func removeNamespaceCgroups() {
+	dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", Namespace))
+	dirs = append(dirs, filepath.Join("/sys/fs/cgroup", Namespace))
+	for _, d := range dirs {
+		_ = os.Remove(d)
+	}
+}

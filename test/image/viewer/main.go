@@ -1,0 +1,84 @@
+// Command viewer is the entrypoint of the end-to-end test image. It is built
+// static (CGO_ENABLED=0) because the image has no libc.
+//
+// It prints the merged view a container sees, one line per path, in the same
+// format test/image.Image.ExpectedView produces from the layer model, so a
+// test compares the two byte for byte:
+//
+//	viewer view [root]   print the view of root (default /data)
+//	viewer write [root]  change files the lower layers own, then print the view
+//	viewer sleep         print "ready" and wait for SIGTERM (restart tests)
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+
+	"github.com/overclone/overclone/test/image/view"
+)
+
+const defaultRoot = "/data"
+
+func main() {
+	if err := run(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "viewer:", err)
+		os.Exit(1)
+	}
+}
+
+func run(args []string) error {
+	cmd, root := "view", defaultRoot
+	if len(args) > 0 {
+		cmd = args[0]
+	}
+	if len(args) > 1 {
+		root = args[1]
+	}
+	switch cmd {
+	case "view":
+		return view.Write(os.Stdout, root)
+	case "write":
+		if err := write(root); err != nil {
+			return err
+		}
+		return view.Write(os.Stdout, root)
+	case "sleep":
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+		fmt.Println("ready")
+		<-sig
+		return nil
+	default:
+		return fmt.Errorf("unknown command %q (view, write, sleep)", cmd)
+	}
+}
+
+// write changes the container's upper layer in the ways that make a
+// snapshotter copy up or white out: append to a lower file, create a file and
+// a dir, remove a lower file, chmod a lower file.
+func write(root string) error {
+	f, err := os.OpenFile(filepath.Join(root, view.AppendFile), os.O_WRONLY|os.O_APPEND, 0)
+	if err != nil {
+		return err
+	}
+	if _, err := f.WriteString(view.AppendLine); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	if err := os.MkdirAll(filepath.Join(root, view.CreatedDir), 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(root, view.CreatedFile), []byte(view.CreatedContent), 0o644); err != nil {
+		return err
+	}
+	if err := os.Remove(filepath.Join(root, view.RemovedFile)); err != nil {
+		return err
+	}
+	return os.Chmod(filepath.Join(root, view.ChmodFile), 0o600)
+}

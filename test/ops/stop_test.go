@@ -1,0 +1,172 @@
+package ops
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
+
+	"github.com/overclone/overclone/test/daemon"
+)
+
+// TestGracefulStop: SIGTERM lets a Commit in flight finish and the daemon
+// exit cleanly, the layer committed; a second SIGTERM stops the daemon at
+// once, and whatever the cut-off Commit did is all or nothing.
+func TestGracefulStop(t *testing.T) {
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	metricsSock := filepath.Join(t.TempDir(), "metrics.sock")
+	// A shutdown timeout far beyond the test's: only a second signal may
+	// stop the daemon early.
+	d := daemon.Start(t, t.TempDir(), fmt.Sprintf("metrics_address = %q\nshutdown_timeout = \"1h\"\n", "unix://"+metricsSock))
+	s := scraper{t: t, http: unixHTTP(metricsSock)}
+
+	t.Run("SIGTERM waits for the call in flight", func(t *testing.T) {
+		sn := d.Client()
+		prepareBig(ctx, t, sn, "big")
+		done := make(chan error, 1)
+		go func() { done <- sn.Commit(ctx, "big-committed", "big") }()
+		if !s.waitInFlight("Commit", done) {
+			t.Log("the Commit finished before the signal could land: the test shows only a clean stop")
+		}
+		signalled := time.Now()
+		if err := d.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("Commit in flight at SIGTERM: %v\n%s", err, d.Log())
+		}
+		committedAfter := time.Since(signalled)
+		if err := d.Wait(time.Minute); err != nil {
+			t.Fatalf("exit after SIGTERM: %v\n%s", err, d.Log())
+		}
+		t.Logf("the Commit returned %v after SIGTERM; the daemon then exited cleanly", committedAfter)
+		if !strings.Contains(d.Log(), "msg=stopped") {
+			t.Errorf("the daemon did not log its clean stop:\n%s", d.Log())
+		}
+		restart(t, d)
+		info, err := d.Client().Stat(ctx, "big-committed")
+		if err != nil || info.Kind != snapshots.KindCommitted {
+			t.Fatalf("the layer committed during the stop: %+v %v", info, err)
+		}
+	})
+
+	t.Run("a second signal stops at once", func(t *testing.T) {
+		sn := d.Client()
+		prepareBig(ctx, t, sn, "big2")
+		done := make(chan error, 1)
+		go func() { done <- sn.Commit(ctx, "big2-committed", "big2") }()
+		if !s.waitInFlight("Commit", done) {
+			t.Log("the Commit finished before the signals could land")
+		}
+		// The log is appended to across restarts: wait for one more
+		// "finishing" line than before.
+		stops := strings.Count(d.Log(), "finishing calls in flight")
+		if err := d.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		waitLog(t, d, "finishing calls in flight", stops+1)
+		if err := d.Signal(syscall.SIGTERM); err != nil {
+			t.Fatal(err)
+		}
+		second := time.Now()
+		if err := d.Wait(time.Minute); err != nil {
+			t.Fatalf("exit after the second signal: %v\n%s", err, d.Log())
+		}
+		exited := time.Since(second)
+		commitErr := <-done
+		if commitErr != nil {
+			t.Logf("the daemon exited %v after the second signal, cutting off the Commit: %v", exited, commitErr)
+		} else {
+			t.Logf("the Commit finished before the second signal took effect (exit %v after it)", exited)
+		}
+		restart(t, d)
+		sn = d.Client()
+		_, activeErr := sn.Stat(ctx, "big2")
+		_, committedErr := sn.Stat(ctx, "big2-committed")
+		switch {
+		case activeErr == nil && errdefs.IsNotFound(committedErr):
+			if commitErr == nil {
+				t.Fatal("Commit returned success but the layer is not committed")
+			}
+		case committedErr == nil && errdefs.IsNotFound(activeErr):
+		default:
+			t.Fatalf("half a Commit: active %v, committed %v", activeErr, committedErr)
+		}
+	})
+}
+
+// TestSystemdNotify: with NOTIFY_SOCKET set, as systemd does for a
+// Type=notify unit, the daemon says READY=1 once it serves and STOPPING=1
+// on SIGTERM.
+func TestSystemdNotify(t *testing.T) {
+	dir := t.TempDir()
+	notify := filepath.Join(dir, "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: notify, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+
+	cmd := exec.Command(daemon.Binary(t), "--root", filepath.Join(dir, "root"), "--address", filepath.Join(dir, "overclone.sock"), "--config", filepath.Join(dir, "none.toml"))
+	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify)
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	os.WriteFile(filepath.Join(dir, "none.toml"), nil, 0o600)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+
+	read := func(want string) {
+		t.Helper()
+		buf := make([]byte, 4096)
+		conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+		n, err := conn.Read(buf)
+		if err != nil {
+			t.Fatalf("waiting for %s: %v\n%s", want, err, out.String())
+		}
+		if got := string(buf[:n]); !strings.Contains(got, want) {
+			t.Fatalf("notification %q, want %s", got, want)
+		}
+	}
+	read("READY=1")
+	// READY must mean serving: the socket answers now.
+	if c, err := net.Dial("unix", filepath.Join(dir, "overclone.sock")); err != nil {
+		t.Fatalf("READY=1 sent before the socket serves: %v", err)
+	} else {
+		c.Close()
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	read("STOPPING=1")
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("exit after SIGTERM: %v\n%s", err, out.String())
+	}
+}
+
+func restart(t *testing.T, d *daemon.Daemon) {
+	t.Helper()
+	if err := d.Restart(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func waitLog(t *testing.T, d *daemon.Daemon, want string, count int) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for strings.Count(d.Log(), want) < count {
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon never logged %q:\n%s", want, d.Log())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
