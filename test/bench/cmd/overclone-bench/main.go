@@ -130,10 +130,10 @@ func main() {
 	rep := &Report{Started: time.Now(), Flags: flags, Host: hostInfo()}
 	var err error
 	if len(p.fs) > 1 && *child == "" {
-		// One process per filesystem: fileops caches what a filesystem
-		// can do by device number for the life of the process, and the
-		// loop device of one filesystem is reused by the next (see
-		// fileops/caps.go), so xfs would inherit ext4's "no reflink".
+		// One process per filesystem, so that nothing process-wide
+		// carries from one loop filesystem to the next: before fileops
+		// keyed what it learns about a filesystem by mount id, xfs on the
+		// reused loop device inherited ext4's "no reflink" here.
 		err = measureApart(rep, p.fs, *quickFlag, *only)
 	} else {
 		err = measure(rep, p, want)
