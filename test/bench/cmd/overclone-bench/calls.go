@@ -17,7 +17,7 @@ var callOps = []string{"Prepare", "View", "Mounts", "Stat", "Commit", "Walk", "R
 // chunk by chunk, so a burst of load on the machine hits all of them.
 func (e *env) benchCalls() error {
 	const callChunk = 50
-	ts, err := e.open("calls", tOverclone, tOverlay, tOCGRPC, tOvGRPC, tDaemon)
+	ts, err := e.open("calls", tOverclone, tOverlay, tOverlay2, tOCGRPC, tOvGRPC, tDaemon, tOvProc)
 	if err != nil {
 		return err
 	}

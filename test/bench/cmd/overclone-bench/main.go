@@ -106,8 +106,17 @@ func main() {
 		fsList    = flag.String("fs", "", "comma-separated filesystems (ext4,xfs); default: both, xfs with -quick")
 		only      = flag.String("only", strings.Join(workloads, ","), "comma-separated workloads to run")
 		child     = flag.String("child", "", "internal: measure one filesystem and write the raw report as JSON to this file")
+		builtin   = flag.String("serve-builtin", "", "internal: serve containerd's built-in overlayfs snapshotter rooted here on -socket")
+		socket    = flag.String("socket", "", "internal: the socket for -serve-builtin")
 	)
 	flag.Parse()
+	if *builtin != "" {
+		if err := serveBuiltin(*builtin, *socket); err != nil {
+			fmt.Fprintln(os.Stderr, "serve built-in:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if os.Geteuid() != 0 {
 		fmt.Fprintln(os.Stderr, "overclone-bench needs root: it makes loop filesystems and mounts overlays")
 		os.Exit(2)

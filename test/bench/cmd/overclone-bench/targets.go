@@ -32,13 +32,19 @@ const (
 	tOCGRPC    = "overclone-grpc"   // in-process gRPC server, unix socket
 	tOvGRPC    = "overlay-grpc"     // the built-in behind the same server
 	tDaemon    = "overclone-daemon" // the real daemon binary
+	tOvProc    = "overlay-proc"     // the built-in served from a process of its own
+	tOverlay2  = "overlay-again"    // a second built-in: the A/A noise floor
 )
 
 func baselineOf(name string) string {
 	switch name {
 	case tOverlay, tOvGRPC:
 		return ""
-	case tOCGRPC, tDaemon:
+	case tOCGRPC:
+		return tOvGRPC
+	case tDaemon:
+		return tOvProc
+	case tOvProc:
 		return tOvGRPC
 	}
 	return tOverlay
@@ -114,7 +120,7 @@ func (e *env) openOne(workload, name string) (*target, error) {
 			return nil, err
 		}
 		t.sn, t.ours = sn, sn
-	case tOverlay:
+	case tOverlay, tOverlay2:
 		sn, err := overlay.NewSnapshotter(root)
 		if err != nil {
 			return nil, err
@@ -144,6 +150,14 @@ func (e *env) openOne(workload, name string) (*target, error) {
 		}
 		t.sn = client
 		t.close = func() { stop(); inner.Close(); cleanup() }
+		return t, nil
+	case tOvProc:
+		client, stop, err := startBuiltinProc(root, e.tb.TempDir())
+		if err != nil {
+			return nil, err
+		}
+		t.sn = client
+		t.close = func() { stop(); cleanup() }
 		return t, nil
 	case tDaemon:
 		// The daemon's defaults, but for durability: the built-in does
