@@ -60,7 +60,7 @@ var full = params{
 	imageFiles:   10000,
 	calls:        500, // 500 active + 500 views + 500 committed: Walk lists 1001
 	callRounds:   1,
-	walks:        10,
+	walks:        50,
 	unpackRounds: 2,
 	unpackCopy:   1,
 	starts:       100,
@@ -71,7 +71,7 @@ var full = params{
 	copyFiles:    1000,
 	copyRounds:   3,
 	bigFile:      1 << 30,
-	bigRounds:    2,
+	bigRounds:    3,
 	depths:       []int{128, 500, 1000},
 }
 
