@@ -50,7 +50,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		return fmt.Errorf("commit %q onto parent %q: rebase is not supported in userspace mode (do not advertise the rebase capability): %w", key, base.Parent, errdefs.ErrFailedPrecondition)
 	}
 	upper := s.upperPath(id)
-	usage, err := s.usage(ctx, upper)
+	usage, err := s.usage(ctx, upper, info.Created)
 	if err != nil {
 		return err
 	}

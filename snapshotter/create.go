@@ -57,18 +57,16 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}()
-	// The parent's layer shapes the new directory: in userspace mode its
-	// whole view is copied in, in overlay mode its root's owner is given
-	// to the upper's root (the merged root), as the kernel would on
-	// copy-up. The write transaction checks that the parent is still the
-	// one read here.
-	var parentID string
-	if parent != "" {
-		if parentID = s.parentID(ctx, parent); parentID != "" {
-			if err := s.missing.check(parentID); err != nil {
+	// In userspace mode the parent's whole view is copied in first, under
+	// no lock; the write transaction checks the parent is still the one
+	// copied.
+	var materialized string
+	if s.mode == ModeUserspace && kind == snapshots.KindActive && parent != "" {
+		if materialized = s.parentID(ctx, parent); materialized != "" {
+			if err := s.missing.check(materialized); err != nil {
 				return nil, fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
 			}
-			if err := s.shapeDirectory(ctx, kind, parentID, filepath.Join(td, "fs")); err != nil {
+			if err := s.materialize(ctx, materialized, filepath.Join(td, "fs")); err != nil {
 				return nil, err
 			}
 		}
@@ -91,15 +89,22 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			return fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
 		}
 		info = base // the labels given are the labels stored
-		if len(snap.ParentIDs) > 0 && snap.ParentIDs[0] != parentID {
+		switch {
+		case materialized != "" && snap.ParentIDs[0] != materialized:
 			// The parent was removed and committed again under the
-			// same name while the directory was being made.
+			// same name while it was being copied.
 			return fmt.Errorf("parent %q changed while snapshot %q was prepared: %w", parent, key, errdefs.ErrFailedPrecondition)
+		case s.mode == ModeOverlay && len(snap.ParentIDs) > 0:
+			// The upper's root is the merged root: give it the owner
+			// of the parent's root, as the kernel would on copy-up.
+			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
+				return err
+			}
 		}
 		if err := s.placeDirectory(ctx, td, snap.ID); err != nil {
 			return err
 		}
-		return s.syncPlaced()
+		return s.syncPlaced(snap.ID)
 	})
 	if err != nil {
 		return nil, err
@@ -164,17 +169,6 @@ func (s *Snapshotter) placeDirectory(ctx context.Context, td, id string) error {
 		return fmt.Errorf("move snapshot directory into place at %s: %w", target, err)
 	}
 	return nil
-}
-
-// shapeDirectory prepares fs, the new snapshot's files, from its parent.
-func (s *Snapshotter) shapeDirectory(ctx context.Context, kind snapshots.Kind, parentID, fs string) error {
-	switch {
-	case s.mode == ModeOverlay:
-		return copyOwner(s.upperPath(parentID), fs)
-	case kind == snapshots.KindActive:
-		return s.materialize(ctx, parentID, fs)
-	}
-	return nil // a userspace view binds its parent's directory
 }
 
 func copyOwner(from, to string) error {

@@ -17,14 +17,16 @@ import (
 // accepts losses.
 //
 // syncPrepared runs before the write transaction, so no other call waits
-// for it: the directory's contents and the directory itself. In userspace
-// mode the contents are a copy of the parent which, without a reflink
-// (ext4), is fresh data in the page cache: a power cut would hand the
-// container files of the right size full of zeros (also measured), so the
-// whole filesystem is synced. syncPlaced runs inside the transaction,
-// after the rename: only snapshots/, whose entry the rename changed.
-// Each directory is fsynced on its own because btrfs logs per inode, where
-// xfs and ext4 force the whole log on the first.
+// for it. In userspace mode the directory holds a copy of the parent which,
+// without a reflink (ext4), is fresh data in the page cache: a power cut
+// would hand the container files of the right size full of zeros (also
+// measured), so the whole filesystem is synced. Otherwise the new
+// directory's entries (fs, work) are.
+//
+// syncPlaced runs inside the transaction, after the upper's root got its
+// owner and the rename: the fs dir, then snapshots/. Each is fsynced on its
+// own because btrfs logs per inode; xfs and ext4 force the whole log on the
+// first, and the second costs nothing.
 func (s *Snapshotter) syncPrepared(td string) error {
 	if !s.syncs {
 		return nil
@@ -32,19 +34,19 @@ func (s *Snapshotter) syncPrepared(td string) error {
 	if s.mode == ModeUserspace {
 		return syncFilesystem(td)
 	}
-	for _, dir := range []string{filepath.Join(td, "fs"), td} {
+	return fsyncDir(td)
+}
+
+func (s *Snapshotter) syncPlaced(id string) error {
+	if !s.syncs {
+		return nil
+	}
+	for _, dir := range []string{s.upperPath(id), filepath.Join(s.root, snapshotsDir)} {
 		if err := fsyncDir(dir); err != nil {
 			return err
 		}
 	}
 	return nil
-}
-
-func (s *Snapshotter) syncPlaced() error {
-	if !s.syncs {
-		return nil
-	}
-	return fsyncDir(filepath.Join(s.root, snapshotsDir))
 }
 
 func fsyncDir(dir string) error {

@@ -51,7 +51,7 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		if err := s.missing.check(id); err != nil {
 			return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
 		}
-		return s.usage(ctx, s.upperPath(id))
+		return s.usage(ctx, s.upperPath(id), info.Created)
 	}
 	return usage, nil
 }

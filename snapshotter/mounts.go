@@ -32,7 +32,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	if err != nil {
 		return nil, err
 	}
-	if err := s.missing.check(append([]string{snap.ID}, snap.ParentIDs...)...); err != nil {
+	if err := errors.Join(s.missing.check(snap.ID), s.missing.check(snap.ParentIDs...)); err != nil {
 		return nil, fmt.Errorf("get mounts of %q: %w", key, err)
 	}
 	if wantsFlatView(snap, info) {
