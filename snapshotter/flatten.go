@@ -128,16 +128,6 @@ func (s *Snapshotter) flatView(ctx context.Context, snap storage.Snapshot) ([]mo
 	return []mount.Mount{{Type: "bind", Source: dir, Options: []string{"ro", "rbind"}}}, nil
 }
 
-// Flatten builds (or finds) the flattened layer of committed snapshot key
-// and returns its path.
-func (s *Snapshotter) Flatten(ctx context.Context, key string) (string, error) {
-	ids, err := s.chain(ctx, key)
-	if err != nil {
-		return "", err
-	}
-	return s.flatPath(ids[0]), s.flatten(ctx, ids)
-}
-
 // flatten makes sure ROOT/flat/<ids[0]> holds the merged view of ids (top
 // first). The build runs under no lock and with no transaction open.
 func (s *Snapshotter) flatten(ctx context.Context, ids []string) error {

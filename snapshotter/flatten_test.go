@@ -9,7 +9,9 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/errdefs"
 )
 
 // deepImage is deeper than the kernel's 500 lower layers.
@@ -105,4 +107,25 @@ func TestFlattenDeepStack(t *testing.T) {
 			gone(t, s.flatPath(id))
 		}
 	}
+}
+
+// chain returns the ids of committed snapshot key and of every layer below
+// it, top first.
+func (s *Snapshotter) chain(ctx context.Context, key string) ([]string, error) {
+	var ids []string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		for k := key; k != ""; {
+			id, info, _, err := storage.GetInfo(ctx, k)
+			if err != nil {
+				return fmt.Errorf("snapshot %q: %w", k, err)
+			}
+			if info.Kind != snapshots.KindCommitted {
+				return fmt.Errorf("snapshot %q is %s, not committed: %w", k, info.Kind, errdefs.ErrFailedPrecondition)
+			}
+			ids = append(ids, id)
+			k = info.Parent
+		}
+		return nil
+	})
+	return ids, err
 }

@@ -99,7 +99,6 @@ type Snapshotter struct {
 	root     string
 	ms       *storage.MetaStore
 	mode     Mode
-	features *overlayutil.Features
 	overlay  overlayutil.Options // shape of every overlay mount
 	maxStack int
 	syncs    bool
@@ -175,7 +174,6 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	s := &Snapshotter{
 		root:     root,
 		ms:       ms,
-		features: features,
 		overlay:  overlay,
 		maxStack: cfg.MaxStack,
 		syncs:    cfg.SyncOnCommit,
@@ -206,9 +204,6 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 // Mode returns the mode the snapshotter serves in.
 func (s *Snapshotter) Mode() Mode { return s.mode }
 
-// Features returns what the kernel probe found under the root.
-func (s *Snapshotter) Features() *overlayutil.Features { return s.features }
-
 // Close waits for background removals and closes the metadata store. It
 // may be called more than once.
 func (s *Snapshotter) Close() error {
@@ -221,9 +216,6 @@ func (s *Snapshotter) Close() error {
 	s.closed = true
 	return s.ms.Close()
 }
-
-// Root returns the directory the snapshotter keeps everything under.
-func (s *Snapshotter) Root() string { return s.root }
 
 const (
 	snapshotsDir = "snapshots"

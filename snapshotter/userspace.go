@@ -6,7 +6,6 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
-	"github.com/containerd/errdefs"
 
 	"github.com/overclone/overclone/fileops"
 )
@@ -43,25 +42,4 @@ func (s *Snapshotter) materialize(ctx context.Context, parentID, dst string) err
 	}
 	s.countCopied(stats)
 	return nil
-}
-
-// chain returns the ids of committed snapshot key and of every layer below
-// it, top first.
-func (s *Snapshotter) chain(ctx context.Context, key string) ([]string, error) {
-	var ids []string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		for k := key; k != ""; {
-			id, info, _, err := storage.GetInfo(ctx, k)
-			if err != nil {
-				return fmt.Errorf("snapshot %q: %w", k, err)
-			}
-			if info.Kind != snapshots.KindCommitted {
-				return fmt.Errorf("snapshot %q is %s, not committed: %w", k, info.Kind, errdefs.ErrFailedPrecondition)
-			}
-			ids = append(ids, id)
-			k = info.Parent
-		}
-		return nil
-	})
-	return ids, err
 }
