@@ -1,7 +1,11 @@
 package snapshotter
 
 import (
+	"context"
 	"path/filepath"
+	"testing"
+
+	"github.com/containerd/containerd/v2/pkg/namespaces"
 
 	"golang.org/x/sys/unix"
 )
@@ -12,3 +16,15 @@ func mountOverlay(base, target string) error {
 }
 
 func unmount(target string) { unix.Unmount(target, unix.MNT_DETACH) }
+
+// openTest opens a snapshotter on root for a test, closed when it ends.
+func openTest(t *testing.T, root string, opts ...Opt) (context.Context, *Snapshotter) {
+	t.Helper()
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	s, err := New(ctx, root, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { s.Close() })
+	return ctx, s
+}

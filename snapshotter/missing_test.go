@@ -1,7 +1,6 @@
 package snapshotter
 
 import (
-	"context"
 	"errors"
 	"os"
 	"os/exec"
@@ -9,7 +8,6 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 )
 
@@ -25,12 +23,8 @@ func TestMissingDirectoryRefused(t *testing.T) {
 }
 
 func testMissingDirectoryRefused(t *testing.T, mode Mode) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
 	root := t.TempDir()
-	s, err := New(ctx, root, WithMode(mode))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, s := openTest(t, root, WithMode(mode))
 	for _, step := range []func() error{
 		func() error { _, err := s.Prepare(ctx, "lost-active", ""); return err },
 		func() error { return s.Commit(ctx, "lost", "lost-active") },
@@ -52,7 +46,7 @@ func testMissingDirectoryRefused(t *testing.T, mode Mode) {
 		}
 	}
 
-	s, err = New(ctx, root, WithMode(mode))
+	s, err := New(ctx, root, WithMode(mode))
 	if err != nil {
 		t.Fatalf("start with a missing layer must succeed: %v", err)
 	}
@@ -94,12 +88,8 @@ func testMissingDirectoryRefused(t *testing.T, mode Mode) {
 // TestOrphansDryRun: Orphans and ListOrphans list what Cleanup would
 // delete, with sizes, and delete nothing.
 func TestOrphansDryRun(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
 	root := t.TempDir()
-	s, err := New(ctx, root)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, s := openTest(t, root)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -152,13 +142,8 @@ func TestOrphansDryRun(t *testing.T) {
 // in the field a filesystem turned read-only after an I/O error) or the
 // metadata is closed.
 func TestCheck(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
 	root := t.TempDir()
-	s, err := New(ctx, root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	ctx, s := openTest(t, root)
 	if err := s.Check(ctx); err != nil {
 		t.Fatal(err)
 	}

@@ -17,15 +17,11 @@ import (
 // TestModeRecorded: a root remembers the mode it was created in; the other
 // mode is refused with a message, and auto keeps the recorded one.
 func TestModeRecorded(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
 	root := t.TempDir()
-	s, err := New(ctx, root, WithMode(ModeUserspace))
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, s := openTest(t, root, WithMode(ModeUserspace))
 	s.Close()
 
-	_, err = New(ctx, root, WithMode(ModeOverlay))
+	_, err := New(ctx, root, WithMode(ModeOverlay))
 	if !errors.Is(err, errdefs.ErrFailedPrecondition) || !strings.Contains(err.Error(), "created in userspace mode") {
 		t.Fatalf("overlay on a userspace root: %v", err)
 	}

@@ -1,25 +1,17 @@
 package snapshotter
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"testing"
-
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 )
 
 // TestReusedIDAfterCrash: bolt hands out the id of a create whose
 // transaction never committed again, and that create may have left its
 // directory in place. The next Prepare must succeed on a clean directory.
 func TestReusedIDAfterCrash(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
 	root := t.TempDir()
-	s, err := New(ctx, root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	ctx, s := openTest(t, root)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -54,12 +46,8 @@ func TestReusedIDAfterCrash(t *testing.T) {
 // removed by Cleanup while running (but not a create in flight), and at
 // start, where also cut-short creates and the trash go.
 func TestOrphansRemoved(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
 	root := t.TempDir()
-	s, err := New(ctx, root)
-	if err != nil {
-		t.Fatal(err)
-	}
+	ctx, s := openTest(t, root)
 	if _, err := s.Prepare(ctx, "base-active", ""); err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +81,7 @@ func TestOrphansRemoved(t *testing.T) {
 	s.Close()
 
 	trashed := mk("trash/9-xyz/fs")
-	s, err = New(ctx, root)
+	s, err := New(ctx, root)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -108,13 +96,8 @@ func TestOrphansRemoved(t *testing.T) {
 // TestRemoveRenamesThenDeletes: after Remove the directory is gone from
 // snapshots/ at once, and the trash is emptied.
 func TestRemoveRenamesThenDeletes(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
 	root := t.TempDir()
-	s, err := New(ctx, root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	ctx, s := openTest(t, root)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}
