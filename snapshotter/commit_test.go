@@ -10,8 +10,6 @@ import (
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 )
 
 // bigLayerFiles makes Commit's usage walk long enough to see who waits.
@@ -23,17 +21,7 @@ const bigLayerFiles = 10000
 // until the Prepare has returned. containerd's built-in overlayfs
 // snapshotter, measured side by side, makes the Prepare wait for the walk.
 func TestCommitDoesNotBlockPrepare(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
-	ours, err := New(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ours.Close()
-	builtin, err := overlay.NewSnapshotter(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer builtin.Close()
+	ctx, ours, builtin := openSideBySide(t)
 
 	prepared := make(chan struct{})
 	testHookCommitWalked = func() {

@@ -10,8 +10,6 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
-	"github.com/containerd/containerd/v2/pkg/namespaces"
-	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 	"golang.org/x/sys/unix"
 )
 
@@ -28,17 +26,7 @@ var stackDepths = []int{50, 128, 256, 500, 1000}
 // mounted. overclone must mount every depth; where the built-in fails, the
 // depth is logged.
 func TestDeepStacks(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
-	ours, err := New(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ours.Close()
-	builtin, err := overlay.NewSnapshotter(t.TempDir())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer builtin.Close()
+	ctx, ours, builtin := openSideBySide(t)
 
 	for _, depth := range stackDepths {
 		for _, tc := range []struct {

@@ -5,7 +5,9 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 
 	"golang.org/x/sys/unix"
 )
@@ -27,4 +29,17 @@ func openTest(t *testing.T, root string, opts ...Opt) (context.Context, *Snapsho
 	}
 	t.Cleanup(func() { s.Close() })
 	return ctx, s
+}
+
+// openSideBySide opens overclone and containerd's built-in overlayfs
+// snapshotter on roots of the same filesystem, to be measured together.
+func openSideBySide(t *testing.T) (context.Context, *Snapshotter, snapshots.Snapshotter) {
+	t.Helper()
+	ctx, ours := openTest(t, t.TempDir())
+	builtin, err := overlay.NewSnapshotter(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { builtin.Close() })
+	return ctx, ours, builtin
 }
