@@ -71,6 +71,28 @@ func TestSocket(t *testing.T) {
 		}
 	})
 
+	t.Run("an existing shared directory is not restricted", func(t *testing.T) {
+		shared := t.TempDir()
+		if err := os.Chmod(shared, 0o777|os.ModeSticky); err != nil {
+			t.Fatal(err)
+		}
+		other := daemon.Start(t, t.TempDir(), "")
+		other.Stop()
+		other.Address = filepath.Join(shared, "overclone.sock")
+		other.Args[3] = other.Address // --address
+		if err := other.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		defer other.Stop()
+		fi, err := os.Stat(shared)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode()&(os.ModePerm|os.ModeSticky) != 0o777|os.ModeSticky {
+			t.Fatalf("the daemon changed %s to %v", shared, fi.Mode())
+		}
+	})
+
 	t.Run("a file that is not a socket is left alone", func(t *testing.T) {
 		path := filepath.Join(t.TempDir(), "not-a-socket")
 		if err := os.WriteFile(path, []byte("keep me"), 0o600); err != nil {
