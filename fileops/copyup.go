@@ -95,20 +95,11 @@ func (v *view) copyUpEntry(ctx context.Context, e Entry) (res CopyResult, err er
 	if err := ctx.Err(); err != nil {
 		return res, err
 	}
-	upperRoot, err := v.root(0)
+	pfd, name, pst, err := v.openUpperParent(e.Path)
 	if err != nil {
 		return res, err
-	}
-	pdir, name := parentName(e.Path)
-	pfd, err := openBeneath(upperRoot, pdir, unix.O_PATH|unix.O_DIRECTORY, 0)
-	if err != nil {
-		return res, fmt.Errorf("open upper parent: %w", err)
 	}
 	defer closeFD(pfd)
-	var pst unix.Stat_t
-	if err := unix.Fstat(pfd, &pst); err != nil {
-		return res, err
-	}
 	srcRoot, err := v.root(e.Layer)
 	if err != nil {
 		return res, err
@@ -250,4 +241,25 @@ func (v *view) copyUpNode(e Entry, spfd int, sname string, pfd int, name string,
 		return CopyResult{}, fmt.Errorf("rename into upper: %w", err)
 	}
 	return CopyResult{Method: MethodNone}, nil
+}
+
+// openUpperParent opens the upper's directory that holds path, which must
+// exist there already, and returns it with path's last name and the
+// directory's stat: a copy-up puts the parent's times back afterwards, as
+// overlayfs does, so that it is invisible in the parent's stat.
+func (v *view) openUpperParent(path string) (pfd int, name string, pst unix.Stat_t, err error) {
+	upperRoot, err := v.root(0)
+	if err != nil {
+		return -1, "", pst, err
+	}
+	pdir, name := parentName(path)
+	pfd, err = openBeneath(upperRoot, pdir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil {
+		return -1, "", pst, fmt.Errorf("open upper parent: %w", err)
+	}
+	if err := unix.Fstat(pfd, &pst); err != nil {
+		closeFD(pfd)
+		return -1, "", pst, err
+	}
+	return pfd, name, pst, nil
 }

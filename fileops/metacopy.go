@@ -34,20 +34,11 @@ func (v *view) copyUpData(ctx context.Context, e Entry) (res CopyResult, err err
 			err = fmt.Errorf("copy up data of %s from layer %s: %w", e.Path, v.s.layers[e.DataLayer], err)
 		}
 	}()
-	upperRoot, err := v.root(0)
-	if err != nil {
-		return res, err
-	}
-	pdir, name := parentName(e.Path)
-	pfd, err := openBeneath(upperRoot, pdir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	pfd, name, pst, err := v.openUpperParent(e.Path)
 	if err != nil {
 		return res, err
 	}
 	defer closeFD(pfd)
-	var pst unix.Stat_t
-	if err := unix.Fstat(pfd, &pst); err != nil {
-		return res, err
-	}
 	xs, err := v.s.srcXattrs(procPath(pfd, name))
 	if err != nil {
 		return res, err

@@ -127,36 +127,32 @@ func (r *rangeFiles) span(srcOff, dstOff, length int64) (int64, error) {
 // block-aligned middle is cloned where the filesystem can; the rest goes
 // by copy_file_range, else read/write.
 func (s *Stack) CopyRange(ctx context.Context, src string, srcOff int64, dst string, dstOff, length int64) (RangeResult, error) {
-	r, err := s.openRange(ctx, "copy range", src, srcOff, dst, dstOff, length)
-	if err != nil {
-		return RangeResult{}, err
-	}
-	defer r.close()
-	n, err := r.span(srcOff, dstOff, length)
-	if err != nil || n == 0 {
-		return RangeResult{}, s.rangeErr("copy range", r, err)
-	}
-	res, err := s.transfer(ctx, r, srcOff, dstOff, n)
-	return res, s.rangeErr("copy range", r, err)
+	return s.copyRange(ctx, "copy range", src, srcOff, dst, dstOff, length, false)
 }
 
 // CloneRange is CopyRange with FICLONERANGE's reading of length: 0 means
 // up to the source's end.
 func (s *Stack) CloneRange(ctx context.Context, src string, srcOff int64, dst string, dstOff, length int64) (RangeResult, error) {
-	r, err := s.openRange(ctx, "clone range", src, srcOff, dst, dstOff, length)
+	return s.copyRange(ctx, "clone range", src, srcOff, dst, dstOff, length, true)
+}
+
+// copyRange is CopyRange and CloneRange; zeroToEOF reads a length of 0 as
+// "up to the source's end".
+func (s *Stack) copyRange(ctx context.Context, op, src string, srcOff int64, dst string, dstOff, length int64, zeroToEOF bool) (RangeResult, error) {
+	r, err := s.openRange(ctx, op, src, srcOff, dst, dstOff, length)
 	if err != nil {
 		return RangeResult{}, err
 	}
 	defer r.close()
-	if length == 0 {
+	if zeroToEOF && length == 0 {
 		length = max(r.srcSt.Size-srcOff, 0)
 	}
 	n, err := r.span(srcOff, dstOff, length)
 	if err != nil || n == 0 {
-		return RangeResult{}, s.rangeErr("clone range", r, err)
+		return RangeResult{}, s.rangeErr(op, r, err)
 	}
 	res, err := s.transfer(ctx, r, srcOff, dstOff, n)
-	return res, s.rangeErr("clone range", r, err)
+	return res, s.rangeErr(op, r, err)
 }
 
 func (s *Stack) rangeErr(op string, r *rangeFiles, err error) error {
