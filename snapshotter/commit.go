@@ -2,7 +2,6 @@ package snapshotter
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -27,13 +26,8 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err := validateKey("key", key); err != nil {
 		return err
 	}
-	var base snapshots.Info
-	for _, opt := range opts {
-		if err := opt(&base); err != nil {
-			return err
-		}
-	}
-	if err := validateLabels(base.Labels); err != nil {
+	base, err := applyOpts(opts)
+	if err != nil {
 		return err
 	}
 
@@ -107,19 +101,14 @@ func (s *Snapshotter) active(ctx context.Context, key string) (string, snapshots
 func (s *Snapshotter) ensureLink(id string) error {
 	link := s.linkPath(id)
 	target := filepath.Join("..", snapshotsDir, id, "fs")
-	err := os.Symlink(target, link)
-	if err == nil || !errors.Is(err, os.ErrExist) {
-		if err != nil {
-			return fmt.Errorf("link layer %s: %w", id, err)
+	if cur, err := os.Readlink(link); err == nil {
+		if cur == target {
+			return nil
 		}
-		return nil
-	}
-	if cur, rerr := os.Readlink(link); rerr == nil && cur == target {
-		return nil
-	}
-	// Left by a snapshot whose id was reused after a crash.
-	if err := os.Remove(link); err != nil {
-		return fmt.Errorf("replace stale link %s: %w", link, err)
+		// Left by a snapshot whose id was reused after a crash.
+		if err := os.Remove(link); err != nil {
+			return fmt.Errorf("replace stale link %s: %w", link, err)
+		}
 	}
 	if err := os.Symlink(target, link); err != nil {
 		return fmt.Errorf("link layer %s: %w", id, err)

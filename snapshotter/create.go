@@ -34,13 +34,8 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			return nil, err
 		}
 	}
-	var base snapshots.Info
-	for _, opt := range opts {
-		if err := opt(&base); err != nil {
-			return nil, err
-		}
-	}
-	if err := validateLabels(base.Labels); err != nil {
+	base, err := applyOpts(opts)
+	if err != nil {
 		return nil, err
 	}
 
@@ -110,12 +105,7 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		return nil, err
 	}
 	td = "" // renamed into place: the deferred clean-up must not touch it
-	var mounts []mount.Mount
-	if wantsFlatView(snap, info) {
-		mounts, err = s.flatView(ctx, snap)
-	} else {
-		mounts, err = s.mounts(ctx, snap, info)
-	}
+	mounts, err := s.mounts(ctx, snap, info)
 	if err != nil {
 		// A snapshot the caller was told failed must not linger and
 		// make the retry fail with AlreadyExists.

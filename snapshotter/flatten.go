@@ -125,7 +125,7 @@ func (s *Snapshotter) flatView(ctx context.Context, snap storage.Snapshot) ([]mo
 			return nil, err
 		}
 	}
-	return []mount.Mount{{Type: "bind", Source: dir, Options: []string{"ro", "rbind"}}}, nil
+	return bind(dir, true), nil
 }
 
 // flatten makes sure ROOT/flat/<ids[0]> holds the merged view of ids (top

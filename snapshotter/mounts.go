@@ -35,9 +35,6 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	if err := errors.Join(s.missing.check(snap.ID), s.missing.check(snap.ParentIDs...)); err != nil {
 		return nil, fmt.Errorf("get mounts of %q: %w", key, err)
 	}
-	if wantsFlatView(snap, info) {
-		return s.flatView(ctx, snap)
-	}
 	return s.mounts(ctx, snap, info)
 }
 
@@ -52,6 +49,9 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 // In userspace mode every snapshot is a complete directory: an active
 // snapshot is a rw bind of its own, a view a ro bind of its parent's.
 func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info snapshots.Info) ([]mount.Mount, error) {
+	if wantsFlatView(snap, info) {
+		return s.flatView(ctx, snap)
+	}
 	if s.mode == ModeUserspace {
 		return s.userspaceMounts(snap), nil
 	}
@@ -60,11 +60,7 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 		return s.extractionMounts(snap)
 	}
 	if len(ids) == 0 {
-		mode := "rw"
-		if snap.Kind == snapshots.KindView {
-			mode = "ro"
-		}
-		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ID), Options: []string{mode, "rbind"}}}, nil
+		return bind(s.upperPath(snap.ID), snap.Kind == snapshots.KindView), nil
 	}
 	var upper, work string
 	if snap.Kind == snapshots.KindActive {
@@ -131,14 +127,20 @@ func (s *Snapshotter) linkLayers(ids []string) error {
 }
 
 func (s *Snapshotter) userspaceMounts(snap storage.Snapshot) []mount.Mount {
-	if snap.Kind == snapshots.KindActive {
-		return []mount.Mount{{Type: "bind", Source: s.upperPath(snap.ID), Options: []string{"rw", "rbind"}}}
+	if snap.Kind == snapshots.KindActive || len(snap.ParentIDs) == 0 {
+		// A view of nothing is its own empty dir.
+		return bind(s.upperPath(snap.ID), snap.Kind == snapshots.KindView)
 	}
-	source := s.upperPath(snap.ID) // a view of nothing: its own empty dir
-	if len(snap.ParentIDs) > 0 {
-		source = s.upperPath(snap.ParentIDs[0])
+	return bind(s.upperPath(snap.ParentIDs[0]), true)
+}
+
+// bind is the mount of one directory, read-only or not.
+func bind(source string, ro bool) []mount.Mount {
+	mode := "rw"
+	if ro {
+		mode = "ro"
 	}
-	return []mount.Mount{{Type: "bind", Source: source, Options: []string{"ro", "rbind"}}}
+	return []mount.Mount{{Type: "bind", Source: source, Options: []string{mode, "rbind"}}}
 }
 
 // isExtraction tells a layer being unpacked from any other snapshot:

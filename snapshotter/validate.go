@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/labels"
 	"github.com/containerd/errdefs"
 )
@@ -43,4 +44,16 @@ func validateLabels(l map[string]string) error {
 		}
 	}
 	return nil
+}
+
+// applyOpts applies a call's options to an Info, as storage will, so that
+// their labels can be checked before anything is written.
+func applyOpts(opts []snapshots.Opt) (snapshots.Info, error) {
+	var base snapshots.Info
+	for _, opt := range opts {
+		if err := opt(&base); err != nil {
+			return base, err
+		}
+	}
+	return base, validateLabels(base.Labels)
 }
