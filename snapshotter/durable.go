@@ -60,3 +60,20 @@ func fsyncDir(dir string) error {
 	}
 	return nil
 }
+
+// syncFilesystem flushes the filesystem that holds dir. One syncfs is far
+// cheaper than an fsync of every file and directory of a layer (1000 files:
+// 8x on xfs, 60x on ext4; with 64 MiB of unrelated dirty data on the same
+// filesystem still 3x and 13x; see test/durability's TestCommitSyncCost),
+// and it covers every directory entry without a walk.
+func syncFilesystem(dir string) error {
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open %s to sync: %w", dir, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Syncfs(fd); err != nil {
+		return fmt.Errorf("syncfs %s: %w", dir, err)
+	}
+	return nil
+}
