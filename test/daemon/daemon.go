@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"sync"
 	"syscall"
 	"testing"
@@ -29,16 +30,22 @@ var (
 	buildErr  error
 )
 
+// binDir holds the daemon binaries of test processes, one per process,
+// named by its pid. A test process has no hook to run at its exit, so each
+// build removes the binaries of processes that are gone instead: without
+// it every `go test` run left a 22 MB binary behind.
+var binDir = filepath.Join(os.TempDir(), "overclone-test-bin")
+
 // Binary builds the daemon once per test process and returns its path.
 func Binary(t testing.TB) string {
 	t.Helper()
 	buildOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "overclone-bin-")
-		if err != nil {
+		if err := os.MkdirAll(binDir, 0o700); err != nil {
 			buildErr = err
 			return
 		}
-		binPath = filepath.Join(dir, "containerd-overclone-grpc")
+		removeDeadBinaries()
+		binPath = filepath.Join(binDir, strconv.Itoa(os.Getpid()))
 		_, file, _, _ := runtime.Caller(0)
 		pkg := filepath.Join(filepath.Dir(file), "..", "..", "cmd", "containerd-overclone-grpc")
 		cmd := exec.Command("go", "build", "-o", binPath, ".")
@@ -51,6 +58,19 @@ func Binary(t testing.TB) string {
 		t.Fatal(buildErr)
 	}
 	return binPath
+}
+
+// removeDeadBinaries deletes the binaries of test processes that have
+// exited (signal 0 to a pid that is gone fails with ESRCH).
+func removeDeadBinaries() {
+	entries, _ := os.ReadDir(binDir)
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil || syscall.Kill(pid, 0) != syscall.ESRCH {
+			continue
+		}
+		os.Remove(filepath.Join(binDir, e.Name()))
+	}
 }
 
 // Daemon is one running containerd-overclone-grpc.
