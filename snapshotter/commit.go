@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
+	"sync/atomic"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
@@ -42,32 +44,63 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		// alone has neither its parent's files nor its whiteouts.
 		return fmt.Errorf("commit %q onto parent %q: rebase is not supported in userspace mode (do not advertise the rebase capability): %w", key, base.Parent, errdefs.ErrFailedPrecondition)
 	}
-	upper := s.upperPath(id)
-	usage, err := s.usage(ctx, upper, info.Created)
+	usage, err := s.walkAndSync(ctx, id, info)
 	if err != nil {
+		// A Remove of the same key may have taken the directory
+		// away under the walk: say so with the class the built-in
+		// returns for a key that is gone, not an I/O error.
+		if gone := s.stillActive(ctx, key, id); gone != nil {
+			return gone
+		}
 		return err
 	}
-	if testHookCommitWalked != nil {
-		testHookCommitWalked()
-	}
-	if s.syncs {
-		if err := syncFilesystem(upper); err != nil {
-			return err
-		}
-	}
 	return s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		again, _, _, err := storage.GetInfo(ctx, key)
-		if err != nil {
-			return fmt.Errorf("commit %q: %w", key, err)
-		}
-		if again != id {
-			return fmt.Errorf("snapshot %q was removed and prepared again while it was committed: %w", key, errdefs.ErrFailedPrecondition)
+		if err := stillActiveTx(ctx, key, id); err != nil {
+			return err
 		}
 		if _, err := storage.CommitActive(ctx, key, name, usage, opts...); err != nil {
 			return fmt.Errorf("commit %q as %q: %w", key, name, err)
 		}
 		return nil
 	})
+}
+
+// walkAndSync measures the layer and, with sync_on_commit, makes it
+// durable: the part of Commit that runs under no lock.
+func (s *Snapshotter) walkAndSync(ctx context.Context, id string, info snapshots.Info) (snapshots.Usage, error) {
+	upper := s.upperPath(id)
+	usage, err := s.usage(ctx, s.snapshotDir(id), upper, info.Created)
+	if err != nil {
+		return snapshots.Usage{}, err
+	}
+	if testHookCommitWalked != nil {
+		testHookCommitWalked()
+	}
+	if s.syncs {
+		if err := syncFilesystem(upper); err != nil {
+			return snapshots.Usage{}, err
+		}
+	}
+	return usage, nil
+}
+
+// stillActive returns nil if key is still the active snapshot id that a
+// Commit started on, and the error Commit must return if not.
+func (s *Snapshotter) stillActive(ctx context.Context, key, id string) error {
+	return s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return stillActiveTx(ctx, key, id)
+	})
+}
+
+func stillActiveTx(ctx context.Context, key, id string) error {
+	again, _, _, err := storage.GetInfo(ctx, key)
+	if err != nil {
+		return fmt.Errorf("commit %q: removed while it was committed: %w", key, err)
+	}
+	if again != id {
+		return fmt.Errorf("snapshot %q was removed and prepared again while it was committed: %w", key, errdefs.ErrFailedPrecondition)
+	}
+	return nil
 }
 
 // testHookCommitWalked, when a test sets it, runs between Commit's walk and
@@ -96,21 +129,25 @@ func (s *Snapshotter) active(ctx context.Context, key string) (string, snapshots
 }
 
 // ensureLink makes l/<short> point at the layer's fs dir, replacing a link
-// left by a layer whose id was reused after a crash.
+// left by a layer whose id was reused after a crash. Two first mounts of
+// the same deep stack may make the same link at once: the link is made
+// under a name of its own and renamed over l/<short>, which succeeds for
+// both and leaves the same link.
 func (s *Snapshotter) ensureLink(id string) error {
 	link := s.linkPath(id)
 	target := filepath.Join("..", snapshotsDir, id, "fs")
-	if cur, err := os.Readlink(link); err == nil {
-		if cur == target {
-			return nil
-		}
-		// Left by a snapshot whose id was reused after a crash.
-		if err := os.Remove(link); err != nil {
-			return fmt.Errorf("replace stale link %s: %w", link, err)
-		}
+	if cur, err := os.Readlink(link); err == nil && cur == target {
+		return nil
 	}
-	if err := os.Symlink(target, link); err != nil {
+	tmp := link + ".new-" + strconv.FormatUint(linkSeq.Add(1), 36)
+	if err := os.Symlink(target, tmp); err != nil {
+		return fmt.Errorf("link layer %s: %w", id, err)
+	}
+	if err := os.Rename(tmp, link); err != nil {
+		os.Remove(tmp)
 		return fmt.Errorf("link layer %s: %w", id, err)
 	}
 	return nil
 }
+
+var linkSeq atomic.Uint64

@@ -61,7 +61,7 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			if err := s.missing.check(materialized); err != nil {
 				return nil, fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
 			}
-			if err := s.materialize(ctx, materialized, filepath.Join(td, "fs")); err != nil {
+			if err := s.materialize(ctx, materialized, td); err != nil {
 				return nil, err
 			}
 		}

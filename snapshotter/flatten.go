@@ -62,7 +62,7 @@ func (s *Snapshotter) flatPath(id string) string {
 	return filepath.Join(s.root, flatDir, id)
 }
 
-// flattenedMounts mounts a stack of which at most fits layers fit in one
+// flattenedMount mounts a stack of which at most fits layers fit in one
 // overlay: it keeps layers from the top and replaces the rest, from the
 // bottom up, by one flattened layer.
 //
@@ -70,9 +70,9 @@ func (s *Snapshotter) flatPath(id string) string {
 // fixed distance from the top would move with every layer an image adds,
 // and each Prepare of an unpack past the limit would flatten anew. Cuts
 // fall instead on multiples of flattenStep counted from the bottom: an
-// unpack of a 1000-layer image flattens three times, and every image and
+// unpack of a 1000-layer image flattens twice, and every image and
 // container on the same base shares those layers.
-func (s *Snapshotter) flattenedMounts(ctx context.Context, ids []string, fits int, upper, work string) ([]mount.Mount, error) {
+func (s *Snapshotter) flattenedMount(ctx context.Context, ids []string, fits int, upper, work string) (mount.Mount, []string, error) {
 	step := max(s.maxStack/2, 1)
 	// The flattened layer's path differs in length from the link it
 	// replaces, so try from the depth that fitted downwards; paths are
@@ -87,27 +87,28 @@ func (s *Snapshotter) flattenedMounts(ctx context.Context, ids []string, fits in
 			continue
 		}
 		if err != nil {
-			return nil, err
+			return mount.Mount{}, nil, err
 		}
 		if err := s.linkLayers(ids[:keep]); err != nil {
-			return nil, err
+			return mount.Mount{}, nil, err
 		}
 		if err := s.flatten(ctx, ids[keep:]); err != nil {
-			return nil, err
+			return mount.Mount{}, nil, err
 		}
-		return []mount.Mount{m}, nil
+		return m, lowers, nil
 	}
-	return nil, fmt.Errorf("stack of %d layers does not fit in an overlay mount even flattened", len(ids))
+	return mount.Mount{}, nil, fmt.Errorf("stack of %d layers does not fit in an overlay mount even flattened", len(ids))
 }
 
 func roundUp(n, step int) int {
 	return (n + step - 1) / step * step
 }
 
-// FlattenLabel on a View asks for the parent's whole stack as one
-// flattened layer: the view mounts as a read-only bind of it, and the
-// flattened layer stays cached for as long as the parent lives. It is how
-// `overclone flatten` reaches the daemon through the snapshots API.
+// FlattenLabel on a View asks for the flattened layers a container on the
+// parent will stand on, built now rather than by the container's Prepare:
+// the view mounts read-only on exactly those lowers. A stack that fits in
+// one overlay mount needs none, and none is built. It is how `overclone
+// flatten` reaches the daemon through the snapshots API.
 const FlattenLabel = "containerd.io/snapshot/overclone.flatten"
 
 func wantsFlatView(snap storage.Snapshot, info snapshots.Info) bool {
@@ -115,17 +116,28 @@ func wantsFlatView(snap storage.Snapshot, info snapshots.Info) bool {
 	return ok && snap.Kind == snapshots.KindView && len(snap.ParentIDs) > 0
 }
 
-// flatView mounts a view of its parent's stack flattened into one layer.
-// In userspace mode the parent already is one complete directory.
+// flatView mounts a view on the lowers of a container on its parent. The
+// container's mount carries an upperdir and a workdir, which take room in
+// the one-page option string and so can move the cut; this view's own
+// paths stand in for them (a snapshot prepared after it gets an id at least
+// as long). In userspace mode the parent already is one complete
+// directory.
 func (s *Snapshotter) flatView(ctx context.Context, snap storage.Snapshot) ([]mount.Mount, error) {
-	dir := s.upperPath(snap.ParentIDs[0])
-	if s.mode == ModeOverlay {
-		dir = s.flatPath(snap.ParentIDs[0])
-		if err := s.flatten(ctx, snap.ParentIDs); err != nil {
-			return nil, err
-		}
+	if s.mode == ModeUserspace {
+		return bind(s.upperPath(snap.ParentIDs[0]), true), nil
 	}
-	return bind(dir, true), nil
+	_, lowers, err := s.stackMount(ctx, snap.ParentIDs, s.upperPath(snap.ID), s.workPath(snap.ID))
+	if err != nil {
+		return nil, err
+	}
+	if len(lowers) == 1 {
+		return bind(lowers[0], true), nil
+	}
+	m, err := overlayutil.OverlayMount(lowers, "", "", s.overlay)
+	if err != nil {
+		return nil, err
+	}
+	return []mount.Mount{m}, nil
 }
 
 // flatten makes sure ROOT/flat/<ids[0]> holds the merged view of ids (top

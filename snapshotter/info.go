@@ -6,6 +6,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/errdefs"
 )
 
 // Stat returns the info of a snapshot of any kind.
@@ -51,14 +52,25 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		if err := s.missing.check(id); err != nil {
 			return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
 		}
-		return s.usage(ctx, s.upperPath(id), info.Created)
+		return s.usage(ctx, s.snapshotDir(id), s.upperPath(id), info.Created)
 	}
 	return usage, nil
 }
 
-// Walk calls fn for every snapshot that matches the filters.
+// Walk calls fn for every snapshot that matches the filters. A root with
+// no snapshot yet has none to walk: containerd's storage says NotFound
+// there (its bucket does not exist yet), which a client listing snapshots
+// must not see.
 func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters ...string) error {
-	return s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
-		return storage.WalkInfo(ctx, fn, filters...)
+	var called bool
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			called = true
+			return fn(ctx, info)
+		}, filters...)
 	})
+	if errdefs.IsNotFound(err) && !called {
+		return nil
+	}
+	return err
 }

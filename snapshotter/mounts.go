@@ -66,33 +66,48 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 	if snap.Kind == snapshots.KindActive {
 		upper, work = s.upperPath(snap.ID), s.workPath(snap.ID)
 	}
+	m, _, err := s.stackMount(ctx, ids, upper, work)
+	if err != nil {
+		return nil, err
+	}
+	return []mount.Mount{m}, nil
+}
+
+// stackMount is the overlay mount of the committed layers ids (top first)
+// under upper and work ("" for a view), and the lowerdirs it uses: the
+// layers' own paths where they fit, their short links where those fit, and
+// otherwise a stack whose bottom layers are flattened (built now if they
+// were not yet).
+func (s *Snapshotter) stackMount(ctx context.Context, ids []string, upper, work string) (mount.Mount, []string, error) {
 	if len(ids) > s.maxStack {
 		// Over the configured depth: flatten whatever the cap leaves.
-		return s.flattenedMounts(ctx, ids, s.maxStack, upper, work)
+		return s.flattenedMount(ctx, ids, s.maxStack, upper, work)
 	}
-	m, err := overlayutil.OverlayMount(s.lowerdirs(ids, false), upper, work, s.overlay)
+	lowers := s.lowerdirs(ids, false)
+	m, err := overlayutil.OverlayMount(lowers, upper, work, s.overlay)
 	if err == nil {
-		return []mount.Mount{m}, nil
+		return m, lowers, nil
 	}
 	var fit *overlayutil.FitError
 	if !errors.As(err, &fit) {
-		return nil, err
+		return mount.Mount{}, nil, err
 	}
 	if errors.Is(err, overlayutil.ErrOptionsTooLong) {
 		// Too long with the layers' own paths: name them by their
 		// short links, which compact to a third of the length.
-		m, err = overlayutil.OverlayMount(s.lowerdirs(ids, true), upper, work, s.overlay)
+		lowers = s.lowerdirs(ids, true)
+		m, err = overlayutil.OverlayMount(lowers, upper, work, s.overlay)
 		if err == nil {
 			if err := s.linkLayers(ids); err != nil {
-				return nil, err
+				return mount.Mount{}, nil, err
 			}
-			return []mount.Mount{m}, nil
+			return m, lowers, nil
 		}
 		if !errors.As(err, &fit) {
-			return nil, err
+			return mount.Mount{}, nil, err
 		}
 	}
-	return s.flattenedMounts(ctx, ids, fit.Fits, upper, work)
+	return s.flattenedMount(ctx, ids, fit.Fits, upper, work)
 }
 
 // lowerdirs names the layers of a stack, top first: by their own paths,

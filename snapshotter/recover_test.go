@@ -86,7 +86,7 @@ func TestOrphansRemoved(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	s.removals.Wait()
+	s.deletions.wait()
 	gone(t, inFlight, trashed)
 	if _, err := s.View(ctx, "v", "base"); err != nil {
 		t.Fatal(err)
@@ -111,7 +111,7 @@ func TestRemoveRenamesThenDeletes(t *testing.T) {
 		t.Fatal(err)
 	}
 	gone(t, filepath.Join(root, "snapshots", "1"), filepath.Join(root, "l", "1"))
-	s.removals.Wait()
+	s.deletions.wait()
 	entries, err := os.ReadDir(filepath.Join(root, "trash"))
 	if err != nil || len(entries) != 0 {
 		t.Fatalf("trash not emptied: %v %v", entries, err)

@@ -54,7 +54,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 			trashed = append(trashed, to)
 		}
 	}
-	s.deleteLater(ctx, trashed...)
+	s.deleteLater(trashed...)
 	return nil
 }
 
@@ -72,7 +72,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		return err
 	}
 	s.emptyTrash(ctx)
-	s.removals.Wait()
+	s.deletions.wait()
 	return nil
 }
 
@@ -134,6 +134,11 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 		if _, ok := short[l.Name()]; ok {
 			continue
 		}
+		// *.new-* are links being made by ensureLink, unless nothing
+		// is running yet.
+		if strings.Contains(l.Name(), ".new-") && !starting {
+			continue
+		}
 		if n, err := strconv.ParseUint(l.Name(), 36, 64); err == nil {
 			s.linked.Delete(strconv.FormatUint(n, 10))
 		}
@@ -172,25 +177,14 @@ func (s *Snapshotter) emptyTrash(ctx context.Context) {
 	for i, e := range entries {
 		paths[i] = filepath.Join(dir, e.Name())
 	}
-	s.deleteLater(ctx, paths...)
+	s.deleteLater(paths...)
 }
 
 // deleteLater deletes paths in the background. Nothing in the trash is
 // named by any metadata, so no caller needs to wait for the disk; Close and
 // Cleanup do.
-func (s *Snapshotter) deleteLater(ctx context.Context, paths ...string) {
-	if len(paths) == 0 {
-		return
-	}
-	s.removals.Add(1)
-	go func() {
-		defer s.removals.Done()
-		for _, p := range paths {
-			if err := os.RemoveAll(p); err != nil {
-				log.G(ctx).WithError(err).WithField("path", p).Warn("failed to delete from the trash")
-			}
-		}
-	}()
+func (s *Snapshotter) deleteLater(paths ...string) {
+	s.deletions.add(paths...)
 }
 
 // idMap is storage.IDMap (id to key) that takes a new, empty database for

@@ -110,11 +110,11 @@ type Snapshotter struct {
 	// first; Remove and Cleanup forget what they delete.
 	linked sync.Map
 
-	// removals counts background deletions of trashed directories, so
-	// that Close can wait for them.
-	removals sync.WaitGroup
-	closeMu  sync.Mutex
-	closed   bool
+	// deletions empties the trash in the background; Close and Cleanup
+	// wait for it.
+	deletions *deleter
+	closeMu   sync.Mutex
+	closed    bool
 }
 
 var (
@@ -177,6 +177,8 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		overlay:  overlay,
 		maxStack: cfg.MaxStack,
 		syncs:    cfg.SyncOnCommit,
+
+		deletions: newDeleter(),
 	}
 	if s.maxStack == 0 || s.maxStack > overlay.MaxLowers {
 		s.maxStack = max(overlay.MaxLowers, 2)
@@ -209,7 +211,7 @@ func (s *Snapshotter) Mode() Mode { return s.mode }
 func (s *Snapshotter) Close() error {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
-	s.removals.Wait()
+	s.deletions.wait()
 	if s.closed {
 		return nil
 	}

@@ -34,23 +34,43 @@ import (
 // CRI asks for the usage of every container every 10 s, and a FIEMAP per
 // file of an image is slow (a 10k-file image: half a second). A file whose
 // inode has not changed since the snapshot was made (ctime before created)
-// is still the reflinked copy of its parent's, every extent shared: it
-// counts nothing without asking. (btrfs keeps very small files inline in
-// its metadata, unshared; those few bytes are not counted.)
-func (s *Snapshotter) usage(ctx context.Context, dir string, created time.Time) (snapshots.Usage, error) {
-	if s.mode != ModeUserspace {
-		du, err := cfs.DiskUsage(ctx, dir)
+// is still what materialize left, and where materialize reflinked every
+// file that is its parent's extents, all shared: it counts nothing without
+// asking. Where materialize had to copy some data (a filesystem without
+// reflink, or one that refused a clone: btrfs between a NOCOW and a COW
+// file), the snapshot's directory carries a marker and every file is asked.
+// On a filesystem that cannot share extents at all, nothing is shared and
+// the blocks are counted as they are, with no FIEMAP. (btrfs keeps very
+// small files inline in its metadata, unshared; those few bytes are not
+// counted.)
+//
+// snapDir is the snapshot's directory (snapshots/<id>), upper its fs dir.
+func (s *Snapshotter) usage(ctx context.Context, snapDir, upper string, created time.Time) (snapshots.Usage, error) {
+	if s.mode != ModeUserspace || !canShare(upper) {
+		du, err := cfs.DiskUsage(ctx, upper)
 		if err != nil {
-			return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
+			return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", upper, err)
 		}
 		return snapshots.Usage(du), nil
 	}
-	var untouchedBefore time.Time
-	if caps, err := fileops.ProbeCaps(dir); err == nil && caps.Reflink == fileops.Yes {
-		untouchedBefore = created
+	untouchedBefore := created
+	if _, err := os.Lstat(filepath.Join(snapDir, copiedMarker)); err == nil {
+		untouchedBefore = time.Time{}
 	}
-	return exclusiveUsage(ctx, dir, untouchedBefore)
+	return exclusiveUsage(ctx, upper, untouchedBefore)
 }
+
+// canShare tells whether the filesystem holding dir can share extents; if
+// the probe fails, FIEMAP will say per file.
+func canShare(dir string) bool {
+	caps, err := fileops.ProbeCaps(dir)
+	return err != nil || caps.Reflink == fileops.Yes
+}
+
+// copiedMarker, in a userspace snapshot's directory, says that
+// materialize copied data rather than sharing it: its untouched files are
+// not all shared with the parent.
+const copiedMarker = "copied"
 
 // exclusiveUsage counts what dir does not share; regular files whose ctime
 // is before untouchedBefore are taken as wholly shared.

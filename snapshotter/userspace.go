@@ -3,6 +3,8 @@ package snapshotter
 import (
 	"context"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
@@ -30,8 +32,12 @@ func (s *Snapshotter) parentID(ctx context.Context, parent string) string {
 	return id
 }
 
-// materialize writes the view of committed snapshot parentID into dst.
-func (s *Snapshotter) materialize(ctx context.Context, parentID, dst string) error {
+// materialize writes the view of committed snapshot parentID into td/fs.
+// If any data was copied rather than reflinked it leaves td/copied, which
+// tells usage that the snapshot's untouched files may hold blocks of their
+// own.
+func (s *Snapshotter) materialize(ctx context.Context, parentID, td string) error {
+	dst := filepath.Join(td, "fs")
 	stack, err := fileops.NewStack("", []string{s.upperPath(parentID)}, fileops.WithVerbatim())
 	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
@@ -41,5 +47,10 @@ func (s *Snapshotter) materialize(ctx context.Context, parentID, dst string) err
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}
 	s.countCopied(stats)
+	if stats.CopyFileRanged > 0 || stats.ReadWritten > 0 {
+		if err := os.WriteFile(filepath.Join(td, copiedMarker), nil, 0o600); err != nil {
+			return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
+		}
+	}
 	return nil
 }

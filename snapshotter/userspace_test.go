@@ -8,6 +8,7 @@ import (
 	"testing"
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"golang.org/x/sys/unix"
 
 	"github.com/overclone/overclone/test/loopfs"
 )
@@ -83,3 +84,55 @@ func TestUserspaceUsage(t *testing.T) {
 		})
 	}
 }
+
+// TestUserspaceUsageOfCopies: where materialize could not reflink a file
+// (btrfs refuses to clone between a NOCOW file and a COW one) the copy is
+// the container's own, and its usage counts it although the container
+// never touched it.
+func TestUserspaceUsageOfCopies(t *testing.T) {
+	const size = 4 << 20
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	s, err := New(ctx, filepath.Join(loopfs.Mount(t, loopfs.Btrfs), "root"), WithMode(ModeUserspace))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	copied := map[string]int64{}
+	s.OnCopy(func(method string, n int64) { copied[method] += n })
+	m, err := s.Prepare(ctx, "image-active", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// NOCOW must be set while the file is empty.
+	f, err := os.Create(filepath.Join(m[0].Source, "nocow"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.IoctlSetPointerInt(int(f.Fd()), unix.FS_IOC_SETFLAGS, fsNocowFl); err != nil {
+		t.Fatalf("chattr +C: %v", err)
+	}
+	if _, err := f.Write(bytes.Repeat([]byte("nocow"), size/5)); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	if err := s.Commit(ctx, "image", "image-active"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Prepare(ctx, "container", "image"); err != nil {
+		t.Fatal(err)
+	}
+	if copied["reflink"] != 0 {
+		t.Fatalf("materialize reflinked a NOCOW file (%v): this test no longer covers a copy", copied)
+	}
+	u, err := s.Usage(ctx, "container")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("copied %v; fresh container's usage %d bytes", copied, u.Size)
+	if u.Size < size-size/5 {
+		t.Fatalf("a container holding a %d-byte copy of its image's file counts %d bytes", size, u.Size)
+	}
+}
+
+// fsNocowFl is FS_NOCOW_FL from linux/fs.h; x/sys/unix lacks it.
+const fsNocowFl = 0x00800000

@@ -77,12 +77,11 @@ func TestAdminCommands(t *testing.T) {
 		wantFile(t, filepath.Join(dir, "etc/motd"), "changed by the container\n")
 	})
 
+	// Two layers fit in any overlay mount: nothing to build.
 	out, code := run("flatten", "img-2")
-	if code != exitOK || !strings.Contains(out, "flattened into") {
+	if code != exitOK || !strings.Contains(out, "nothing to flatten") {
 		t.Fatalf("flatten: %d %s", code, out)
 	}
-	flat := strings.Fields(out)[3]
-	wantFile(t, filepath.Join(flat, "etc/motd"), "hello\n")
 
 	out, code = run("usage", "--root", root)
 	if code != exitOK || !strings.Contains(out, "img-2") || !strings.Contains(out, "ctr") || !strings.Contains(out, "flattened layers") {

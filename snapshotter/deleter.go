@@ -1,0 +1,100 @@
+package snapshotter
+
+import (
+	"os"
+	"sync"
+
+	"github.com/containerd/log"
+)
+
+// deleteWorkers is how many trashed directories are deleted at once.
+// Deleting is metadata I/O on the root's one filesystem: more workers would
+// contend for the same journal, and a GC of thousands of snapshots must not
+// start thousands of goroutines and RemoveAlls at once.
+const deleteWorkers = 2
+
+// deleter empties the trash in the background: a queue served by at most
+// deleteWorkers goroutines, which exit when the queue is empty. wait lets
+// Cleanup and Close wait for what was queued before they were called,
+// while Removes keep queueing.
+type deleter struct {
+	mu   sync.Mutex
+	cond *sync.Cond // signalled whenever a deletion finishes
+	// queue holds paths not yet taken by a worker, oldest first; seq
+	// numbers every path ever queued, in order.
+	queue   []queued
+	seq     uint64
+	running map[uint64]struct{} // seqs being deleted now
+	workers int
+}
+
+type queued struct {
+	seq  uint64
+	path string
+}
+
+func newDeleter() *deleter {
+	d := &deleter{running: map[uint64]struct{}{}}
+	d.cond = sync.NewCond(&d.mu)
+	return d
+}
+
+// add queues paths for deletion; it never blocks on the disk.
+func (d *deleter) add(paths ...string) {
+	if len(paths) == 0 {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, p := range paths {
+		d.seq++
+		d.queue = append(d.queue, queued{d.seq, p})
+	}
+	for d.workers < deleteWorkers && d.workers < len(d.queue) {
+		d.workers++
+		go d.work()
+	}
+}
+
+func (d *deleter) work() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for len(d.queue) > 0 {
+		q := d.queue[0]
+		d.queue = d.queue[1:]
+		d.running[q.seq] = struct{}{}
+		d.mu.Unlock()
+		if err := os.RemoveAll(q.path); err != nil {
+			log.L.WithError(err).WithField("path", q.path).Warn("failed to delete from the trash")
+		}
+		d.mu.Lock()
+		delete(d.running, q.seq)
+		d.cond.Broadcast()
+	}
+	d.workers--
+}
+
+// wait returns once every path queued before the call is deleted. Paths
+// queued meanwhile do not hold it up: the queue is served in order, so it
+// waits only while the oldest pending path is one of its own.
+func (d *deleter) wait() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	upTo := d.seq
+	for d.oldest() <= upTo {
+		d.cond.Wait()
+	}
+}
+
+// oldest is the seq of the oldest path not yet deleted, or past the last
+// seq when there is none.
+func (d *deleter) oldest() uint64 {
+	lowest := d.seq + 1
+	if len(d.queue) > 0 {
+		lowest = d.queue[0].seq
+	}
+	for s := range d.running {
+		lowest = min(lowest, s)
+	}
+	return lowest
+}

@@ -1,0 +1,207 @@
+package snapshotter
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/errdefs"
+)
+
+// TestCommitRemovedMeanwhile: a Remove of the key that lands while Commit
+// walks or syncs the layer makes Commit fail with NotFound, as containerd's
+// built-in snapshotter does (it checks the key in the same transaction),
+// never with an unclassified I/O error about the vanished directory.
+func TestCommitRemovedMeanwhile(t *testing.T) {
+	ctx, s := openTest(t, t.TempDir(), WithSyncOnCommit(true))
+	if _, err := s.Prepare(ctx, "held", ""); err != nil {
+		t.Fatal(err)
+	}
+	testHookCommitWalked = func() {
+		if err := s.Remove(ctx, "held"); err != nil {
+			t.Errorf("remove during commit: %v", err)
+		}
+	}
+	err := s.Commit(ctx, "held-committed", "held")
+	testHookCommitWalked = nil
+	if !errdefs.IsNotFound(err) {
+		t.Fatalf("commit of a key removed under it: %v, want NotFound", err)
+	}
+
+	// The same race left to the scheduler: the walk itself meets the
+	// vanished directory some of the time.
+	for i := range 50 {
+		key := fmt.Sprintf("race-%d", i)
+		m, err := s.Prepare(ctx, key, "")
+		if err != nil {
+			t.Fatal(err)
+		}
+		fill(t, m[0].Source, 300)
+		var wg sync.WaitGroup
+		var commitErr, removeErr error
+		wg.Add(2)
+		go func() { defer wg.Done(); commitErr = s.Commit(ctx, key+"-c", key) }()
+		go func() { defer wg.Done(); removeErr = s.Remove(ctx, key) }()
+		wg.Wait()
+		switch {
+		case commitErr == nil && !errdefs.IsNotFound(removeErr):
+			t.Fatalf("round %d: commit won, remove of the active key said %v, want NotFound", i, removeErr)
+		case commitErr != nil && !errdefs.IsNotFound(commitErr):
+			t.Fatalf("round %d: commit lost with %v, want NotFound", i, commitErr)
+		case commitErr != nil && removeErr != nil:
+			t.Fatalf("round %d: both failed: %v; %v", i, commitErr, removeErr)
+		}
+	}
+}
+
+// TestRemoveCleanupCloseConcurrently: Removes, Cleanups and Close run at
+// once (containerd's GC and image pulls on a busy node). Waiting for the
+// background deletions must not misuse anything (a reused WaitGroup used
+// to panic the daemon here), and Cleanup and Close return only once what
+// was queued before them is deleted.
+func TestRemoveCleanupCloseConcurrently(t *testing.T) {
+	root := t.TempDir()
+	ctx, s := openTest(t, root)
+	stop := time.Now().Add(2 * time.Second)
+	var wg sync.WaitGroup
+	for w := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; time.Now().Before(stop); i++ {
+				key := fmt.Sprintf("w%d-%d", w, i)
+				m, err := s.Prepare(ctx, key, "")
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				os.WriteFile(filepath.Join(m[0].Source, "f"), []byte("x"), 0o644)
+				if err := s.Remove(ctx, key); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Now().Before(stop) {
+				if err := s.Cleanup(ctx); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if err := s.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(root, trashDir)); len(left) != 0 {
+		t.Fatalf("%d entries left in the trash after Cleanup", len(left))
+	}
+}
+
+// TestDeletionsBounded: removing thousands of snapshots (containerd's GC
+// after an image with many layers goes) deletes them with a few workers,
+// not a goroutine each, and Close waits for all of them.
+func TestDeletionsBounded(t *testing.T) {
+	root := t.TempDir()
+	ctx, s := openTest(t, root)
+	const n = 2000
+	for i := range n {
+		if _, err := s.Prepare(ctx, fmt.Sprint(i), ""); err != nil {
+			t.Fatal(err)
+		}
+	}
+	before := runtime.NumGoroutine()
+	peak := before
+	for i := range n {
+		if err := s.Remove(ctx, fmt.Sprint(i)); err != nil {
+			t.Fatal(err)
+		}
+		peak = max(peak, runtime.NumGoroutine())
+	}
+	if peak > before+deleteWorkers {
+		t.Errorf("%d removals ran %d goroutines at once, want at most %d deleting", n, peak-before, deleteWorkers)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(root, trashDir)); len(left) != 0 {
+		t.Fatalf("%d entries left in the trash after Close", len(left))
+	}
+}
+
+// TestLinkLayersConcurrently: the first mounts of one deep stack, made at
+// once (two replicas of a 400-layer image starting together), all make its
+// short links without failing on each other's.
+func TestLinkLayersConcurrently(t *testing.T) {
+	root := t.TempDir()
+	_, s := openTest(t, root)
+	ids := make([]string, 400)
+	for i := range ids {
+		ids[i] = fmt.Sprint(i + 1)
+	}
+	for round := range 10 {
+		s.linked.Clear()
+		links := filepath.Join(root, linksDir)
+		if err := os.RemoveAll(links); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Mkdir(links, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		start := make(chan struct{})
+		errs := make(chan error, 8)
+		for range cap(errs) {
+			go func() {
+				<-start
+				errs <- s.linkLayers(ids)
+			}()
+		}
+		close(start)
+		for range cap(errs) {
+			if err := <-errs; err != nil {
+				t.Fatalf("round %d: %v", round, err)
+			}
+		}
+		for _, id := range ids {
+			target, err := os.Readlink(s.linkPath(id))
+			if want := filepath.Join("..", snapshotsDir, id, "fs"); err != nil || target != want {
+				t.Fatalf("link of %s: %q, %v; want %q", id, target, err, want)
+			}
+		}
+		if entries, _ := os.ReadDir(links); len(entries) != len(ids) {
+			t.Fatalf("round %d: %d entries in %s, want %d links", round, len(entries), links, len(ids))
+		}
+	}
+}
+
+// TestWalkEmptyRoot: a root with no snapshots lists none, without error,
+// as a client listing them expects; an error of the walk function still
+// comes back.
+func TestWalkEmptyRoot(t *testing.T) {
+	ctx, s := openTest(t, t.TempDir())
+	if err := s.Walk(ctx, func(context.Context, snapshots.Info) error {
+		t.Error("walked a snapshot in an empty root")
+		return nil
+	}); err != nil {
+		t.Fatalf("walk of an empty root: %v", err)
+	}
+	if _, err := s.Prepare(ctx, "one", ""); err != nil {
+		t.Fatal(err)
+	}
+	err := s.Walk(ctx, func(context.Context, snapshots.Info) error { return errdefs.ErrNotFound })
+	if !errdefs.IsNotFound(err) {
+		t.Fatalf("the walk function's NotFound was lost: %v", err)
+	}
+}
