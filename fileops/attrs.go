@@ -3,22 +3,12 @@ package fileops
 import (
 	"errors"
 	"fmt"
+	"os"
 	"strconv"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
 )
-
-// target is where attributes go: an open descriptor (a file not yet
-// linked in) or a name inside an open directory.
-type target struct {
-	fd    int
-	dirfd int
-	name  string
-}
-
-func fdTarget(fd int) target                   { return target{fd: fd, dirfd: -1} }
-func nameTarget(dirfd int, name string) target { return target{fd: -1, dirfd: dirfd, name: name} }
 
 // srcXattrs reads the attributes a copy carries: all but overlay's own.
 func (s *Stack) srcXattrs(p string) ([]xattr, error) {
@@ -35,32 +25,27 @@ func (s *Stack) srcXattrs(p string) ([]xattr, error) {
 	return out, nil
 }
 
-// applyMeta gives t the owner, xattrs and mode of st, in the one order
-// that keeps them all: chown clears set-id bits and drops
-// security.capability, so it goes first; the capability is written after
-// the data and the owner; the mode (with its set-id bits) comes after the
-// xattrs, since a POSIX ACL rewrites the group bits. Times are set by
-// setTimes once the entry is in place, because creating entries changes
-// them.
-func applyMeta(t target, st *unix.Stat_t, xs []xattr, lenient bool) error {
-	isLink := st.Mode&unix.S_IFMT == unix.S_IFLNK
-	var err error
-	if t.fd >= 0 {
-		err = unix.Fchown(t.fd, int(st.Uid), int(st.Gid))
-	} else {
-		err = unix.Fchownat(t.dirfd, t.name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW)
-	}
+// applyMeta gives the entry open as fd (an O_PATH handle will do) the
+// owner, xattrs and mode of st, in the one order that keeps them all:
+// chown clears set-id bits and drops security.capability, so it goes
+// first; the capability is written after the data and the owner; the mode
+// (with its set-id bits) comes after the xattrs, since a POSIX ACL
+// rewrites the group bits. Times are set by setTimes once the entry is in
+// place, because creating entries changes them.
+//
+// Nothing here takes a name: the entry's directory may be one a container
+// writes, and a name resolved again after the create may by then be a
+// symlink to a host file. /proc/self/fd/N reaches the inode the handle
+// holds and never goes on through it, a symlink's included (glibc's
+// lchmod relies on the same).
+func applyMeta(fd int, st *unix.Stat_t, xs []xattr, lenient bool) error {
+	err := unix.Fchownat(fd, "", int(st.Uid), int(st.Gid), unix.AT_EMPTY_PATH)
 	// A copy to the host by an unprivileged caller keeps its own owner.
 	if err != nil && !(lenient && errors.Is(err, unix.EPERM)) {
 		return fmt.Errorf("chown: %w", err)
 	}
 	for _, x := range xs {
-		if t.fd >= 0 {
-			err = unix.Fsetxattr(t.fd, x.name, x.value, 0)
-		} else {
-			err = unix.Lsetxattr(procPath(t.dirfd, t.name), x.name, x.value, 0)
-		}
-		if err != nil {
+		if err := unix.Setxattr(fdPath(fd), x.name, x.value, 0); err != nil {
 			// A host copy may land on a filesystem without that namespace.
 			if lenient && (errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EPERM)) {
 				continue
@@ -68,33 +53,20 @@ func applyMeta(t target, st *unix.Stat_t, xs []xattr, lenient bool) error {
 			return fmt.Errorf("set xattr %s: %w", x.name, err)
 		}
 	}
-	if isLink {
+	if st.Mode&unix.S_IFMT == unix.S_IFLNK {
 		return nil
 	}
-	if t.fd >= 0 {
-		err = unix.Fchmod(t.fd, st.Mode&0o7777)
-	} else {
-		err = unix.Fchmodat(t.dirfd, t.name, st.Mode&0o7777, 0)
-	}
-	if err != nil {
+	if err := unix.Fchmodat(unix.AT_FDCWD, fdPath(fd), st.Mode&0o7777, 0); err != nil {
 		return fmt.Errorf("chmod: %w", err)
 	}
 	return nil
 }
 
-// setTimes copies atime and mtime; ctime cannot be set.
-func setTimes(dirfd int, name string, st *unix.Stat_t) error {
+// setTimes copies atime and mtime to the entry open as fd (any handle,
+// O_PATH included, for the reason applyMeta gives); ctime cannot be set.
+func setTimes(fd int, st *unix.Stat_t) error {
 	ts := []unix.Timespec{st.Atim, st.Mtim}
-	if err := unix.UtimesNanoAt(dirfd, name, ts, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-		return fmt.Errorf("set times: %w", err)
-	}
-	return nil
-}
-
-// setDirTimes sets the times of the directory open as an O_PATH handle.
-func setDirTimes(dirfd int, st *unix.Stat_t) error {
-	ts := []unix.Timespec{st.Atim, st.Mtim}
-	if err := unix.UtimesNanoAt(unix.AT_FDCWD, fdPath(dirfd), ts, 0); err != nil {
+	if err := unix.UtimesNanoAt(unix.AT_FDCWD, fdPath(fd), ts, 0); err != nil {
 		return fmt.Errorf("set times: %w", err)
 	}
 	return nil
@@ -122,24 +94,112 @@ func tmpName() string {
 	return stagingPrefix + strconv.Itoa(unix.Getpid()) + "-" + strconv.FormatUint(tmpSeq.Add(1), 10)
 }
 
-// makeNode creates a non-regular entry like st at dirfd/name.
-func makeNode(dirfd int, name string, st *unix.Stat_t, linkTarget string) error {
+// makeNode creates a non-regular entry like st at dirfd/name and returns
+// it open (see openCreated).
+func makeNode(dirfd int, name string, st *unix.Stat_t, linkTarget string) (int, error) {
+	var err error
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFDIR:
-		return unix.Mkdirat(dirfd, name, 0o700)
+		err = unix.Mkdirat(dirfd, name, 0o700)
 	case unix.S_IFLNK:
-		return unix.Symlinkat(linkTarget, dirfd, name)
+		err = unix.Symlinkat(linkTarget, dirfd, name)
 	case unix.S_IFIFO, unix.S_IFSOCK, unix.S_IFCHR, unix.S_IFBLK:
-		return unix.Mknodat(dirfd, name, st.Mode&unix.S_IFMT|0o600, int(st.Rdev))
+		err = unix.Mknodat(dirfd, name, st.Mode&unix.S_IFMT|0o600, int(st.Rdev))
+	default:
+		return -1, fmt.Errorf("file type %o: %w", st.Mode&unix.S_IFMT, unix.EOPNOTSUPP)
 	}
-	return fmt.Errorf("file type %o: %w", st.Mode&unix.S_IFMT, unix.EOPNOTSUPP)
+	if err != nil {
+		return -1, err
+	}
+	return openCreated(dirfd, name, st.Mode&unix.S_IFMT)
 }
 
-// removeStaged drops a half-built staging entry after a failure.
-func removeStaged(dirfd int, name string, dir bool) {
-	flags := 0
-	if dir {
-		flags = unix.AT_REMOVEDIR
+// errSwapped reports an entry that is no longer the one this process made:
+// something that can write its directory moved it or put another there.
+var errSwapped = errors.New("replaced by another process while being copied")
+
+// openCreated opens the entry this process just made at dirfd/name as an
+// O_PATH handle, which every later change goes through. The directory may
+// be one a container writes, so the name is looked up once, here, without
+// following anything (a symlink put there instead of a directory fails;
+// one instead of a link is caught by its owner), and what it finds must be
+// of the type made and owned by this process. Whatever the container may
+// still swap in under this check is an entry of its own directory, never
+// something a link leads to.
+func openCreated(dirfd int, name string, typ uint32) (int, error) {
+	flags := unix.O_PATH | unix.O_NOFOLLOW
+	if typ == unix.S_IFDIR {
+		flags |= unix.O_DIRECTORY
 	}
-	_ = unix.Unlinkat(dirfd, name, flags)
+	fd, err := openBeneath(dirfd, name, flags, 0)
+	if err != nil {
+		return -1, fmt.Errorf("open what was created: %w", err)
+	}
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		closeFD(fd)
+		return -1, err
+	}
+	if st.Mode&unix.S_IFMT != typ || int(st.Uid) != os.Geteuid() {
+		closeFD(fd)
+		return -1, fmt.Errorf("%s: %w", name, errSwapped)
+	}
+	created(dirfd, name)
+	return fd, nil
+}
+
+// isEntry reports whether dirfd/name is still the inode open as fd.
+func isEntry(dirfd int, name string, fd int) bool {
+	var a, b unix.Stat_t
+	if unix.Fstatat(dirfd, name, &a, unix.AT_SYMLINK_NOFOLLOW) != nil || unix.Fstat(fd, &b) != nil {
+		return false
+	}
+	return a.Dev == b.Dev && a.Ino == b.Ino
+}
+
+// checkEntry fails unless dirfd/name is still the inode open as fd: the
+// last check of a copy whose entries a container could have swapped.
+func checkEntry(dirfd int, name string, fd int) error {
+	if !isEntry(dirfd, name, fd) {
+		return fmt.Errorf("%s: %w", name, errSwapped)
+	}
+	return nil
+}
+
+// removeStaged drops a half-built staging entry after a failure, if the
+// name still holds the inode open as fd. Without a handle (-1) nothing is
+// removed: the name may no longer be this process's, and what a container
+// put there is not its to delete (CleanStaging takes a leftover later). A
+// directory loses its contents through its own handle, so a directory
+// swapped in meanwhile is not emptied.
+func removeStaged(dirfd int, name string, fd int) {
+	if fd < 0 || !isEntry(dirfd, name, fd) {
+		return
+	}
+	var st unix.Stat_t
+	if unix.Fstatat(dirfd, name, &st, unix.AT_SYMLINK_NOFOLLOW) != nil {
+		return
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		_ = unix.Unlinkat(dirfd, name, 0)
+		return
+	}
+	if names, err := readDirNames(fd); err == nil {
+		for _, n := range names {
+			// os.RemoveAll opens each level O_NOFOLLOW: it stays inside.
+			_ = os.RemoveAll(procPath(fd, n))
+		}
+	}
+	_ = unix.Unlinkat(dirfd, name, unix.AT_REMOVEDIR)
+}
+
+// readDirNames lists the directory open as fd (an O_PATH handle will do).
+func readDirNames(fd int) ([]string, error) {
+	rfd, err := unix.Openat(fd, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(rfd), "dir")
+	defer f.Close()
+	return f.Readdirnames(-1)
 }

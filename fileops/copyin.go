@@ -80,14 +80,15 @@ func (c *inCopier) mkdir(ctx context.Context) mkdirFunc {
 			st.Gid = parent.Stat.Gid
 			st.Mode |= unix.S_ISGID
 		}
-		err := c.place(rel, true, func(sd int, tmp string) error {
-			if err := unix.Mkdirat(sd, tmp, 0o700); err != nil {
-				return fmt.Errorf("mkdir %s: %w", rel, err)
+		err := c.place(rel, true, func(sd int, tmp string) (int, error) {
+			fd, err := makeNode(sd, tmp, &st, "")
+			if err != nil {
+				return -1, fmt.Errorf("mkdir %s: %w", rel, err)
 			}
-			if err := applyMeta(nameTarget(sd, tmp), &st, nil, false); err != nil {
-				return fmt.Errorf("mkdir %s: %w", rel, err)
+			if err := applyMeta(fd, &st, nil, false); err != nil {
+				return fd, fmt.Errorf("mkdir %s: %w", rel, err)
 			}
-			return nil
+			return fd, nil
 		})
 		if err == nil {
 			c.stats.Dirs++
@@ -141,14 +142,17 @@ func (c *inCopier) copyIn(ctx context.Context, hostSrc, rel string) error {
 	if err := c.v.copyUpParents(ctx, rel); err != nil {
 		return err
 	}
-	return c.place(rel, srcIsDir, func(sd int, tmp string) error {
+	return c.place(rel, srcIsDir, func(sd int, tmp string) (int, error) {
 		return c.copyHost(ctx, hostSrc, sd, tmp)
 	})
 }
 
 // place builds a new entry through build under a staging name and renames
 // it over rel in the upper, replacing a non-directory or a whiteout there.
-func (c *inCopier) place(rel string, isDir bool, build func(sd int, tmp string) error) error {
+// build returns the entry open (-1 if it made none), and it is through that
+// handle, never the staging name, that place finishes and checks it: a
+// container sees the staging name in its upper and may swap it.
+func (c *inCopier) place(rel string, isDir bool, build func(sd int, tmp string) (int, error)) error {
 	s := c.v.s
 	upperRoot, err := c.v.root(0)
 	if err != nil {
@@ -185,25 +189,23 @@ func (c *inCopier) place(rel string, isDir bool, build func(sd int, tmp string) 
 	defer closeFD(sd)
 	tmp := newStagingName()
 	defer releaseStagingName(tmp)
-	if err := build(sd, tmp); err != nil {
-		if isDir {
-			_ = os.RemoveAll(procPath(sd, tmp))
-		} else {
-			removeStaged(sd, tmp, false)
-		}
+	fd, err := build(sd, tmp)
+	defer closeFD(fd)
+	if err != nil {
+		removeStaged(sd, tmp, fd)
 		return err
 	}
 	if isDir && (hidden || tarWhiteout) {
 		var err error
 		if s.cfg.tarWhiteouts {
-			var fd int
-			fd, err = unix.Openat(sd, tmp+"/"+tarOpaqueMarker, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
-			closeFD(fd)
+			var mfd int
+			mfd, err = unix.Openat(fd, tarOpaqueMarker, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+			closeFD(mfd)
 		} else {
-			err = unix.Lsetxattr(procPath(sd, tmp), s.prefix()+"opaque", []byte("y"), 0)
+			err = unix.Setxattr(fdPath(fd), s.prefix()+"opaque", []byte("y"), 0)
 		}
 		if err != nil {
-			_ = os.RemoveAll(procPath(sd, tmp))
+			removeStaged(sd, tmp, fd)
 			return fmt.Errorf("place %s: mark it opaque in layer %s: %w", rel, s.layers[0], err)
 		}
 	}
@@ -217,17 +219,28 @@ func (c *inCopier) place(rel string, isDir bool, build func(sd int, tmp string) 
 	if stagedHook != nil {
 		stagedHook()
 	}
+	// Only the entry built here may be renamed into place. A swap between
+	// this check and the rename moves an entry of the container's own
+	// upper within it, which the container could do itself; the check
+	// after the rename then fails the copy.
+	if err := checkEntry(sd, tmp, fd); err != nil {
+		return fmt.Errorf("place %s in layer %s: staged entry %w", rel, s.layers[0], err)
+	}
 	if err := unix.Renameat2(sd, tmp, pfd, name, flags); err != nil {
-		if isDir {
-			_ = os.RemoveAll(procPath(sd, tmp))
-		} else {
-			removeStaged(sd, tmp, false)
-		}
+		removeStaged(sd, tmp, fd)
 		return fmt.Errorf("place %s: rename into layer %s: %w", rel, s.layers[0], err)
 	}
+	if err := checkEntry(pfd, name, fd); err != nil {
+		return fmt.Errorf("place %s in layer %s: %w", rel, s.layers[0], err)
+	}
 	if flags == unix.RENAME_EXCHANGE {
-		if err := unix.Unlinkat(sd, tmp, 0); err != nil {
-			return fmt.Errorf("place %s: remove what it replaced in layer %s: %w", rel, s.layers[0], err)
+		// Only what was there before goes: a name the container filled
+		// since is its own.
+		var st unix.Stat_t
+		if unix.Fstatat(sd, tmp, &st, unix.AT_SYMLINK_NOFOLLOW) == nil && st.Dev == ust.Dev && st.Ino == ust.Ino {
+			if err := unix.Unlinkat(sd, tmp, 0); err != nil {
+				return fmt.Errorf("place %s: remove what it replaced in layer %s: %w", rel, s.layers[0], err)
+			}
 		}
 	}
 	if tarWhiteout {
@@ -239,10 +252,12 @@ func (c *inCopier) place(rel string, isDir bool, build func(sd int, tmp string) 
 }
 
 // copyHost copies one host entry (recursively for a directory) to
-// dirfd/name, which must not exist.
-func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name string) (err error) {
+// dirfd/name, which must not exist, and returns the new entry open (or -1
+// if it made none), on error too, so that the caller can remove it.
+func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name string) (fd int, err error) {
+	fd = -1
 	if err := ctx.Err(); err != nil {
-		return err
+		return fd, err
 	}
 	defer func() {
 		var named *namedError
@@ -252,87 +267,79 @@ func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name str
 	}()
 	var st unix.Stat_t
 	if err := unix.Lstat(src, &st); err != nil {
-		return err
+		return fd, err
 	}
 	xs, err := c.v.s.srcXattrs(src)
 	if err != nil {
-		return err
+		return fd, err
 	}
 	key := inodeKey{layer: -1, dev: st.Dev, ino: st.Ino}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFDIR:
-		if err := unix.Mkdirat(dirfd, name, 0o700); err != nil {
-			return err
+		if fd, err = makeNode(dirfd, name, &st, ""); err != nil {
+			return fd, err
 		}
-		dfd, err := openBeneath(dirfd, name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
-		if err != nil {
-			return err
-		}
-		defer closeFD(dfd)
 		ents, err := os.ReadDir(src)
 		if err != nil {
-			return err
+			return fd, err
 		}
 		for _, de := range ents {
 			if isStagingName(de.Name()) {
-				return fmt.Errorf("name reserved for staging: %w", ErrInvalidPath)
+				return fd, fmt.Errorf("name reserved for staging: %w", ErrInvalidPath)
 			}
-			if err := c.copyHost(ctx, filepath.Join(src, de.Name()), dfd, de.Name()); err != nil {
-				return err
+			cfd, err := c.copyHost(ctx, filepath.Join(src, de.Name()), fd, de.Name())
+			closeFD(cfd)
+			if err != nil {
+				return fd, err
 			}
 		}
 		c.stats.Dirs++
 	case unix.S_IFREG:
 		if st.Nlink > 1 {
-			if ok, err := c.links.link(key, dirfd, name); err != nil || ok {
+			if fd, err = c.links.link(key, dirfd, name); err != nil || fd >= 0 {
 				c.stats.HardLinks++
-				return err
+				return fd, err
 			}
 		}
 		sfd, err := unix.Open(src, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 		if err != nil {
-			return err
+			return fd, err
 		}
 		defer closeFD(sfd)
-		dfd, err := unix.Openat(dirfd, name, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
-		if err != nil {
-			return err
+		if fd, err = unix.Openat(dirfd, name, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600); err != nil {
+			return -1, err
 		}
-		defer closeFD(dfd)
-		m, n, err := copyData(ctx, dfd, sfd, st.Size, c.v.s.cfg.methods)
+		created(dirfd, name)
+		m, n, err := copyData(ctx, fd, sfd, st.Size, c.v.s.cfg.methods)
 		if err != nil {
-			return err
+			return fd, err
 		}
 		if !c.v.s.cfg.volatile {
-			if err := unix.Fsync(dfd); err != nil {
-				return err
+			if err := unix.Fsync(fd); err != nil {
+				return fd, err
 			}
-		}
-		if err := applyMeta(fdTarget(dfd), &st, xs, false); err != nil {
-			return err
 		}
 		c.stats.Files++
 		c.stats.count(m, n)
 		if st.Nlink > 1 {
-			c.links.remember(key, dirfd, name)
+			c.links.remember(key, fd)
 		}
-		return setTimes(dirfd, name, &st)
 	default:
 		var target string
 		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
 			if target, err = os.Readlink(src); err != nil {
-				return err
+				return fd, err
 			}
 			c.stats.Symlinks++
 		} else {
 			c.stats.Specials++
 		}
-		if err := makeNode(dirfd, name, &st, target); err != nil {
-			return err
+		if fd, err = makeNode(dirfd, name, &st, target); err != nil {
+			return fd, err
 		}
 	}
-	if err := applyMeta(nameTarget(dirfd, name), &st, xs, false); err != nil {
-		return err
+	if err := applyMeta(fd, &st, xs, false); err != nil {
+		return fd, err
 	}
-	return setTimes(dirfd, name, &st)
+	return fd, setTimes(fd, &st)
 }

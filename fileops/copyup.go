@@ -122,12 +122,9 @@ func (v *view) copyUpEntry(ctx context.Context, e Entry) (res CopyResult, err er
 	if err != nil {
 		return res, err
 	}
-	if err := setTimes(pfd, name, &e.Stat); err != nil {
-		return res, err
-	}
 	// Creating the child changed the upper parent's times; overlayfs puts
 	// them back, so a copy-up is invisible in the parent's stat.
-	return res, setDirTimes(pfd, &pst)
+	return res, setTimes(pfd, &pst)
 }
 
 func openSource(dirfd int, name string) (int, error) {
@@ -167,10 +164,13 @@ func (v *view) copyUpFile(ctx context.Context, e Entry, pfd int, name string, xs
 			return CopyResult{}, fmt.Errorf("fsync: %w", err)
 		}
 	}
-	if err := applyMeta(fdTarget(f.fd), &e.Stat, xs, false); err != nil {
+	if err := applyMeta(f.fd, &e.Stat, xs, false); err != nil {
 		return CopyResult{}, err
 	}
 	if err := f.place(pfd, name); err != nil {
+		return CopyResult{}, err
+	}
+	if err := setTimes(f.fd, &e.Stat); err != nil {
 		return CopyResult{}, err
 	}
 	if e.Stat.Nlink > 1 {
@@ -226,21 +226,32 @@ func (v *view) copyUpNode(e Entry, spfd int, sname string, pfd int, name string,
 	defer closeFD(sd)
 	tmp := newStagingName()
 	defer releaseStagingName(tmp)
-	if err := makeNode(sd, tmp, &e.Stat, linkTarget); err != nil {
+	fd, err := makeNode(sd, tmp, &e.Stat, linkTarget)
+	if err != nil {
 		return CopyResult{}, fmt.Errorf("create %s: %w", e.Kind, err)
 	}
-	if err := applyMeta(nameTarget(sd, tmp), &e.Stat, xs, false); err != nil {
-		removeStaged(sd, tmp, e.Kind == KindDir)
+	defer closeFD(fd)
+	if err := applyMeta(fd, &e.Stat, xs, false); err != nil {
+		removeStaged(sd, tmp, fd)
 		return CopyResult{}, err
 	}
 	if stagedHook != nil {
 		stagedHook()
 	}
+	// Without a work dir the staging name is in the upper, where a running
+	// container can swap it: only the entry built here goes into place
+	// (see inCopier.place).
+	if err := checkEntry(sd, tmp, fd); err != nil {
+		return CopyResult{}, fmt.Errorf("staged entry %w", err)
+	}
 	if err := unix.Renameat2(sd, tmp, pfd, name, unix.RENAME_NOREPLACE); err != nil {
-		removeStaged(sd, tmp, e.Kind == KindDir)
+		removeStaged(sd, tmp, fd)
 		return CopyResult{}, fmt.Errorf("rename into upper: %w", err)
 	}
-	return CopyResult{Method: MethodNone}, nil
+	if err := checkEntry(pfd, name, fd); err != nil {
+		return CopyResult{}, err
+	}
+	return CopyResult{Method: MethodNone}, setTimes(fd, &e.Stat)
 }
 
 // openUpperParent opens the upper's directory that holds path, which must

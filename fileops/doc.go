@@ -13,6 +13,12 @@
 //     RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS and per-component lookups, so a
 //     symlink inside a layer never leads outside it and ".." never climbs
 //     out. A path with a NUL byte is an error.
+//   - An entry fileops creates is changed (owner, xattrs, mode, times)
+//     only through the descriptor it was opened as right after the create,
+//     never by its name again, and a staged entry is renamed into place only
+//     while its name still holds that inode: the upper, and a CopyOut
+//     destination, may be directories another process writes and swaps
+//     names in.
 //   - The source of a data operation is always the topmost visible version
 //     of a file, never a stale lower copy, and a destination that exists only
 //     in a lower layer is copied up before it is written.

@@ -40,23 +40,28 @@ func (l *linker) close() {
 	}
 }
 
-func (l *linker) link(key inodeKey, dirfd int, name string) (bool, error) {
+// link makes dirfd/name a hard link of the copy of key made before, if
+// there is one, and returns it open (-1 if there is none).
+func (l *linker) link(key inodeKey, dirfd int, name string) (int, error) {
 	fd, ok := l.fds[key]
 	if !ok {
-		return false, nil
+		return -1, nil
 	}
 	if err := unix.Linkat(fd, "", dirfd, name, unix.AT_EMPTY_PATH); err != nil {
-		return false, fmt.Errorf("hard link: %w", err)
+		return -1, fmt.Errorf("hard link: %w", err)
 	}
-	return true, nil
+	return unix.Dup(fd)
 }
 
-func (l *linker) remember(key inodeKey, dirfd int, name string) {
+// remember keeps the copy open as fd for the hard links to come. It holds
+// a handle of its own on that inode, not the name, which another process
+// may have swapped by the time the next link is made.
+func (l *linker) remember(key inodeKey, fd int) {
 	if len(l.fds) >= maxLinkFDs {
 		return
 	}
-	if fd, err := openBeneath(dirfd, name, unix.O_PATH|unix.O_NOFOLLOW, 0); err == nil {
-		l.fds[key] = fd
+	if lfd, err := unix.Open(fdPath(fd), unix.O_PATH|unix.O_CLOEXEC, 0); err == nil {
+		l.fds[key] = lfd
 	}
 }
 
@@ -191,18 +196,18 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 	if err != nil {
 		return err
 	}
+	var fd int
 	switch e.Kind {
 	case KindDir:
-		if !exists {
-			if err := unix.Mkdirat(dpfd, name, 0o700); err != nil {
-				return fmt.Errorf("mkdir: %w", err)
-			}
+		if exists {
+			fd, err = openBeneath(dpfd, name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
+		} else {
+			fd, err = makeNode(dpfd, name, &e.Stat, "")
 		}
-		dfd, err := openBeneath(dpfd, name, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
 		if err != nil {
-			return err
+			return fmt.Errorf("mkdir: %w", err)
 		}
-		defer closeFD(dfd)
+		defer closeFD(fd)
 		children, err := c.v.readDir(e)
 		if err != nil {
 			return err
@@ -215,7 +220,7 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 				return &namedError{fmt.Errorf("copy out %s: %w", ch.Path, ch.Err)}
 			}
 			_, chName := parentName(ch.Path)
-			if err := c.copy(ctx, ch, dfd, chName, false); err != nil {
+			if err := c.copy(ctx, ch, fd, chName, false); err != nil {
 				return err
 			}
 		}
@@ -223,20 +228,22 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 	case KindFile:
 		key := inodeKey{layer: e.Layer, dev: e.Stat.Dev, ino: e.Stat.Ino}
 		if e.Stat.Nlink > 1 {
-			ok, err := c.links.link(key, dpfd, name)
+			fd, err := c.links.link(key, dpfd, name)
 			if err != nil {
 				return err
 			}
-			if ok {
+			if fd >= 0 {
+				closeFD(fd)
 				c.stats.HardLinks++
 				return nil
 			}
 		}
-		if err := c.copyFile(ctx, e, spfd, sname, dpfd, name, xs); err != nil {
+		if fd, err = c.copyFile(ctx, e, dpfd, name, xs); err != nil {
 			return err
 		}
+		defer closeFD(fd)
 		if e.Stat.Nlink > 1 {
-			c.links.remember(key, dpfd, name)
+			c.links.remember(key, fd)
 		}
 		c.stats.Files++
 	default:
@@ -249,35 +256,47 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 		} else {
 			c.stats.Specials++
 		}
-		if err := makeNode(dpfd, name, &e.Stat, target); err != nil {
+		if fd, err = makeNode(dpfd, name, &e.Stat, target); err != nil {
 			return fmt.Errorf("create %s: %w", e.Kind, err)
 		}
+		defer closeFD(fd)
 	}
 	if e.Kind != KindFile {
-		if err := applyMeta(nameTarget(dpfd, name), &e.Stat, xs, c.lenient); err != nil {
+		if err := applyMeta(fd, &e.Stat, xs, c.lenient); err != nil {
 			return err
 		}
 	}
-	return setTimes(dpfd, name, &e.Stat)
+	if err := setTimes(fd, &e.Stat); err != nil {
+		return err
+	}
+	// The destination may be a directory others write (a CopyOut to
+	// /tmp): whoever swapped a name there got nothing of ours through it,
+	// but the copy is not what it claims to be.
+	return checkEntry(dpfd, name, fd)
 }
 
-func (c *outCopier) copyFile(ctx context.Context, e Entry, spfd int, sname string, dpfd int, name string, xs []xattr) error {
+// copyFile writes the file entry e as dpfd/name and returns it open.
+func (c *outCopier) copyFile(ctx context.Context, e Entry, dpfd int, name string, xs []xattr) (int, error) {
 	sfd, err := c.v.openData(e)
 	if err != nil {
-		return fmt.Errorf("open source: %w", err)
+		return -1, fmt.Errorf("open source: %w", err)
 	}
 	defer closeFD(sfd)
 	dfd, err := unix.Openat(dpfd, name, unix.O_CREAT|unix.O_EXCL|unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
-		return fmt.Errorf("create: %w", err)
+		return -1, fmt.Errorf("create: %w", err)
 	}
-	defer closeFD(dfd)
+	created(dpfd, name)
 	m, n, err := copyData(ctx, dfd, sfd, e.Stat.Size, c.v.s.cfg.methods)
-	if err != nil {
-		return fmt.Errorf("copy data: %w", err)
+	if err == nil {
+		c.stats.count(m, n)
+		err = applyMeta(dfd, &e.Stat, xs, c.lenient)
 	}
-	c.stats.count(m, n)
-	return applyMeta(fdTarget(dfd), &e.Stat, xs, c.lenient)
+	if err != nil {
+		closeFD(dfd)
+		return -1, err
+	}
+	return dfd, nil
 }
 
 // namedError marks an error already named with its path and layer, so

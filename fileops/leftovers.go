@@ -20,6 +20,17 @@ const stagingPrefix = ".overclone-tmp-"
 // not yet renamed into place: the moment a crash leaves a staging name.
 var stagedHook func()
 
+// createdHook, when set by a test, runs once an entry has been created and
+// before its owner, xattrs, mode and times are set: the window in which a
+// process that can write the directory may swap the name for a symlink.
+var createdHook func(dirfd int, name string)
+
+func created(dirfd int, name string) {
+	if createdHook != nil {
+		createdHook(dirfd, name)
+	}
+}
+
 // inFlight holds the staging names this process is building now, so that
 // CleanStaging never removes one of its own live entries.
 var inFlight sync.Map

@@ -62,7 +62,7 @@ func (v *view) copyUpData(ctx context.Context, e Entry) (res CopyResult, err err
 			return res, err
 		}
 	}
-	if err := applyMeta(fdTarget(dfd), &e.Stat, xs, false); err != nil {
+	if err := applyMeta(dfd, &e.Stat, xs, false); err != nil {
 		return res, err
 	}
 	tmp := newStagingName()
@@ -70,12 +70,17 @@ func (v *view) copyUpData(ctx context.Context, e Entry) (res CopyResult, err err
 	if err := unix.Linkat(unix.AT_FDCWD, fdPath(dfd), pfd, tmp, unix.AT_SYMLINK_FOLLOW); err != nil {
 		return res, err
 	}
+	// The staging name is in the upper, where a running container can
+	// swap it: only the file written here may replace the metacopy file.
+	if err := checkEntry(pfd, tmp, dfd); err != nil {
+		return res, fmt.Errorf("staged file %w", err)
+	}
 	if err := unix.Renameat(pfd, tmp, pfd, name); err != nil {
-		removeStaged(pfd, tmp, false)
+		removeStaged(pfd, tmp, dfd)
 		return res, err
 	}
-	if err := setTimes(pfd, name, &e.Stat); err != nil {
+	if err := setTimes(dfd, &e.Stat); err != nil {
 		return res, err
 	}
-	return CopyResult{Method: m, Bytes: n}, setDirTimes(pfd, &pst)
+	return CopyResult{Method: m, Bytes: n}, setTimes(pfd, &pst)
 }

@@ -46,30 +46,37 @@ func (v *view) stageFile(pfd int) (*stagedFile, error) {
 		closeFD(sd)
 		return nil, fmt.Errorf("create staging file: %w", err)
 	}
+	created(sd, name)
 	return f, nil
 }
 
 // place links or renames the finished file to pfd/name, never replacing
 // anything there.
 func (f *stagedFile) place(pfd int, name string) error {
-	var err error
 	if f.named == "" {
-		err = unix.Linkat(unix.AT_FDCWD, fdPath(f.fd), pfd, name, unix.AT_SYMLINK_FOLLOW)
-	} else if err = unix.Renameat2(f.sd, f.named, pfd, name, unix.RENAME_NOREPLACE); err == nil {
-		f.named = ""
+		if err := unix.Linkat(unix.AT_FDCWD, fdPath(f.fd), pfd, name, unix.AT_SYMLINK_FOLLOW); err != nil {
+			return fmt.Errorf("link into upper: %w", err)
+		}
+		return nil
 	}
-	if err != nil {
+	// A staging name next to the target is in the upper, where a running
+	// container can swap it: only the file written here goes into place.
+	if err := checkEntry(f.sd, f.named, f.fd); err != nil {
+		return fmt.Errorf("staged file %w", err)
+	}
+	if err := unix.Renameat2(f.sd, f.named, pfd, name, unix.RENAME_NOREPLACE); err != nil {
 		return fmt.Errorf("link into upper: %w", err)
 	}
-	return nil
+	f.named = ""
+	return checkEntry(pfd, name, f.fd)
 }
 
 // close drops the file and, if it never got placed, its staging name.
 func (f *stagedFile) close() {
-	closeFD(f.fd)
 	if f.named != "" {
-		removeStaged(f.sd, f.named, false)
+		removeStaged(f.sd, f.named, f.fd)
 	}
+	closeFD(f.fd)
 	if f.reserved != "" {
 		releaseStagingName(f.reserved)
 	}

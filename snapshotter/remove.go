@@ -90,6 +90,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		return fmt.Errorf("recover %s: %w", s.root, err)
 	}
 	s.emptyTrash(ctx)
+	s.cleanStaging(ctx)
 	return nil
 }
 

@@ -101,12 +101,12 @@ func openStack(ctx context.Context, sn snapshots.Snapshotter, key string, write 
 			return nil, nil, err
 		}
 	}
-	upper, lowers, err := layersOf(mounts)
+	upper, lowers, opts, err := layersOf(mounts)
 	if err != nil {
 		release()
 		return nil, nil, err
 	}
-	stack, err := fileops.NewStack(upper, lowers)
+	stack, err := fileops.NewStack(upper, lowers, opts...)
 	if err != nil {
 		release()
 		return nil, nil, err
@@ -115,30 +115,45 @@ func openStack(ctx context.Context, sn snapshots.Snapshotter, key string, write 
 }
 
 // layersOf reads the layer directories out of the mounts overclone hands
-// out: a bind of one directory, or an overlay.
-func layersOf(mounts []mount.Mount) (upper string, lowers []string, err error) {
+// out, with the options that make fileops show what that mount shows.
+//
+// The mounts say it all, so the CLI asks the daemon nothing more: a bind
+// (every snapshot in userspace mode; a parentless layer or a flattened
+// view in overlay mode) is a plain directory, where a 0/0 device or a
+// trusted.overlay.* xattr is content, read and written verbatim; an
+// overlay keeps its metadata in user.overlay.* exactly when it is mounted
+// with userxattr. An active overlay's workdir is on the upper's filesystem
+// and out of the container's reach, so entries are staged there and not
+// next to their final name in the upper, which the container can write.
+func layersOf(mounts []mount.Mount) (upper string, lowers []string, opts []fileops.StackOpt, err error) {
 	if len(mounts) != 1 {
-		return "", nil, fmt.Errorf("expected one mount, got %d", len(mounts))
+		return "", nil, nil, fmt.Errorf("expected one mount, got %d", len(mounts))
 	}
 	m := mounts[0]
 	switch m.Type {
 	case "bind":
+		opts = append(opts, fileops.WithVerbatim())
 		for _, o := range m.Options {
 			if o == "ro" {
-				return "", []string{m.Source}, nil
+				return "", []string{m.Source}, opts, nil
 			}
 		}
-		return m.Source, nil, nil
+		return m.Source, nil, opts, nil
 	case "overlay":
 		for _, o := range m.Options {
-			if v, ok := strings.CutPrefix(o, "upperdir="); ok {
+			k, v, _ := strings.Cut(o, "=")
+			switch k {
+			case "upperdir":
 				upper = v
-			}
-			if v, ok := strings.CutPrefix(o, "lowerdir="); ok {
+			case "lowerdir":
 				lowers = strings.Split(v, ":")
+			case "workdir":
+				opts = append(opts, fileops.WithWorkDir(v))
+			case "userxattr":
+				opts = append(opts, fileops.WithUserXattr())
 			}
 		}
-		return upper, lowers, nil
+		return upper, lowers, opts, nil
 	}
-	return "", nil, errors.New("unknown mount type " + m.Type)
+	return "", nil, nil, errors.New("unknown mount type " + m.Type)
 }
