@@ -113,6 +113,10 @@ type Snapshotter struct {
 	// deletions empties the trash in the background; Close and Cleanup
 	// wait for it.
 	deletions *deleter
+	// startup counts the work New leaves running in the background
+	// (cleanStaging). Add is called only in New, before any call is
+	// served, so Close may Wait at any time.
+	startup sync.WaitGroup
 	closeMu   sync.Mutex
 	closed    bool
 }
@@ -206,11 +210,12 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 // Mode returns the mode the snapshotter serves in.
 func (s *Snapshotter) Mode() Mode { return s.mode }
 
-// Close waits for background removals and closes the metadata store. It
+// Close waits for background work and deletions and closes the metadata store. It
 // may be called more than once.
 func (s *Snapshotter) Close() error {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
+	s.startup.Wait()
 	s.deletions.wait()
 	if s.closed {
 		return nil

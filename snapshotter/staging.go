@@ -58,9 +58,9 @@ func (s *Snapshotter) cleanStaging(ctx context.Context) {
 		return
 	}
 	ctx = context.WithoutCancel(ctx)
-	s.removals.Add(1)
+	s.startup.Add(1)
 	go func() {
-		defer s.removals.Done()
+		defer s.startup.Done()
 		for _, a := range actives {
 			s.cleanStagingOf(ctx, a)
 		}
