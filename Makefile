@@ -3,7 +3,12 @@
 GO       ?= go
 PREFIX   ?= /usr/local
 BINDIR   ?= $(PREFIX)/bin
-DEB_PKGS := containerd runc xfsprogs btrfs-progs e2fsprogs attr
+# What the tests run: containerd 1.6 and runc (e2e), mkfs.xfs and xfs_io,
+# mkfs.btrfs, mkfs.ext4, chattr and filefrag (loop filesystems, durability,
+# read-only roots), mount(8), and ca-certificates for the Go module proxy
+# (dependencies, the containerd 2.x build). Under OVERCLONE_STRICT=1 (CI) a
+# test missing any of them fails rather than skips.
+DEB_PKGS := containerd runc xfsprogs btrfs-progs e2fsprogs attr mount ca-certificates
 
 # Every directory under cmd/ is a binary.
 BINARIES := $(notdir $(wildcard cmd/*))

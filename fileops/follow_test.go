@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/overclone/overclone/test/loopfs"
+	"github.com/overclone/overclone/test/require"
 	"golang.org/x/sys/unix"
 )
 
@@ -276,7 +277,7 @@ func compareFollow(t *testing.T, s *Stack, merged string, rootfd int, p string, 
 func TestCopyInThroughLinks(t *testing.T) {
 	needRoot(t)
 	if _, err := exec.LookPath("cp"); err != nil {
-		t.Skip(err)
+		require.Skip(t, err)
 	}
 	for _, k := range testKinds {
 		t.Run(string(k), func(t *testing.T) {

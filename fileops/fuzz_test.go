@@ -10,6 +10,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/overclone/overclone/test/require"
 )
 
 // FuzzCleanPath: no input names anything above the root or keeps a NUL.
@@ -81,7 +83,7 @@ func FuzzResolve(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, p, redirect string) {
 		if os.Geteuid() != 0 {
-			t.Skip("needs root for trusted xattrs and whiteouts")
+			require.Skip(t, "needs root for trusted xattrs and whiteouts")
 		}
 		upper, lower, outside := fuzzLayers(t)
 		r := filepath.Join(upper, "r")

@@ -13,6 +13,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/overclone/overclone/test/require"
 )
 
 // node is what the oracle compares of one entry.
@@ -281,7 +283,7 @@ func readFile(t testing.TB, p string) []byte {
 
 func needRoot(t testing.TB) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root for mounts, whiteouts and trusted xattrs")
+		require.Skip(t, "needs root for mounts, whiteouts and trusted xattrs")
 	}
 }
 

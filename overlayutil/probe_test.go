@@ -2,6 +2,7 @@ package overlayutil
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -12,63 +13,158 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// truth is what kernel 6.18 on this machine does for a privileged daemon,
-// measured by hand before these tests were written; a different kernel may
-// differ, and then the table, not the probe, is what to revisit.
+// truth is what the running kernel does for a privileged daemon. It is
+// not taken from the probe: the depth limit and lowerdir+ are measured
+// here by mounting (kernelDepth), the rest comes from the release each
+// feature entered the kernel (since), keyed by `uname -r`.
 type truth struct {
 	ok     map[string]bool
 	reason map[string]string // substring the Reason must hold
 	value  map[string]string // substring the Value must hold
 }
 
-func hostTruth(reflink bool) truth {
-	t := truth{
+// since is the kernel release each check's feature appeared in.
+var since = map[string][2]int{
+	CheckOverlay:        {3, 18},
+	CheckMultipleLowers: {3, 19},
+	CheckRedirectDir:    {4, 10},
+	CheckIndexOff:       {4, 13},
+	// 4.19 stacked overlay's file operations on the real file: from then
+	// on a read or range copy through an fd opened before copy-up sees
+	// the copied-up file; before, the stale lower one. Metacopy came with
+	// it.
+	CheckIntercepts: {4, 19},
+	CheckMetacopy:   {4, 19},
+	CheckVolatile:   {5, 10},
+	// Overlay over idmapped layers; tmpfs itself takes idmapped mounts
+	// only since 6.3.
+	CheckIDMapped: {5, 19},
+}
+
+// crossFSCopyEXDEV: copy_file_range between filesystems fails with EXDEV
+// again since 5.19 (5.3 to 5.18 copied).
+var crossFSCopyEXDEV = [2]int{5, 19}
+
+func kernelAtLeast(t *testing.T, v [2]int) bool {
+	t.Helper()
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		t.Fatal(err)
+	}
+	var major, minor int
+	if _, err := fmt.Sscanf(unix.ByteSliceToString(u.Release[:]), "%d.%d", &major, &minor); err != nil {
+		t.Fatalf("kernel release %q: %v", u.Release[:], err)
+	}
+	return major > v[0] || major == v[0] && minor >= v[1]
+}
+
+// kernelDepth mounts n read-only lowers through the new mount API, one
+// "lowerdir+" per fsconfig call (no page limit), for growing n: the
+// deepest stack that mounts, and whether lowerdir+ exists at all (6.8+;
+// without it the depth is the kernel's OVL_MAX_STACK, 500 since 3.18).
+func kernelDepth(t *testing.T, dir string) (depth int, lowerdirPlus bool) {
+	t.Helper()
+	const most = 1024
+	lowers := make([]string, most)
+	for i := range lowers {
+		lowers[i] = filepath.Join(dir, strconv.Itoa(i))
+		if err := os.Mkdir(lowers[i], 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	mounts := func(n int) (bool, error) {
+		fd, err := unix.Fsopen("overlay", unix.FSOPEN_CLOEXEC)
+		if err != nil {
+			return false, err
+		}
+		defer unix.Close(fd)
+		for _, l := range lowers[:n] {
+			if err := unix.FsconfigSetString(fd, "lowerdir+", l); err != nil {
+				return false, err
+			}
+		}
+		if err := unix.FsconfigCreate(fd); err != nil {
+			return false, nil
+		}
+		mfd, err := unix.Fsmount(fd, unix.FSMOUNT_CLOEXEC, unix.MOUNT_ATTR_RDONLY)
+		if err != nil {
+			return false, nil
+		}
+		unix.Close(mfd) // never attached: closing it unmounts
+		return true, nil
+	}
+	ok, err := mounts(2)
+	if err != nil || !ok {
+		t.Logf("two lowers through lowerdir+ do not mount (%v): the depth is OVL_MAX_STACK", err)
+		return DefaultMaxLowers, false
+	}
+	lo, hi := 2, most+1 // lo mounts, hi does not
+	for hi-lo > 1 {
+		mid := (lo + hi) / 2
+		// Past the limit the kernel may refuse the lowerdir+ itself.
+		if ok, _ := mounts(mid); ok {
+			lo = mid
+		} else {
+			hi = mid
+		}
+	}
+	return lo, true
+}
+
+func kernelTruth(t *testing.T, kind loopfs.Kind, depth int, lowerdirPlus bool) truth {
+	tr := truth{
 		ok: map[string]bool{
-			CheckOverlay: true, CheckMultipleLowers: true, CheckIndexOff: true,
-			CheckRedirectDir: true, CheckMetacopy: true, CheckVolatile: true,
-			CheckUserXattrNeeded: false, CheckIDMapped: true, CheckLowerdirPlus: true,
-			CheckMaxLowers: true, CheckReflink: reflink, CheckIntercepts: true,
+			CheckUserXattrNeeded: false, CheckLowerdirPlus: lowerdirPlus,
+			CheckMaxLowers: true, CheckReflink: kind.Reflinks(),
 		},
 		reason: map[string]string{
 			CheckUserXattrNeeded: "trusted.overlay.* xattrs are writable",
-			CheckMaxLowers:       "too many lower directories, limit is 500",
+			CheckMaxLowers:       fmt.Sprintf("%d lowers refused", depth+1),
 		},
 		value: map[string]string{
-			CheckMaxLowers:   "500",
+			CheckMaxLowers:   strconv.Itoa(depth),
 			CheckRedirectDir: "redirect=a",
-			// The NOTES' measurement: every range op to another fs is EXDEV.
-			CheckIntercepts: "cfr/overlay=new cfr/backing=EXDEV clone/backing=EXDEV read=new",
 		},
 	}
-	if !reflink {
-		t.reason[CheckReflink] = "operation not supported"
+	for name, v := range since {
+		tr.ok[name] = kernelAtLeast(t, v)
 	}
-	return t
+	if kind == loopfs.Tmpfs {
+		tr.ok[CheckIDMapped] = kernelAtLeast(t, [2]int{6, 3})
+	}
+	if !kind.Reflinks() {
+		tr.reason[CheckReflink] = "operation not supported"
+	}
+	if tr.ok[CheckIntercepts] {
+		// A clone never crosses filesystems; within the overlay the
+		// copy and the read see the copied-up file.
+		v := "cfr/overlay=new clone/backing=EXDEV read=new"
+		if kernelAtLeast(t, crossFSCopyEXDEV) {
+			v += " cfr/backing=EXDEV"
+		}
+		tr.value[CheckIntercepts] = v
+	}
+	return tr
 }
 
 func TestProbeTruth(t *testing.T) {
-	for _, tc := range []struct {
-		kind  loopfs.Kind
-		truth truth
-	}{
-		{loopfs.Ext4, hostTruth(false)},
-		{loopfs.XFS, hostTruth(true)},
-		{loopfs.Btrfs, hostTruth(true)},
-		// tmpfs takes an upper layer on 6.18: d_type, trusted and user
-		// xattrs, RENAME_WHITEOUT and O_TMPFILE are all there.
-		{loopfs.Tmpfs, hostTruth(false)},
-	} {
-		t.Run(string(tc.kind), func(t *testing.T) {
-			root := filepath.Join(loopfs.Mount(t, tc.kind), "root")
+	depth, lowerdirPlus := kernelDepth(t, loopfs.Mount(t, loopfs.Tmpfs))
+	t.Logf("this kernel mounts %d lowers (lowerdir+: %t)", depth, lowerdirPlus)
+	// tmpfs takes an upper layer: d_type, trusted and user xattrs,
+	// RENAME_WHITEOUT and O_TMPFILE are all there.
+	for _, kind := range []loopfs.Kind{loopfs.Ext4, loopfs.XFS, loopfs.Btrfs, loopfs.Tmpfs} {
+		t.Run(string(kind), func(t *testing.T) {
+			root := filepath.Join(loopfs.Mount(t, kind), "root")
 			f := probeFresh(t, root)
-			if f.BackingFS != string(tc.kind) {
-				t.Errorf("BackingFS = %q, want %q", f.BackingFS, tc.kind)
+			if f.BackingFS != string(kind) {
+				t.Errorf("BackingFS = %q, want %q", f.BackingFS, kind)
 			}
-			assertTruth(t, f, tc.truth)
-			if !f.CanServe() || !f.Intercepts() || f.MaxLowers() != 500 {
-				t.Errorf("CanServe %t Intercepts %t MaxLowers %d, want true true 500", f.CanServe(), f.Intercepts(), f.MaxLowers())
+			want := kernelTruth(t, kind, depth, lowerdirPlus)
+			assertTruth(t, f, want)
+			if !f.CanServe() || f.Intercepts() != want.ok[CheckIntercepts] || f.MaxLowers() != depth {
+				t.Errorf("CanServe %t Intercepts %t MaxLowers %d, want true %t %d", f.CanServe(), f.Intercepts(), f.MaxLowers(), want.ok[CheckIntercepts], depth)
 			}
-			if o := f.BaseOptions(); !o.IndexOff || o.UserXattr || !o.RedirectDir || o.MaxLowers != 500 {
+			if o := f.BaseOptions(); !o.IndexOff || o.UserXattr || !o.RedirectDir || o.MaxLowers != depth {
 				t.Errorf("BaseOptions = %+v", o)
 			}
 		})

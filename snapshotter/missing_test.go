@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/containerd/errdefs"
+
+	"github.com/overclone/overclone/test/require"
 )
 
 // TestMissingDirectoryRefused: a snapshot whose directory vanished while
@@ -148,7 +150,7 @@ func TestCheck(t *testing.T) {
 		t.Fatal(err)
 	}
 	if out, err := exec.Command("chattr", "+i", root).CombinedOutput(); err != nil {
-		t.Skipf("chattr +i: %v: %s", err, out)
+		require.Skipf(t, "chattr +i: %v: %s", err, out)
 	}
 	defer exec.Command("chattr", "-i", root).Run()
 	if err := s.Check(ctx); err == nil || !strings.Contains(err.Error(), "not writable") {

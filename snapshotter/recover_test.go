@@ -6,39 +6,65 @@ import (
 	"testing"
 )
 
-// TestReusedIDAfterCrash: bolt hands out the id of a create whose
-// transaction never committed again, and that create may have left its
-// directory in place. The next Prepare must succeed on a clean directory.
+// TestReusedIDAfterCrash: a crash between placing a snapshot's directory
+// and committing bolt leaves snapshots/<id> (full, if it was a userspace
+// copy) and maybe the layer's short link, with nothing in the metadata;
+// bolt's sequence rolls back, so the next create gets the same id. The
+// restart removes what the crash left; the next Prepare gets the id on a
+// clean directory; its Commit records the usage of what the new snapshot
+// holds, not of the crashed one's files.
 func TestReusedIDAfterCrash(t *testing.T) {
 	root := t.TempDir()
 	ctx, s := openTest(t, root)
 	if _, err := s.Prepare(ctx, "a", ""); err != nil {
 		t.Fatal(err)
 	}
-	// What a crash between the rename and the bolt commit leaves: the
-	// next id's directory, full.
-	leftover := filepath.Join(root, "snapshots", "2", "fs")
-	if err := os.MkdirAll(leftover, 0o755); err != nil {
+	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(leftover, "stale"), []byte("from before the crash"), 0o644); err != nil {
+
+	// What the crash leaves: id 2's directory, full, and its link; the
+	// metadata knows only id 1.
+	leftover := filepath.Join(root, "snapshots", "2")
+	if err := os.MkdirAll(filepath.Join(leftover, "fs"), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := os.Symlink("../snapshots/2/fs", filepath.Join(root, "l", "2")); err != nil {
+	if err := os.Mkdir(filepath.Join(leftover, "work"), 0o711); err != nil {
 		t.Fatal(err)
 	}
+	if err := os.WriteFile(filepath.Join(leftover, "fs", "stale"), make([]byte, usageFile), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	staleLink := filepath.Join(root, "l", shortName("2"))
+	if err := os.Symlink("../snapshots/2/fs", staleLink); err != nil {
+		t.Fatal(err)
+	}
+
+	ctx, s = openTest(t, root)
+	gone(t, leftover, staleLink)
 	m, err := s.Prepare(ctx, "b", "")
 	if err != nil {
 		t.Fatalf("Prepare after a crash left id 2's directory: %v", err)
 	}
-	if m[0].Source != leftover {
-		t.Fatalf("expected id 2 to be reused, got %s", m[0].Source)
+	if want := s.upperPath("2"); m[0].Source != want {
+		t.Fatalf("Prepare after the crash mounts %s, want the reused id's %s", m[0].Source, want)
 	}
-	if _, err := os.Stat(filepath.Join(leftover, "stale")); !os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(m[0].Source, "stale")); !os.IsNotExist(err) {
 		t.Fatalf("the new snapshot sees the crashed one's files: %v", err)
 	}
+	if err := os.WriteFile(filepath.Join(m[0].Source, "new"), []byte("after the crash"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	if err := s.Commit(ctx, "b-committed", "b"); err != nil {
-		t.Fatalf("commit over a stale link: %v", err)
+		t.Fatalf("commit on the reused id: %v", err)
+	}
+	u, err := s.Usage(ctx, "b-committed")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The fs dir and "new": a few blocks, nowhere near the stale file.
+	if u.Inodes != 2 || u.Size >= usageFile {
+		t.Fatalf("the reused id's Commit recorded %+v, want 2 inodes and less than %d bytes", u, usageFile)
 	}
 }
 

@@ -1,28 +1,25 @@
 package snapshotter
 
 import (
-	"context"
 	"os"
 	"path/filepath"
 	"testing"
-
-	"github.com/containerd/containerd/v2/pkg/namespaces"
 )
 
 // usageFile is big enough that block rounding cannot hide a double count.
 const usageFile = 1 << 20
 
-// TestUsage: a file hard-linked three times counts once; an active
-// snapshot's usage is its upper only, not its parents; a committed one's is
-// what Commit recorded, even if the directory changes behind its back
-// (nothing walks a committed layer again).
+// TestUsage, in overlay mode (pinned: auto picks userspace on a kernel
+// whose overlay does not intercept range ops, and there an active holds
+// its parent's files): a file hard-linked three times counts once; an
+// active snapshot's usage is its upper only, not its parents; a committed
+// one's is what Commit recorded, even if the directory changes behind its
+// back (nothing walks a committed layer again).
 func TestUsage(t *testing.T) {
-	ctx := namespaces.WithNamespace(context.Background(), "test")
-	s, err := New(ctx, t.TempDir())
-	if err != nil {
-		t.Fatal(err)
+	ctx, s := openTest(t, t.TempDir(), WithMode(ModeOverlay))
+	if s.Mode() != ModeOverlay {
+		t.Fatalf("mode %s, want overlay", s.Mode())
 	}
-	defer s.Close()
 
 	if _, err := s.Prepare(ctx, "base-active", ""); err != nil {
 		t.Fatal(err)

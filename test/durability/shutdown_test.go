@@ -18,6 +18,7 @@ import (
 	"github.com/overclone/overclone/overlayutil"
 	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/loopfs"
+	"github.com/overclone/overclone/test/require"
 )
 
 const (
@@ -37,7 +38,7 @@ const (
 // some back on its own).
 func TestCommitSurvivesShutdown(t *testing.T) {
 	if _, err := exec.LookPath("xfs_io"); err != nil {
-		t.Skipf("xfs_io (xfsprogs) not installed: %v", err)
+		require.Skipf(t, "xfs_io (xfsprogs) not installed: %v", err)
 	}
 	// ext4 takes the same ioctl (EXT4_IOC_SHUTDOWN has XFS_IOC_GOINGDOWN's
 	// number), and has no reflink: userspace mode's copies there are real

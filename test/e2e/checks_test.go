@@ -146,7 +146,6 @@ func (s *suite) testPush(t *testing.T) {
 // on it runs, checks the container does not notice, starts the daemon again
 // and starts new containers.
 func (s *suite) testRestart(t *testing.T) {
-	s.requireOverclone(t)
 	for _, p := range s.proxies {
 		t.Run(p.Name, func(t *testing.T) { s.restart(t, p) })
 	}
@@ -233,21 +232,12 @@ func (s *suite) waitReconnect(t *testing.T, sn string) {
 
 // checkHealthCLI runs `overclone health --address SOCKET`, the probe
 // deploy/kubernetes and hack/wait-overclone.sh use: exit 0 while the daemon
-// serves, non-zero while it is down. Until the admin tool has the
-// subcommand, it says so in the log and checks nothing.
+// serves, non-zero while it is down.
 func (s *suite) checkHealthCLI(t *testing.T, oc *harness.Overclone, serving bool) {
 	t.Helper()
-	if s.f.cliBin == "" {
-		t.Log("no cmd/overclone yet: health probe not checked")
-		return
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, s.f.cliBin, "health", "--address", oc.Socket).CombinedOutput()
-	if strings.Contains(string(out), `unknown command "health"`) {
-		t.Log("overclone has no health subcommand yet: probe not checked")
-		return
-	}
 	if serving && err != nil {
 		t.Errorf("overclone health while serving: %v: %s", err, out)
 	}
@@ -275,7 +265,7 @@ func (s *suite) testGC(t *testing.T) {
 		var orphans string
 		for i := 0; i < 50; i++ {
 			used, orphans = diskUsage(t, p.Overclone.Root), s.orphans(t, p.Overclone)
-			if used <= 8<<20 && (orphans == "" || strings.Contains(orphans, "\n0 orphans")) {
+			if used <= 8<<20 && strings.Contains(orphans, "\n0 orphans") {
 				break
 			}
 			time.Sleep(200 * time.Millisecond)
@@ -283,26 +273,19 @@ func (s *suite) testGC(t *testing.T) {
 		if used > 8<<20 {
 			t.Errorf("%s root still uses %d bytes after GC", p.Name, used)
 		}
-		if orphans != "" && !strings.Contains(orphans, "\n0 orphans") {
+		if !strings.Contains(orphans, "\n0 orphans") {
 			t.Errorf("%s: overclone gc --dry-run after GC:\n%s", p.Name, orphans)
 		}
 		t.Logf("%s after GC: %d bytes on disk, overclone gc --dry-run: %s", p.Name, used, lastLine(orphans))
 	}
 }
 
-// orphans runs `overclone gc --dry-run` against the daemon; "" when the
-// admin tool (or its gc subcommand) is not in the tree.
+// orphans runs `overclone gc --dry-run` against the daemon.
 func (s *suite) orphans(t *testing.T, oc *harness.Overclone) string {
 	t.Helper()
-	if s.f.cliBin == "" {
-		return ""
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	out, err := exec.CommandContext(ctx, s.f.cliBin, "gc", "--dry-run", "--address", oc.Socket, "--root", oc.Root).CombinedOutput()
-	if strings.Contains(string(out), `unknown command "gc"`) {
-		return ""
-	}
 	if err != nil {
 		t.Fatalf("overclone gc --dry-run: %v: %s", err, out)
 	}

@@ -30,7 +30,6 @@ func TestDeploySnippets(t *testing.T) {
 				t.Fatal(err)
 			}
 			s := newSuite(t, tc.binDir, harness.ContainerdOptions{Snippet: string(snippet)})
-			s.requireOverclone(t)
 			plugins := s.ctr(t, "plugins", "ls")
 			for _, want := range [][2]string{
 				{"io.containerd.snapshotter.v1", "overclone"},
@@ -82,9 +81,6 @@ func pluginOK(ls, typ, id string) bool {
 // once the daemon, started after it, serves.
 func TestWaitScript(t *testing.T) {
 	f := getFixture(t)
-	if f.overcloneBin == "" || f.cliBin == "" {
-		t.Skip(f.noOverclone)
-	}
 	dir, err := harness.TempDir("oc-wait-")
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 
 	"github.com/overclone/overclone/test/e2e/harness"
 	"github.com/overclone/overclone/test/image"
+	"github.com/overclone/overclone/test/require"
 )
 
 const imageName = harness.ImageName
@@ -22,9 +23,8 @@ type fixture struct {
 	dir          string
 	img          *image.Image
 	archive      string
-	overcloneBin string // "" when the daemon is not in the tree yet
-	cliBin       string // the overclone admin tool, "" when not in the tree
-	noOverclone  string // why overcloneBin is empty
+	overcloneBin string
+	cliBin       string // the overclone admin tool
 	registry     *harness.Registry
 }
 
@@ -44,20 +44,17 @@ func repoRoot() string {
 	return root
 }
 
-// requireEnv skips when the machine cannot run the suite at all.
+// requireEnv skips when the machine cannot run the suite at all. Each
+// containerd version's own binaries are checked where it is started
+// (newSuite), so that 2.x runs on a machine without Debian's 1.6.
 func requireEnv(t *testing.T) {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: starts containerd, mounts overlays")
-	}
+	require.Root(t, "starts containerd, mounts overlays")
 	if _, err := exec.LookPath("runc"); err != nil {
-		t.Skip("runc not installed (make deps)")
-	}
-	if m := harness.Missing(harness.Containerd16Bin, harness.ContainerdTools...); m != "" {
-		t.Skipf("containerd 1.6 missing: %s (make deps)", m)
+		require.Skip(t, "runc not installed (make deps)")
 	}
 	if _, err := os.Stat(harness.RegistryBin); err != nil {
-		t.Skipf("docker-registry missing (make deps)")
+		require.Skipf(t, "docker-registry missing (make deps)")
 	}
 }
 
@@ -81,25 +78,16 @@ func newFixture() (*fixture, error) {
 		return nil, err
 	}
 
-	switch bin := os.Getenv("OVERCLONE_BIN"); {
-	case bin != "":
-		f.overcloneBin = bin
-	default:
-		if _, err := os.Stat(filepath.Join(repoRoot(), "cmd", "containerd-overclone-grpc")); err != nil {
-			f.noOverclone = "overclone daemon not yet on main"
-			break
-		}
+	f.overcloneBin = os.Getenv("OVERCLONE_BIN")
+	if f.overcloneBin == "" {
 		f.overcloneBin = filepath.Join(dir, "containerd-overclone-grpc")
 		if err := harness.GoBuild(repoRoot(), f.overcloneBin, "./cmd/containerd-overclone-grpc"); err != nil {
 			return nil, err
 		}
 	}
-
-	if _, err := os.Stat(filepath.Join(repoRoot(), "cmd", "overclone")); err == nil {
-		f.cliBin = filepath.Join(dir, "overclone")
-		if err := harness.GoBuild(repoRoot(), f.cliBin, "./cmd/overclone"); err != nil {
-			return nil, err
-		}
+	f.cliBin = filepath.Join(dir, "overclone")
+	if err := harness.GoBuild(repoRoot(), f.cliBin, "./cmd/overclone"); err != nil {
+		return nil, err
 	}
 
 	if f.registry, err = harness.StartRegistry(context.Background(), dir, func(string, ...any) {}); err != nil {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/overclone/overclone/test/e2e/harness"
 	"github.com/overclone/overclone/test/loopfs"
+	"github.com/overclone/overclone/test/require"
 	"golang.org/x/sys/unix"
 )
 
@@ -54,7 +55,7 @@ func newSuite(t *testing.T, binDir string, opts harness.ContainerdOptions) *suit
 	t.Helper()
 	f := getFixture(t)
 	if m := harness.Missing(binDir, harness.ContainerdTools...); m != "" {
-		t.Skipf("containerd missing: %s (make containerd2 builds 2.x)", m)
+		require.Skipf(t, "containerd missing: %s (make containerd2 builds 2.x)", m)
 	}
 	dir, err := harness.TempDir("oc-")
 	if err != nil {
@@ -72,7 +73,7 @@ func newSuite(t *testing.T, binDir string, opts harness.ContainerdOptions) *suit
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	for i, d := range daemonConfigs {
-		if f.overcloneBin == "" || (opts.Snippet != "" && i > 0) {
+		if opts.Snippet != "" && i > 0 {
 			break
 		}
 		ocDir := filepath.Join(dir, fmt.Sprintf("oc%d", i))
@@ -94,9 +95,7 @@ func newSuite(t *testing.T, binDir string, opts harness.ContainerdOptions) *suit
 		}
 		s.sns = append(s.sns, d.name)
 	}
-	if len(s.proxies) > 0 {
-		s.oc = s.proxies[0].Overclone
-	}
+	s.oc = s.proxies[0].Overclone
 	opts.Proxies = s.proxies
 	opts.BinDir = binDir
 	if err := os.Mkdir(filepath.Join(dir, "ctd"), 0o700); err != nil {
@@ -158,13 +157,6 @@ func (s *suite) timed(t *testing.T, op, sn string, args ...string) string {
 	timings.Add(s.label, op, sn, d)
 	t.Logf("%s %s: %s", op, sn, d.Round(time.Millisecond))
 	return out
-}
-
-func (s *suite) requireOverclone(t *testing.T) {
-	t.Helper()
-	if s.oc == nil {
-		t.Skip(s.f.noOverclone)
-	}
 }
 
 func (s *suite) chainIDs() []string {

@@ -16,6 +16,8 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/overclone/overclone/test/require"
 )
 
 // Kind is a backing filesystem a test can ask for.
@@ -57,7 +59,7 @@ func Mount(t testing.TB, k Kind) string {
 func MountSize(t testing.TB, k Kind, size int64) string {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skipf("mounting %s needs root", k)
+		require.Skipf(t, "mounting %s needs root", k)
 	}
 	dir := t.TempDir()
 	mnt := filepath.Join(dir, "mnt")
@@ -77,7 +79,7 @@ func MountSize(t testing.TB, k Kind, size int64) string {
 		t.Fatalf("loopfs: unknown kind %q", k)
 	}
 	if _, err := exec.LookPath(args[0]); err != nil {
-		t.Skipf("%s not installed (Debian package %s): %v", args[0], debPackage(k), err)
+		require.Skipf(t, "%s not installed (Debian package %s): %v", args[0], debPackage(k), err)
 	}
 	img := filepath.Join(dir, "fs.img")
 	f, err := os.Create(img)

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -57,6 +59,8 @@ func TestClientGoneMidCommit(t *testing.T) {
 	sn := d.Client()
 
 	key, outcomes := "", map[string]int{}
+	// The committed snapshots the run must end with, and no active.
+	want := map[string]bool{}
 	// From a cancel as soon as the daemon has the call to one after it
 	// is likely done.
 	for i, delay := range []time.Duration{0, 20 * time.Millisecond, 80 * time.Millisecond, 2 * time.Second} {
@@ -88,6 +92,7 @@ func TestClientGoneMidCommit(t *testing.T) {
 			outcomes["not done"]++
 		case committedErr == nil && errdefs.IsNotFound(activeErr):
 			outcomes["done whole"]++
+			want[name] = true
 			key = ""
 		default:
 			t.Fatalf("cancel after %v left half a Commit: active %v, committed %v", delay, activeErr, committedErr)
@@ -99,11 +104,21 @@ func TestClientGoneMidCommit(t *testing.T) {
 		if err := sn.Commit(ctx, "finally", key); err != nil {
 			t.Fatalf("the active a cancelled Commit left cannot be committed: %v", err)
 		}
+		want["finally"] = true
 	}
-	var n int
-	sn.Walk(ctx, func(context.Context, snapshots.Info) error { n++; return nil })
-	if n == 0 {
-		t.Fatal("no snapshots left")
+	got := map[string]bool{}
+	err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {
+		if info.Kind != snapshots.KindCommitted {
+			t.Errorf("%s is left %s", info.Name, info.Kind)
+		}
+		got[info.Name] = true
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("walk: %v", err)
+	}
+	if !maps.Equal(got, want) {
+		t.Fatalf("snapshots after the cancelled Commits: %v, want %v", slices.Sorted(maps.Keys(got)), slices.Sorted(maps.Keys(want)))
 	}
 }
 

@@ -4,12 +4,14 @@ import (
 	"os"
 	"os/exec"
 	"testing"
+
+	"github.com/overclone/overclone/test/require"
 )
 
 func chattr(t *testing.T, flag, path string) {
 	t.Helper()
 	if out, err := exec.Command("chattr", flag, path).CombinedOutput(); err != nil {
-		t.Skipf("chattr %s %s: %v: %s", flag, path, err, out)
+		require.Skipf(t, "chattr %s %s: %v: %s", flag, path, err, out)
 	}
 }
 
