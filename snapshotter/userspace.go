@@ -40,6 +40,6 @@ func (s *Snapshotter) materialize(ctx context.Context, parentID, dst string) err
 	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}
-	s.countCopied(stats)
+	s.countCopied("materialize", stats)
 	return nil
 }

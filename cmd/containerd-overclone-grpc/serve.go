@@ -44,7 +44,7 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 
 	measured := metrics.Wrap(sn)
 	sn.OnFlatten(metrics.FlattenedLayerBuilt)
-	sn.OnCopy(metrics.CopiedUp)
+	sn.OnCopy(metrics.Copied)
 	if cfg.MetricsAddress != "" {
 		stop, err := serveMetrics(ctx, cfg.MetricsAddress, sn)
 		if err != nil {

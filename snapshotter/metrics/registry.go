@@ -27,7 +27,7 @@ func NewRegistry(sn snapshots.Snapshotter, dbPath string) *prometheus.Registry {
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		callLatency, callErrors, callsInFlight, copiedUp, flattenedLayers,
+		callLatency, callErrors, callsInFlight, copied, flattenedLayers,
 		&kindCollector{sn: sn},
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: namespace,

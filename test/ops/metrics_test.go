@@ -16,7 +16,7 @@ import (
 )
 
 // TestMetrics: the metrics socket serves per-method latency and errors by
-// class, snapshots by kind, the db size and the copy-up and flatten
+// class, snapshots by kind, the db size and the copied-bytes and flatten
 // families (at zero until fed); /healthz answers 200; pprof answers on the
 // debug address.
 func TestMetrics(t *testing.T) {
@@ -56,9 +56,10 @@ func TestMetrics(t *testing.T) {
 		{"overclone_snapshots", `kind="committed"`, 1},
 		{"overclone_snapshots", `kind="view"`, 1},
 		{"overclone_snapshots", `kind="active"`, 0},
-		{"overclone_copied_up_bytes_total", `method="reflink"`, 0},
-		{"overclone_copied_up_bytes_total", `method="copy_file_range"`, 0},
-		{"overclone_copied_up_bytes_total", `method="copy"`, 0},
+		// What overclone copies itself, never the kernel's copy-up.
+		{"overclone_copied_bytes_total", `method="reflink",reason="flatten"`, 0},
+		{"overclone_copied_bytes_total", `method="copy_file_range",reason="flatten"`, 0},
+		{"overclone_copied_bytes_total", `method="copy",reason="materialize"`, 0},
 		{"overclone_flattened_layer_build_seconds_count", "", 0},
 		{"overclone_snapshots_unusable", "", 0},
 	} {
