@@ -40,6 +40,8 @@ type Config struct {
 	MaxStack int
 	// Features overrides what the kernel probe found (tests use it).
 	Features *overlayutil.Features
+	// ExistingRoot refuses a root that holds no metadata database.
+	ExistingRoot bool
 }
 
 // Opt configures a snapshotter.
@@ -94,6 +96,14 @@ func WithFeatures(f *overlayutil.Features) Opt {
 	}
 }
 
+// WithExistingRoot makes New refuse a root that is not one already (no
+// metadata database in it) rather than create it: an admin tool handed a
+// mistyped --root must say so, not make a new root there and probe it.
+func WithExistingRoot(c *Config) error {
+	c.ExistingRoot = true
+	return nil
+}
+
 // Snapshotter implements snapshots.Snapshotter and snapshots.Cleaner.
 type Snapshotter struct {
 	root     string
@@ -134,12 +144,13 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(root, 0o700); err != nil {
-		return nil, fmt.Errorf("create root %s: %w", root, err)
+	if cfg.ExistingRoot {
+		if err := CheckRoot(root); err != nil {
+			return nil, err
+		}
 	}
-	// The root holds every image's files: nobody but root may walk it.
-	if err := os.Chmod(root, 0o700); err != nil {
-		return nil, fmt.Errorf("restrict root %s: %w", root, err)
+	if err := prepareRoot(ctx, root); err != nil {
+		return nil, err
 	}
 	dtype, err := fs.SupportsDType(root)
 	if err != nil {
@@ -199,6 +210,52 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
 		WithField("max_stack", s.maxStack).Info("overclone snapshotter ready")
 	return s, nil
+}
+
+// prepareRoot creates root 0700 if it does not exist: it holds every
+// image's files, and nobody but root may walk it. A root that exists is
+// left as it is, with a warning if others can enter it: it may be a
+// directory the operator shares on purpose, or one a --root typo named
+// (/var/lib), and chmod'ing it would lock everyone else out.
+func prepareRoot(ctx context.Context, root string) error {
+	fi, err := os.Stat(root)
+	if err == nil {
+		if !fi.IsDir() {
+			return fmt.Errorf("root %s is not a directory", root)
+		}
+		if fi.Mode().Perm()&0o077 != 0 {
+			log.G(ctx).WithField("root", root).WithField("mode", fi.Mode().Perm()).
+				Warn("root is open to others: every image's files can be read through it; make it 0700")
+		}
+		return nil
+	}
+	if !os.IsNotExist(err) {
+		return fmt.Errorf("stat root %s: %w", root, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(root), 0o700); err != nil {
+		return fmt.Errorf("create root %s: %w", root, err)
+	}
+	// Only a directory this call made is chmod'ed; one another process
+	// made in between is someone else's to decide.
+	if err := os.Mkdir(root, 0o700); err != nil && !os.IsExist(err) {
+		return fmt.Errorf("create root %s: %w", root, err)
+	} else if err == nil {
+		// Past the umask, on the directory just made.
+		if err := os.Chmod(root, 0o700); err != nil {
+			return fmt.Errorf("restrict root %s: %w", root, err)
+		}
+	}
+	return nil
+}
+
+// CheckRoot fails unless root already is a snapshotter root (it holds the
+// metadata database), naming the path, so that a tool given a mistyped
+// root stops before it touches anything.
+func CheckRoot(root string) error {
+	if _, err := os.Stat(dbPath(root)); err != nil {
+		return fmt.Errorf("no overclone root at %s (%w): check --root", root, err)
+	}
+	return nil
 }
 
 // Mode returns the mode the snapshotter serves in.
