@@ -120,6 +120,8 @@ type Snapshotter struct {
 	// first; Remove and Cleanup forget what they delete.
 	linked sync.Map
 
+	health healthState
+
 	// removals counts background deletions of trashed directories, so
 	// that Close can wait for them.
 	removals sync.WaitGroup
@@ -188,6 +190,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		overlay:  overlay,
 		maxStack: cfg.MaxStack,
 		syncs:    cfg.SyncOnCommit,
+		health:   healthState{reuse: healthReuse},
 	}
 	if s.maxStack == 0 || s.maxStack > overlay.MaxLowers {
 		s.maxStack = max(overlay.MaxLowers, 2)
