@@ -141,8 +141,10 @@ func (s *Snapshotter) flatten(ctx context.Context, ids []string) error {
 			return nil, nil // built while we queued
 		}
 		// The build is shared: one caller's cancellation must not fail
-		// the others waiting on it.
-		return nil, s.buildFlat(context.WithoutCancel(ctx), ids, dir)
+		// the others waiting on it, but the daemon stopping ends it.
+		ctx, cancel := s.shared(ctx)
+		defer cancel()
+		return nil, s.buildFlat(ctx, ids, dir)
 	})
 	return err
 }

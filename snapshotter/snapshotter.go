@@ -122,6 +122,13 @@ type Snapshotter struct {
 
 	health healthState
 
+	// life ends when the snapshotter is aborted or closed. Work shared
+	// between calls (a flattened layer's build) runs under it rather than
+	// under any one caller's context, so that it still stops when the
+	// daemon does.
+	life  context.Context
+	abort context.CancelFunc
+
 	// removals counts background deletions of trashed directories, so
 	// that Close can wait for them.
 	removals sync.WaitGroup
@@ -184,7 +191,10 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	overlay := features.BaseOptions()
 	overlay.Volatile = cfg.Volatile
 	overlay.MountOptions = cfg.MountOptions
+	life, abort := context.WithCancel(context.WithoutCancel(ctx))
 	s := &Snapshotter{
+		life:     life,
+		abort:    abort,
 		root:     root,
 		ms:       ms,
 		overlay:  overlay,
@@ -199,6 +209,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	// another daemon fails here, with a message, and not on the first call.
 	mode, why, err := s.recordMode(ctx, want, features)
 	if err != nil {
+		abort()
 		ms.Close()
 		if errors.Is(err, bolt.ErrTimeout) {
 			return nil, fmt.Errorf("open metadata in %s (is another overclone using this root?): %w", root, err)
@@ -207,6 +218,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	}
 	s.mode = mode
 	if err := s.recover(ctx); err != nil {
+		abort()
 		ms.Close()
 		return nil, err
 	}
@@ -264,9 +276,29 @@ func CheckRoot(root string) error {
 // Mode returns the mode the snapshotter serves in.
 func (s *Snapshotter) Mode() Mode { return s.mode }
 
-// Close waits for background removals and closes the metadata store. It
-// may be called more than once.
+// Abort stops the work that calls share and no caller's cancellation ends
+// (flattened layers being built), so that the calls waiting on it return
+// with an error: for a daemon that stops without waiting for its calls. A
+// build cut off is removed, never named as done. The snapshotter must
+// still be closed.
+func (s *Snapshotter) Abort() { s.abort() }
+
+// shared returns a context with ctx's values (its logger) that ends when
+// the snapshotter is aborted or closed, not when ctx does: for work done
+// once on behalf of every caller that waits on it.
+func (s *Snapshotter) shared(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(s.life, cancel)
+	return ctx, func() {
+		stop()
+		cancel()
+	}
+}
+
+// Close aborts shared work, waits for background removals and closes the
+// metadata store. It may be called more than once.
 func (s *Snapshotter) Close() error {
+	s.abort()
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
 	s.removals.Wait()

@@ -1,12 +1,14 @@
 package ops
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -16,6 +18,7 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 
+	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/daemon"
 )
 
@@ -168,5 +171,114 @@ func waitLog(t *testing.T, d *daemon.Daemon, want string, count int) {
 			t.Fatalf("daemon never logged %q:\n%s", want, d.Log())
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// TestStopBoundedDuringFlatten: a View that builds a flattened layer runs
+// that build for every caller waiting on it, past any one caller's
+// cancellation; stopping the daemon must still cut it off. SIGTERM exits
+// within shutdown_timeout (plus the second the cut-off build and the
+// database get to finish), a second signal within 2 s, and the build cut
+// off leaves no flattened layer behind, half-built or named as done.
+func TestStopBoundedDuringFlatten(t *testing.T) {
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	const shutdownTimeout = time.Second
+	metricsSock := filepath.Join(t.TempDir(), "metrics.sock")
+	d := daemon.Start(t, t.TempDir(), fmt.Sprintf("metrics_address = %q\nshutdown_timeout = %q\n", "unix://"+metricsSock, shutdownTimeout.String()))
+	s := scraper{t: t, http: unixHTTP(metricsSock)}
+	sn := d.Client()
+	writeData(ctx, t, sn, "data", "data-committed")
+
+	for _, tc := range []struct {
+		name   string
+		second bool          // send a second SIGTERM once the first is taken
+		bound  time.Duration // from the last signal to the exit
+	}{
+		{"at the shutdown timeout", false, shutdownTimeout + 2*time.Second},
+		{"at a second signal", true, 2 * time.Second},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			sn := d.Client()
+			// A layer of its own on the data, so that each case
+			// flattens anew.
+			if _, err := sn.Prepare(ctx, "top-"+tc.name, "data-committed"); err != nil {
+				t.Fatal(err)
+			}
+			if err := sn.Commit(ctx, "top-committed-"+tc.name, "top-"+tc.name); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() {
+				_, err := sn.View(ctx, "flat-"+tc.name, "top-committed-"+tc.name, snapshots.WithLabels(map[string]string{snapshotter.FlattenLabel: "true"}))
+				done <- err
+			}()
+			if !s.waitInFlight("View", done) {
+				t.Fatalf("the flattening View finished before the signal: %v (make the layer bigger)", <-done)
+			}
+			stops := strings.Count(d.Log(), "finishing calls in flight")
+			if err := d.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			if tc.second {
+				waitLog(t, d, "finishing calls in flight", stops+1)
+				if err := d.Signal(syscall.SIGTERM); err != nil {
+					t.Fatal(err)
+				}
+			}
+			signalled := time.Now()
+			if err := d.Wait(time.Minute); err != nil {
+				t.Fatalf("exit: %v\n%s", err, d.Log())
+			}
+			if took := time.Since(signalled); took > tc.bound {
+				t.Errorf("the daemon exited %v after the signal, want at most %v", took, tc.bound)
+			} else {
+				t.Logf("exited %v after the signal", took)
+			}
+			if err := <-done; err == nil {
+				t.Fatalf("the View returned success: the flattening finished before the stop (make the layer bigger)")
+			}
+			if strings.Contains(d.Log(), "flattened layer built") {
+				t.Errorf("a flattened layer was named as built:\n%s", d.Log())
+			}
+			restart(t, d)
+			if ents, _ := os.ReadDir(filepath.Join(d.Root, "flat")); len(ents) != 0 {
+				t.Errorf("flat/ after a cut-off build and a restart: %v", ents)
+			}
+		})
+	}
+}
+
+// flattenFiles and flattenFileSize make a layer whose flattening copies
+// 1 GiB: on a root without reflinks (ext4, as test roots are here) that
+// takes several seconds, longer than any bound the stop test asserts.
+const (
+	flattenFiles    = 16
+	flattenFileSize = 64 << 20
+)
+
+// writeData commits key as name with flattenFiles files of flattenFileSize.
+func writeData(ctx context.Context, t *testing.T, sn snapshots.Snapshotter, key, name string) {
+	t.Helper()
+	m, err := sn.Prepare(ctx, key, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := bytes.Repeat([]byte("overclone"), (1<<20)/9+1)[:1<<20]
+	for i := range flattenFiles {
+		f, err := os.Create(filepath.Join(m[0].Source, strconv.Itoa(i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range flattenFileSize / len(block) {
+			if _, err := f.Write(block); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := sn.Commit(ctx, name, key); err != nil {
+		t.Fatal(err)
 	}
 }
