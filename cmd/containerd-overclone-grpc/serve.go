@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -108,41 +109,46 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 	}
 	daemon.SdNotify(false, daemon.SdNotifyStopping)
 	hs.Shutdown()
+	stopServing(ctx, srv, sn.Abort, signals, time.Duration(cfg.ShutdownTimeout))
+	log.G(ctx).Info("stopped")
+	return nil
+}
 
+// stopServing stops srv: it waits for the calls in flight up to timeout or
+// until a signal, then cuts them off, calls abort, and gives them
+// stopGrace to return before it returns without them.
+func stopServing(ctx context.Context, srv *grpc.Server, abort func(), signals <-chan os.Signal, timeout time.Duration) {
 	stopped := make(chan struct{})
 	go func() {
 		srv.GracefulStop()
 		close(stopped)
 	}()
-	timeout := time.NewTimer(time.Duration(cfg.ShutdownTimeout))
-	defer timeout.Stop()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
 	select {
 	case <-stopped:
-		log.G(ctx).Info("stopped")
-		return nil
+		return
 	case sig := <-signals:
 		log.G(ctx).WithField("signal", sig).Warn("second signal: stopping now")
-	case <-timeout.C:
-		log.G(ctx).WithField("timeout", cfg.ShutdownTimeout).Warn("calls still in flight at the shutdown timeout: stopping now")
+	case <-timer.C:
+		log.G(ctx).WithField("timeout", timeout).Warn("calls still in flight at the shutdown timeout: stopping now")
 	}
 	// Stop cancels every call's context and closes the connections, but
 	// GracefulStop, still running, waits for the handlers to return. A
 	// flattened layer's build serves every caller waiting on it and no
-	// call's context ends it: Abort does.
+	// call's context ends it: abort does.
 	srv.Stop()
-	sn.Abort()
+	abort()
 	select {
 	case <-stopped:
 	case <-time.After(stopGrace):
 		log.G(ctx).WithField("grace", stopGrace).Warn("calls still running after the stop: exiting without them")
 	}
-	log.G(ctx).Info("stopped")
-	return nil
 }
 
-// closeWithin closes sn unless that takes longer than timeout, when it
+// closeWithin closes sn (the snapshotter) unless that takes longer than timeout, when it
 // gives up with an error and leaves the close running.
-func closeWithin(sn *snapshotter.Snapshotter, timeout time.Duration) error {
+func closeWithin(sn io.Closer, timeout time.Duration) error {
 	closed := make(chan error, 1)
 	go func() { closed <- sn.Close() }()
 	select {

@@ -1,0 +1,94 @@
+package main
+
+import (
+	"context"
+	"net"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+)
+
+// stuckHealth is a handler that never returns, whatever its context says:
+// a call blocked in a write on a hung disk.
+type stuckHealth struct {
+	healthpb.UnimplementedHealthServer
+	entered chan struct{}
+	release chan struct{}
+}
+
+func (h stuckHealth) Check(context.Context, *healthpb.HealthCheckRequest) (*healthpb.HealthCheckResponse, error) {
+	close(h.entered)
+	<-h.release
+	return &healthpb.HealthCheckResponse{}, nil
+}
+
+// TestStopServingBoundedByStuckCall: a call that never returns does not
+// hold the stop past the timeout and stopGrace, and the shared work is
+// aborted at the cut-off.
+func TestStopServingBoundedByStuckCall(t *testing.T) {
+	l, err := net.Listen("unix", t.TempDir()+"/s.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer()
+	h := stuckHealth{entered: make(chan struct{}), release: make(chan struct{})}
+	defer close(h.release)
+	healthpb.RegisterHealthServer(srv, h)
+	go srv.Serve(l)
+
+	conn, err := grpc.NewClient("unix://"+l.Addr().String(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	go healthpb.NewHealthClient(conn).Check(context.Background(), &healthpb.HealthCheckRequest{})
+	<-h.entered
+
+	const timeout = 200 * time.Millisecond
+	var aborted atomic.Bool
+	returned := make(chan struct{})
+	start := time.Now()
+	go func() {
+		stopServing(context.Background(), srv, func() { aborted.Store(true) }, nil, timeout)
+		close(returned)
+	}()
+	select {
+	case <-returned:
+	case <-time.After(10 * time.Second):
+		t.Fatal("stopServing still waiting for a stuck call 10s after a 200ms timeout")
+	}
+	if took, bound := time.Since(start), timeout+stopGrace+200*time.Millisecond; took > bound {
+		t.Errorf("stopServing took %v, want at most %v", took, bound)
+	}
+	if !aborted.Load() {
+		t.Error("shared work was not aborted at the cut-off")
+	}
+}
+
+// blockingCloser is a snapshotter whose Close waits for a transaction that
+// never ends.
+type blockingCloser chan struct{}
+
+func (c blockingCloser) Close() error {
+	<-c
+	return nil
+}
+
+// TestCloseWithinBound: a close that bolt would hold forever (a call still
+// in a transaction) gives up at its bound with an error.
+func TestCloseWithinBound(t *testing.T) {
+	c := make(blockingCloser)
+	defer close(c)
+	start := time.Now()
+	err := closeWithin(c, 100*time.Millisecond)
+	if err == nil {
+		t.Fatal("closeWithin succeeded while Close blocks")
+	}
+	if took := time.Since(start); took > time.Second {
+		t.Errorf("closeWithin took %v for a 100ms bound", took)
+	}
+}
