@@ -29,16 +29,30 @@ func ListenAddress(address string) (network, addr string, err error) {
 // lets anyone who reaches it burn CPU on profiles: it must never listen on
 // the node's network.
 func localOnly(address string) error {
-	network, addr, err := ListenAddress(address)
-	if err != nil || network == "unix" {
+	if _, _, err := ListenAddress(address); err != nil {
 		return err
 	}
-	host, _, _ := net.SplitHostPort(addr)
-	if host == "localhost" {
-		return nil
-	}
-	if ip := net.ParseIP(host); ip == nil || !ip.IsLoopback() {
+	if !IsLocal(address) {
 		return fmt.Errorf("%q: only a loopback address (127.0.0.1:PORT) or a unix socket is allowed", address)
 	}
 	return nil
+}
+
+// IsLocal reports whether a valid listen address is reachable from this
+// node only: a unix socket, localhost or a loopback IP. An empty host
+// ("":PORT) listens on every interface and is not local.
+func IsLocal(address string) bool {
+	network, addr, err := ListenAddress(address)
+	if err != nil {
+		return false
+	}
+	if network == "unix" {
+		return true
+	}
+	host, _, _ := net.SplitHostPort(addr)
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }

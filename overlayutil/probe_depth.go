@@ -66,11 +66,11 @@ func fsmount(fstype, target string, params [][2]string) error {
 			err = unix.FsconfigSetString(fd, kv[0], kv[1])
 		}
 		if err != nil {
-			return fmt.Errorf("fsconfig %s=%s: %w (kernel: %s)", kv[0], kv[1], err, fsLog(fd))
+			return fmt.Errorf("fsconfig %s=%s: %w (kernel: %s)", kv[0], kv[1], err, fsLog(fd, fstype))
 		}
 	}
 	if err := unix.FsconfigCreate(fd); err != nil {
-		return fmt.Errorf("fsconfig create %s: %w (kernel: %s)", fstype, err, fsLog(fd))
+		return fmt.Errorf("fsconfig create %s: %w (kernel: %s)", fstype, err, fsLog(fd, fstype))
 	}
 	mfd, err := unix.Fsmount(fd, unix.FSMOUNT_CLOEXEC, 0)
 	if err != nil {

@@ -247,11 +247,11 @@ func kernelSays(fstype string, opts []string) string {
 			err = unix.FsconfigSetFlag(fd, k)
 		}
 		if err != nil {
-			return fsLog(fd)
+			return fsLog(fd, fstype)
 		}
 	}
 	if err := unix.FsconfigCreate(fd); err != nil {
-		return fsLog(fd)
+		return fsLog(fd, fstype)
 	}
 	return ""
 }
@@ -266,9 +266,9 @@ const (
 	fsLogMessageMax = 2 * unix.PathMax
 )
 
-// fsLog drains the message log of an fsopen fd. Each read returns one
-// message prefixed "e ", "w " or "i "; ENODATA ends the log.
-func fsLog(fd int) string {
+// fsLog drains the message log of an fsopen fd of fstype, each message
+// without the prefix the log adds (see trimFSLogPrefix).
+func fsLog(fd int, fstype string) string {
 	var msgs []string
 	buf := make([]byte, fsLogMessageMax)
 	for range fsLogMessages {
@@ -276,7 +276,21 @@ func fsLog(fd int) string {
 		if err != nil || n <= 0 {
 			break
 		}
-		msgs = append(msgs, strings.TrimSpace(string(buf[:n])))
+		msgs = append(msgs, trimFSLogPrefix(string(buf[:n]), fstype))
 	}
 	return strings.Join(msgs, "; ")
+}
+
+// trimFSLogPrefix returns one fs_context log message as the filesystem
+// wrote it. The kernel (logfc in fs/fs_context.c) formats each as
+// "<level> <source>: <message>\n", the level "e", "w" or "i" and the source
+// the filesystem's name, which an operator reading "kernel: ..." after a
+// failed overlay mount has no use for: "e overlay: too many lower
+// directories" reads as a typo.
+func trimFSLogPrefix(msg, fstype string) string {
+	msg = strings.TrimSpace(msg)
+	if len(msg) > 2 && msg[1] == ' ' && strings.IndexByte("ewi", msg[0]) >= 0 {
+		msg = msg[2:]
+	}
+	return strings.TrimPrefix(msg, fstype+": ")
 }

@@ -33,8 +33,8 @@ type flatCache struct {
 	// OnBuild, if set, is told of every build and its duration.
 	onBuild func(time.Duration)
 	// onCopy, if set, is told of the bytes every flattening and every
-	// userspace materialization copied, by method.
-	onCopy func(method string, bytes int64)
+	// userspace materialization copied, by reason and method.
+	onCopy func(reason, method string, bytes int64)
 }
 
 // FlattenBuilds returns how many flattened layers this snapshotter built.
@@ -44,16 +44,17 @@ func (s *Snapshotter) FlattenBuilds() uint64 { return s.flat.builds.Load() }
 func (s *Snapshotter) OnFlatten(fn func(time.Duration)) { s.flat.onBuild = fn }
 
 // OnCopy registers fn to be told the bytes overclone's engine copied, by
-// method: "reflink", "copy_file_range" or "copy".
-func (s *Snapshotter) OnCopy(fn func(method string, bytes int64)) { s.flat.onCopy = fn }
+// reason ("flatten" or "materialize") and method ("reflink",
+// "copy_file_range" or "copy").
+func (s *Snapshotter) OnCopy(fn func(reason, method string, bytes int64)) { s.flat.onCopy = fn }
 
-func (s *Snapshotter) countCopied(st fileops.FlattenStats) {
+func (s *Snapshotter) countCopied(reason string, st fileops.FlattenStats) {
 	if s.flat.onCopy == nil {
 		return
 	}
 	for method, n := range map[string]int64{"reflink": st.Reflinked, "copy_file_range": st.CopyFileRanged, "copy": st.ReadWritten} {
 		if n > 0 {
-			s.flat.onCopy(method, n)
+			s.flat.onCopy(reason, method, n)
 		}
 	}
 }
@@ -152,8 +153,10 @@ func (s *Snapshotter) flatten(ctx context.Context, ids []string) error {
 			return nil, nil // built while we queued
 		}
 		// The build is shared: one caller's cancellation must not fail
-		// the others waiting on it.
-		return nil, s.buildFlat(context.WithoutCancel(ctx), ids, dir)
+		// the others waiting on it, but the daemon stopping ends it.
+		ctx, cancel := s.shared(ctx)
+		defer cancel()
+		return nil, s.buildFlat(ctx, ids, dir)
 	})
 	return err
 }
@@ -199,7 +202,7 @@ func (s *Snapshotter) buildFlat(ctx context.Context, ids []string, dir string) e
 		return fmt.Errorf("move flattened layer into place at %s: %w", dir, err)
 	}
 	took := time.Since(start)
-	s.countCopied(stats)
+	s.countCopied("flatten", stats)
 	s.flat.builds.Add(1)
 	if s.flat.onBuild != nil {
 		s.flat.onBuild(took)

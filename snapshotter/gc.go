@@ -59,6 +59,9 @@ const orphansOpenTimeout = time.Second
 // ListOrphans is Orphans for a root no daemon serves: it opens the metadata
 // read-only and fails with a clear message if a daemon holds it.
 func ListOrphans(ctx context.Context, root string) ([]Orphan, error) {
+	if err := CheckRoot(root); err != nil {
+		return nil, err
+	}
 	ms, err := storage.NewMetaStore(dbPath(root), func(o *bolt.Options) error {
 		o.ReadOnly = true
 		o.Timeout = orphansOpenTimeout

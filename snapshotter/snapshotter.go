@@ -40,6 +40,8 @@ type Config struct {
 	MaxStack int
 	// Features overrides what the kernel probe found (tests use it).
 	Features *overlayutil.Features
+	// ExistingRoot refuses a root that holds no metadata database.
+	ExistingRoot bool
 }
 
 // Opt configures a snapshotter.
@@ -94,6 +96,14 @@ func WithFeatures(f *overlayutil.Features) Opt {
 	}
 }
 
+// WithExistingRoot makes New refuse a root that is not one already (no
+// metadata database in it) rather than create it: an admin tool handed a
+// mistyped --root must say so, not make a new root there and probe it.
+func WithExistingRoot(c *Config) error {
+	c.ExistingRoot = true
+	return nil
+}
+
 // Snapshotter implements snapshots.Snapshotter and snapshots.Cleaner.
 type Snapshotter struct {
 	root     string
@@ -110,6 +120,15 @@ type Snapshotter struct {
 	// first; Remove and Cleanup forget what they delete.
 	linked sync.Map
 
+	health healthState
+
+	// life ends when the snapshotter is aborted or closed. Work shared
+	// between calls (a flattened layer's build) runs under it rather than
+	// under any one caller's context, so that it still stops when the
+	// daemon does.
+	life  context.Context
+	abort context.CancelFunc
+
 	// deletions empties the trash in the background; Close and Cleanup
 	// wait for it.
 	deletions *deleter
@@ -117,8 +136,8 @@ type Snapshotter struct {
 	// (cleanStaging). Add is called only in New, before any call is
 	// served, so Close may Wait at any time.
 	startup sync.WaitGroup
-	closeMu   sync.Mutex
-	closed    bool
+	closeMu sync.Mutex
+	closed  bool
 }
 
 var (
@@ -138,12 +157,13 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := os.MkdirAll(root, 0o700); err != nil {
-		return nil, fmt.Errorf("create root %s: %w", root, err)
+	if cfg.ExistingRoot {
+		if err := CheckRoot(root); err != nil {
+			return nil, err
+		}
 	}
-	// The root holds every image's files: nobody but root may walk it.
-	if err := os.Chmod(root, 0o700); err != nil {
-		return nil, fmt.Errorf("restrict root %s: %w", root, err)
+	if err := prepareRoot(ctx, root); err != nil {
+		return nil, err
 	}
 	dtype, err := fs.SupportsDType(root)
 	if err != nil {
@@ -175,12 +195,16 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	overlay := features.BaseOptions()
 	overlay.Volatile = cfg.Volatile
 	overlay.MountOptions = cfg.MountOptions
+	life, abort := context.WithCancel(context.WithoutCancel(ctx))
 	s := &Snapshotter{
+		life:     life,
+		abort:    abort,
 		root:     root,
 		ms:       ms,
 		overlay:  overlay,
 		maxStack: cfg.MaxStack,
 		syncs:    cfg.SyncOnCommit,
+		health:   healthState{reuse: healthReuse},
 
 		deletions: newDeleter(),
 	}
@@ -191,6 +215,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	// another daemon fails here, with a message, and not on the first call.
 	mode, why, err := s.recordMode(ctx, want, features)
 	if err != nil {
+		abort()
 		ms.Close()
 		if errors.Is(err, bolt.ErrTimeout) {
 			return nil, fmt.Errorf("open metadata in %s (is another overclone using this root?): %w", root, err)
@@ -199,6 +224,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	}
 	s.mode = mode
 	if err := s.recover(ctx); err != nil {
+		abort()
 		ms.Close()
 		return nil, err
 	}
@@ -207,12 +233,78 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	return s, nil
 }
 
+// prepareRoot creates root 0700 if it does not exist: it holds every
+// image's files, and nobody but root may walk it. A root that exists is
+// left as it is, with a warning if others can enter it: it may be a
+// directory the operator shares on purpose, or one a --root typo named
+// (/var/lib), and chmod'ing it would lock everyone else out.
+func prepareRoot(ctx context.Context, root string) error {
+	fi, err := os.Stat(root)
+	if err == nil {
+		if !fi.IsDir() {
+			return fmt.Errorf("root %s is not a directory", root)
+		}
+		if fi.Mode().Perm()&0o077 != 0 {
+			log.G(ctx).WithField("root", root).WithField("mode", fi.Mode().Perm()).
+				Warn("root is open to others: every image's files can be read through it; make it 0700")
+		}
+		return nil
+	}
+	if !os.IsNotExist(err) {
+		return fmt.Errorf("stat root %s: %w", root, err)
+	}
+	if err := os.MkdirAll(filepath.Dir(root), 0o700); err != nil {
+		return fmt.Errorf("create root %s: %w", root, err)
+	}
+	// Only a directory this call made is chmod'ed; one another process
+	// made in between is someone else's to decide.
+	if err := os.Mkdir(root, 0o700); err != nil && !os.IsExist(err) {
+		return fmt.Errorf("create root %s: %w", root, err)
+	} else if err == nil {
+		// Past the umask, on the directory just made.
+		if err := os.Chmod(root, 0o700); err != nil {
+			return fmt.Errorf("restrict root %s: %w", root, err)
+		}
+	}
+	return nil
+}
+
+// CheckRoot fails unless root already is a snapshotter root (it holds the
+// metadata database), naming the path, so that a tool given a mistyped
+// root stops before it touches anything.
+func CheckRoot(root string) error {
+	if _, err := os.Stat(dbPath(root)); err != nil {
+		return fmt.Errorf("no overclone root at %s (%w): check --root", root, err)
+	}
+	return nil
+}
+
 // Mode returns the mode the snapshotter serves in.
 func (s *Snapshotter) Mode() Mode { return s.mode }
 
-// Close waits for background work and deletions and closes the metadata store. It
-// may be called more than once.
+// Abort stops the work that calls share and no caller's cancellation ends
+// (flattened layers being built), so that the calls waiting on it return
+// with an error: for a daemon that stops without waiting for its calls. A
+// build cut off is removed, never named as done. The snapshotter must
+// still be closed.
+func (s *Snapshotter) Abort() { s.abort() }
+
+// shared returns a context with ctx's values (its logger) that ends when
+// the snapshotter is aborted or closed, not when ctx does: for work done
+// once on behalf of every caller that waits on it.
+func (s *Snapshotter) shared(ctx context.Context) (context.Context, context.CancelFunc) {
+	ctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(s.life, cancel)
+	return ctx, func() {
+		stop()
+		cancel()
+	}
+}
+
+// Close aborts shared work, waits for background work and deletions and
+// closes the metadata store. It may be called more than once.
 func (s *Snapshotter) Close() error {
+	s.abort()
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
 	s.startup.Wait()

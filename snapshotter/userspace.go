@@ -46,7 +46,7 @@ func (s *Snapshotter) materialize(ctx context.Context, parentID, td string) erro
 	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}
-	s.countCopied(stats)
+	s.countCopied("materialize", stats)
 	if stats.CopyFileRanged > 0 || stats.ReadWritten > 0 {
 		if err := os.WriteFile(filepath.Join(td, copiedMarker), nil, 0o600); err != nil {
 			return fmt.Errorf("materialize snapshot %s: %w", parentID, err)

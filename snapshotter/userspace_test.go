@@ -27,7 +27,7 @@ func TestUserspaceUsage(t *testing.T) {
 			}
 			defer s.Close()
 			copied := map[string]int64{}
-			s.OnCopy(func(method string, n int64) { copied[method] += n })
+			s.OnCopy(func(_, method string, n int64) { copied[method] += n })
 			m, err := s.Prepare(ctx, "image-active", "")
 			if err != nil {
 				t.Fatal(err)
@@ -98,7 +98,7 @@ func TestUserspaceUsageOfCopies(t *testing.T) {
 	}
 	defer s.Close()
 	copied := map[string]int64{}
-	s.OnCopy(func(method string, n int64) { copied[method] += n })
+	s.OnCopy(func(_, method string, n int64) { copied[method] += n })
 	m, err := s.Prepare(ctx, "image-active", "")
 	if err != nil {
 		t.Fatal(err)

@@ -26,7 +26,16 @@ const readHeaderTimeout = 10 * time.Second
 
 // serveMetrics serves /metrics and /healthz on address until the returned
 // function is called.
+//
+// A metrics address off loopback is allowed (Prometheus may scrape from
+// another node) but warned about: neither path is authenticated, so
+// anyone who reaches it reads the node's snapshot counts and makes the
+// daemon read its metadata and write its root, however rarely (both are
+// reused for a few seconds).
 func serveMetrics(ctx context.Context, address string, sn *snapshotter.Snapshotter) (func(), error) {
+	if !config.IsLocal(address) {
+		log.G(ctx).WithField("address", address).Warn("metrics address is not loopback or a unix socket: /metrics and /healthz answer anyone who reaches it, unauthenticated")
+	}
 	mux := http.NewServeMux()
 	// The scrape's own Walk goes to the snapshotter unmeasured: scrapes
 	// are not calls anyone made.

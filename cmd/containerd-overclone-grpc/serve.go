@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -26,13 +28,27 @@ import (
 // that it is a decision.
 const maxRecvMsgSize = 4 << 20
 
+// stopGrace is how long calls cut off at the shutdown timeout or by a
+// second signal get to return once their contexts and the shared work
+// they wait on are cancelled: long enough for a flattening to notice
+// between two files, short enough that a second signal still means now.
+const stopGrace = 500 * time.Millisecond
+
+// closeTimeout bounds closing the snapshotter at exit. bolt's Close waits
+// for every open transaction, and a call that never returns (a write on a
+// hung disk) would hold one forever; exiting without closing is safe, as
+// bolt keeps only committed transactions and a restart recovers the rest.
+const closeTimeout = time.Second
+
 // serve runs the gRPC server until SIGTERM or SIGINT. The first signal stops
 // taking new calls and waits (up to the configured timeout) for calls in
-// flight; a second signal, or the timeout, cuts them off. The snapshotter
-// is closed last, so bolt is never closed under a running call.
+// flight; a second signal, or the timeout, cuts them off, and serve then
+// returns within stopGrace+closeTimeout whatever the calls do. The
+// snapshotter is closed last, so bolt is closed under a running call only
+// if one outlives the stop.
 func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) (err error) {
 	defer func() {
-		if cerr := sn.Close(); cerr != nil && err == nil {
+		if cerr := closeWithin(sn, closeTimeout); cerr != nil && err == nil {
 			err = cerr
 		}
 	}()
@@ -44,7 +60,7 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 
 	measured := metrics.Wrap(sn)
 	sn.OnFlatten(metrics.FlattenedLayerBuilt)
-	sn.OnCopy(metrics.CopiedUp)
+	sn.OnCopy(metrics.Copied)
 	if cfg.MetricsAddress != "" {
 		stop, err := serveMetrics(ctx, cfg.MetricsAddress, sn)
 		if err != nil {
@@ -93,24 +109,55 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 	}
 	daemon.SdNotify(false, daemon.SdNotifyStopping)
 	hs.Shutdown()
+	stopServing(ctx, srv, sn.Abort, signals, time.Duration(cfg.ShutdownTimeout))
+	log.G(ctx).Info("stopped")
+	return nil
+}
 
+// stopServing stops srv: it waits for the calls in flight up to timeout or
+// until a signal, then cuts them off, calls abort, and gives them
+// stopGrace to return before it returns without them.
+func stopServing(ctx context.Context, srv *grpc.Server, abort func(), signals <-chan os.Signal, timeout time.Duration) {
 	stopped := make(chan struct{})
 	go func() {
 		srv.GracefulStop()
 		close(stopped)
 	}()
-	timeout := time.NewTimer(time.Duration(cfg.ShutdownTimeout))
-	defer timeout.Stop()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
 	select {
 	case <-stopped:
+		return
 	case sig := <-signals:
 		log.G(ctx).WithField("signal", sig).Warn("second signal: stopping now")
-		srv.Stop()
-	case <-timeout.C:
-		log.G(ctx).WithField("timeout", cfg.ShutdownTimeout).Warn("calls still in flight at the shutdown timeout: stopping now")
-		srv.Stop()
+	case <-timer.C:
+		log.G(ctx).WithField("timeout", timeout).Warn("calls still in flight at the shutdown timeout: stopping now")
 	}
-	<-stopped
-	log.G(ctx).Info("stopped")
-	return nil
+	// A flattened layer's build serves every caller waiting on it and no
+	// call's context ends it: abort does, first. Stop cancels every call's
+	// context and closes the connections, but GracefulStop, still running,
+	// waits for the handlers to return; and Stop, racing a GracefulStop
+	// that has just begun (a second signal at once), can itself wait for
+	// a handler (TestStopServingBoundedByStuckCall catches it). Neither is
+	// waited for past stopGrace.
+	abort()
+	go srv.Stop()
+	select {
+	case <-stopped:
+	case <-time.After(stopGrace):
+		log.G(ctx).WithField("grace", stopGrace).Warn("calls still running after the stop: exiting without them")
+	}
+}
+
+// closeWithin closes sn (the snapshotter) unless that takes longer than timeout, when it
+// gives up with an error and leaves the close running.
+func closeWithin(sn io.Closer, timeout time.Duration) error {
+	closed := make(chan error, 1)
+	go func() { closed <- sn.Close() }()
+	select {
+	case err := <-closed:
+		return err
+	case <-time.After(timeout):
+		return fmt.Errorf("close the snapshotter: still waiting after %s for a call that holds the metadata; exiting with only committed changes kept", timeout)
+	}
 }

@@ -53,7 +53,7 @@ func runGC(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	default:
 		var s *snapshotter.Snapshotter
-		if s, err = snapshotter.New(ctx, *root); err == nil {
+		if s, err = snapshotter.New(ctx, *root, snapshotter.WithExistingRoot); err == nil {
 			err = s.Cleanup(ctx)
 			s.Close()
 		}

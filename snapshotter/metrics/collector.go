@@ -19,12 +19,20 @@ var latencyBuckets = prometheus.ExponentialBuckets(50e-6, 4, 11) // 50 µs .. 52
 // (milliseconds) to hundreds of layers of a big image (minutes).
 var flattenBuckets = prometheus.ExponentialBuckets(1e-3, 4, 10) // 1 ms .. 4.4 min
 
-// Copy-up methods, the label values of CopiedUp: a clone shares extents,
+// Copy methods, the method label of Copied: a clone shares extents,
 // copy_file_range copies in the kernel, copy goes through userspace.
 const (
 	MethodReflink       = "reflink"
 	MethodCopyFileRange = "copy_file_range"
 	MethodCopy          = "copy"
+)
+
+// Why overclone copied, the reason label of Copied: building the flattened
+// layer of a deep stack, or materializing a snapshot's parent in userspace
+// mode.
+const (
+	ReasonFlatten     = "flatten"
+	ReasonMaterialize = "materialize"
 )
 
 var (
@@ -47,11 +55,13 @@ var (
 		Name:      "calls_in_flight",
 		Help:      "Snapshotter calls running now, by method.",
 	}, []string{"method"})
-	copiedUp = prometheus.NewCounterVec(prometheus.CounterOpts{
+	// Not named for copy-up: the kernel's copy-up of a container's
+	// writes never passes through overclone and is not counted here.
+	copied = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Namespace: namespace,
-		Name:      "copied_up_bytes_total",
-		Help:      "Bytes copied up into upper layers, by method (reflink, copy_file_range, copy).",
-	}, []string{"method"})
+		Name:      "copied_bytes_total",
+		Help:      "Bytes overclone itself copied (never the kernel's copy-up), by reason (flatten: a deep stack's flattened layer; materialize: a userspace-mode snapshot) and method (reflink, copy_file_range, copy).",
+	}, []string{"reason", "method"})
 	flattenedLayers = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Namespace: namespace,
 		Name:      "flattened_layer_build_seconds",
@@ -67,14 +77,17 @@ func init() {
 		callLatency.WithLabelValues(m)
 		callsInFlight.WithLabelValues(m)
 	}
-	for _, m := range []string{MethodReflink, MethodCopyFileRange, MethodCopy} {
-		copiedUp.WithLabelValues(m)
+	for _, r := range []string{ReasonFlatten, ReasonMaterialize} {
+		for _, m := range []string{MethodReflink, MethodCopyFileRange, MethodCopy} {
+			copied.WithLabelValues(r, m)
+		}
 	}
 }
 
-// CopiedUp counts n bytes copied up by method (one of the Method constants).
-func CopiedUp(method string, n int64) {
-	copiedUp.WithLabelValues(method).Add(float64(n))
+// Copied counts n bytes overclone copied for reason by method (one of the
+// Reason and Method constants).
+func Copied(reason, method string, n int64) {
+	copied.WithLabelValues(reason, method).Add(float64(n))
 }
 
 // FlattenedLayerBuilt records one flattened layer that took d to build.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -18,16 +19,24 @@ import (
 // rather than hang Prometheus.
 const scrapeWalkTimeout = 5 * time.Second
 
+// kindCountReuse is how long one count of snapshots answers scrapes. The
+// metrics address is not authenticated and may be on the node's network;
+// each count walks every snapshot, so scrapes in a burst share one walk.
+// Prometheus scrapes every 15 s or more, so a scraper never sees a count
+// older than its own previous scrape.
+const kindCountReuse = 5 * time.Second
+
 // NewRegistry returns a registry with every overclone metric, the Go
 // runtime's and the process's. sn is counted by kind on every scrape (a
-// Walk in one read transaction, which blocks no writer), and the file at
+// Walk in one read transaction, which blocks no writer, shared by the
+// scrapes of the next kindCountReuse), and the file at
 // dbPath is the metadata database whose size is reported.
 func NewRegistry(sn snapshots.Snapshotter, dbPath string) *prometheus.Registry {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
-		callLatency, callErrors, callsInFlight, copiedUp, flattenedLayers,
+		callLatency, callErrors, callsInFlight, copied, flattenedLayers,
 		&kindCollector{sn: sn},
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: namespace,
@@ -56,6 +65,13 @@ func NewRegistry(sn snapshots.Snapshotter, dbPath string) *prometheus.Registry {
 // across a crash.
 type kindCollector struct {
 	sn snapshots.Snapshotter
+
+	// mu is held through a count, so that concurrent scrapes wait for
+	// it rather than walk again.
+	mu      sync.Mutex
+	countAt time.Time
+	counts  map[snapshots.Kind]int
+	err     error
 }
 
 var kindDesc = prometheus.NewDesc(namespace+"_snapshots", "Snapshots in the metadata, by kind.", []string{"kind"}, nil)
@@ -63,6 +79,24 @@ var kindDesc = prometheus.NewDesc(namespace+"_snapshots", "Snapshots in the meta
 func (c *kindCollector) Describe(ch chan<- *prometheus.Desc) { ch <- kindDesc }
 
 func (c *kindCollector) Collect(ch chan<- prometheus.Metric) {
+	counts, err := c.count()
+	if err != nil {
+		ch <- prometheus.NewInvalidMetric(kindDesc, err)
+		return
+	}
+	for kind, n := range counts {
+		ch <- prometheus.MustNewConstMetric(kindDesc, prometheus.GaugeValue, float64(n), strings.ToLower(kind.String()))
+	}
+}
+
+// count returns the snapshots by kind, walking the metadata only if the
+// last count (or its failure) is older than kindCountReuse.
+func (c *kindCollector) count() (map[snapshots.Kind]int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.countAt.IsZero() && time.Since(c.countAt) < kindCountReuse {
+		return c.counts, c.err
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), scrapeWalkTimeout)
 	defer cancel()
 	counts := map[snapshots.Kind]int{snapshots.KindActive: 0, snapshots.KindView: 0, snapshots.KindCommitted: 0}
@@ -72,10 +106,8 @@ func (c *kindCollector) Collect(ch chan<- prometheus.Metric) {
 	})
 	if err != nil {
 		log.G(ctx).WithError(err).Warn("metrics: failed to count snapshots")
-		ch <- prometheus.NewInvalidMetric(kindDesc, err)
-		return
+		counts = nil
 	}
-	for kind, n := range counts {
-		ch <- prometheus.MustNewConstMetric(kindDesc, prometheus.GaugeValue, float64(n), strings.ToLower(kind.String()))
-	}
+	c.counts, c.err, c.countAt = counts, err, time.Now()
+	return counts, err
 }

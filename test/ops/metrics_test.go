@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -16,7 +17,7 @@ import (
 )
 
 // TestMetrics: the metrics socket serves per-method latency and errors by
-// class, snapshots by kind, the db size and the copy-up and flatten
+// class, snapshots by kind, the db size and the copied-bytes and flatten
 // families (at zero until fed); /healthz answers 200; pprof answers on the
 // debug address.
 func TestMetrics(t *testing.T) {
@@ -56,9 +57,10 @@ func TestMetrics(t *testing.T) {
 		{"overclone_snapshots", `kind="committed"`, 1},
 		{"overclone_snapshots", `kind="view"`, 1},
 		{"overclone_snapshots", `kind="active"`, 0},
-		{"overclone_copied_up_bytes_total", `method="reflink"`, 0},
-		{"overclone_copied_up_bytes_total", `method="copy_file_range"`, 0},
-		{"overclone_copied_up_bytes_total", `method="copy"`, 0},
+		// What overclone copies itself, never the kernel's copy-up.
+		{"overclone_copied_bytes_total", `method="reflink",reason="flatten"`, 0},
+		{"overclone_copied_bytes_total", `method="copy_file_range",reason="flatten"`, 0},
+		{"overclone_copied_bytes_total", `method="copy",reason="materialize"`, 0},
 		{"overclone_flattened_layer_build_seconds_count", "", 0},
 		{"overclone_snapshots_unusable", "", 0},
 	} {
@@ -84,15 +86,25 @@ func TestMetrics(t *testing.T) {
 	}
 }
 
+// healthReuse is how long the daemon answers health checks with its last
+// successful probe (snapshotter's healthReuse).
+const healthReuse = 5 * time.Second
+
 // TestHealthzFailsWhenRootReadOnly: /healthz says 503 with the reason, and
-// the gRPC health service NOT_SERVING, while the root takes no new file;
-// 200 again once it does.
+// the gRPC health service NOT_SERVING, while the root takes no new file
+// (seen once the last success is older than healthReuse); 200 again at the
+// next check once it does, as a failure is never reused.
 func TestHealthzFailsWhenRootReadOnly(t *testing.T) {
 	metricsSock := filepath.Join(t.TempDir(), "metrics.sock")
 	d := daemon.Start(t, t.TempDir(), fmt.Sprintf("metrics_address = %q\n", "unix://"+metricsSock))
 	c := unixHTTP(metricsSock)
 	chattr(t, "+i", d.Root)
+	start := time.Now()
 	code, body := get(t, c, "http://overclone/healthz")
+	for code == http.StatusOK && time.Since(start) < healthReuse+time.Second {
+		time.Sleep(100 * time.Millisecond)
+		code, body = get(t, c, "http://overclone/healthz")
+	}
 	grpcStatus, grpcErr := healthpb.NewHealthClient(d.Conn()).Check(context.Background(), &healthpb.HealthCheckRequest{})
 	chattr(t, "-i", d.Root)
 	if grpcErr != nil || grpcStatus.Status != healthpb.HealthCheckResponse_NOT_SERVING {

@@ -1,12 +1,14 @@
 package ops
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -15,7 +17,9 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
 
+	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/daemon"
 )
 
@@ -168,5 +172,148 @@ func waitLog(t *testing.T, d *daemon.Daemon, want string, count int) {
 			t.Fatalf("daemon never logged %q:\n%s", want, d.Log())
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// TestStopBoundedDuringFlatten: a View that builds a flattened layer runs
+// that build for every caller waiting on it, past any one caller's
+// cancellation; stopping the daemon must still cut it off. SIGTERM exits
+// within shutdown_timeout plus 2 s (the daemon's stopGrace and
+// closeTimeout, 1.5 s, with room for the process to exit), a second signal
+// within 2 s, and a build cut off leaves no flattened layer behind: only a
+// whole one is ever named.
+func TestStopBoundedDuringFlatten(t *testing.T) {
+	ctx := namespaces.WithNamespace(context.Background(), "test")
+	// Short, so that the cut-off lands early in the build.
+	const shutdownTimeout = 100 * time.Millisecond
+	metricsSock := filepath.Join(t.TempDir(), "metrics.sock")
+	d := daemon.Start(t, t.TempDir(), fmt.Sprintf("metrics_address = %q\nshutdown_timeout = %q\n", "unix://"+metricsSock, shutdownTimeout.String()))
+	s := scraper{t: t, http: unixHTTP(metricsSock)}
+	sn := d.Client()
+	writeData(ctx, t, sn, "data", "data-committed")
+
+	for _, tc := range []struct {
+		name   string
+		second bool          // send a second SIGTERM once the first is taken
+		bound  time.Duration // from the last signal to the exit
+	}{
+		{"at the shutdown timeout", false, shutdownTimeout + 2*time.Second},
+		{"at a second signal", true, 2 * time.Second},
+	} {
+		ok := t.Run(tc.name, func(t *testing.T) {
+			sn := d.Client()
+			// A layer of its own on the data, so that each case
+			// flattens anew.
+			if _, err := sn.Prepare(ctx, "top-"+tc.name, "data-committed"); err != nil {
+				t.Fatal(err)
+			}
+			if err := sn.Commit(ctx, "top-committed-"+tc.name, "top-"+tc.name); err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan error, 1)
+			go func() {
+				_, err := sn.View(ctx, "flat-"+tc.name, "top-committed-"+tc.name, snapshots.WithLabels(map[string]string{snapshotter.FlattenLabel: "true"}))
+				done <- err
+			}()
+			if !s.waitInFlight("View", done) {
+				t.Fatalf("the flattening View finished before the signal: %v (make the layer bigger)", <-done)
+			}
+			stops := strings.Count(d.Log(), "finishing calls in flight")
+			if err := d.Signal(syscall.SIGTERM); err != nil {
+				t.Fatal(err)
+			}
+			if tc.second {
+				waitLog(t, d, "finishing calls in flight", stops+1)
+				if err := d.Signal(syscall.SIGTERM); err != nil {
+					t.Fatal(err)
+				}
+			}
+			signalled := time.Now()
+			if err := d.Wait(time.Minute); err != nil {
+				t.Fatalf("exit: %v\n%s", err, d.Log())
+			}
+			if took := time.Since(signalled); took > tc.bound {
+				t.Errorf("the daemon exited %v after the signal, want at most %v\n%s", took, tc.bound, d.Log())
+			} else {
+				t.Logf("exited %v after the signal", took)
+			}
+			if err := <-done; err == nil {
+				t.Fatalf("the View returned success: the flattening finished before the stop (make the layer bigger)")
+			}
+			// A cut-off that lands in the build's final sync (it cannot
+			// be interrupted) lets it finish: then, and only then, is
+			// a layer named.
+			built := strings.Count(d.Log(), "flattened layer built")
+			if err := d.Restart(); err != nil {
+				t.Fatalf("restart after the stop: %v", err)
+			}
+			ents, _ := os.ReadDir(filepath.Join(d.Root, "flat"))
+			if len(ents) > built {
+				t.Errorf("flat/ after a cut-off build and a restart: %v, but %d built", ents, built)
+			}
+			for _, e := range ents {
+				wantWhole(t, filepath.Join(d.Root, "flat", e.Name()))
+			}
+		})
+		if !ok {
+			break // the daemon may not be running for the next case
+		}
+	}
+}
+
+// flattenFiles and flattenFileSize make a layer whose flattening copies
+// 2 GiB: on a root without reflinks (ext4, as test roots are here) that
+// takes several seconds, longer than any bound the stop test asserts.
+const (
+	flattenFiles    = 128
+	flattenFileSize = 16 << 20
+)
+
+// writeData commits key as name with flattenFiles files of flattenFileSize.
+func writeData(ctx context.Context, t *testing.T, sn snapshots.Snapshotter, key, name string) {
+	t.Helper()
+	m, err := sn.Prepare(ctx, key, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	block := bytes.Repeat([]byte("overclone"), (1<<20)/9+1)[:1<<20]
+	for i := range flattenFiles {
+		f, err := os.Create(filepath.Join(m[0].Source, strconv.Itoa(i)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for range flattenFileSize / len(block) {
+			if _, err := f.Write(block); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// On disk and out of the page cache, so that the flattening
+		// reads it from the disk as it would an image unpacked long
+		// ago: from the cache it copies several times faster, and how
+		// much faster depends on the machine's memory.
+		if err := f.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Fadvise(int(f.Fd()), 0, 0, unix.FADV_DONTNEED); err != nil {
+			t.Fatal(err)
+		}
+		if err := f.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := sn.Commit(ctx, name, key); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// wantWhole fails unless dir holds every file writeData wrote, whole.
+func wantWhole(t *testing.T, dir string) {
+	t.Helper()
+	for i := range flattenFiles {
+		fi, err := os.Stat(filepath.Join(dir, strconv.Itoa(i)))
+		if err != nil || fi.Size() != flattenFileSize {
+			t.Errorf("flattened layer %s is not whole: file %d: %v %v", dir, i, fi, err)
+			return
+		}
 	}
 }

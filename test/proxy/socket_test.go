@@ -15,7 +15,8 @@ import (
 // stale socket replaced, a live one not stolen, a non-socket left alone,
 // and a root that another daemon holds refused with a message.
 func TestSocket(t *testing.T) {
-	d := daemon.Start(t, t.TempDir(), "")
+	// A root the daemon creates is 0700; one that exists is left as it is.
+	d := daemon.Start(t, filepath.Join(t.TempDir(), "root"), "")
 
 	t.Run("permissions", func(t *testing.T) {
 		fi, err := os.Stat(d.Address)
