@@ -36,6 +36,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return err
 	}
+	s.placing.wait(id)
 	if err := s.missing.check(id); err != nil {
 		return fmt.Errorf("commit %q: %w", key, err)
 	}
@@ -54,7 +55,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		}
 		return err
 	}
-	return s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+	return s.update(ctx, func(ctx context.Context) error {
 		if err := stillActiveTx(ctx, key, id); err != nil {
 			return err
 		}

@@ -70,11 +70,10 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		return nil, err
 	}
 
-	var (
-		snap storage.Snapshot
-		info snapshots.Info
-	)
-	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+	var snap storage.Snapshot
+	placing := s.placing.start()
+	defer placing.finish()
+	err = s.update(ctx, func(ctx context.Context) error {
 		var err error
 		snap, err = storage.CreateSnapshot(ctx, kind, key, parent, opts...)
 		if err != nil {
@@ -83,38 +82,43 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		if err := s.missing.check(snap.ParentIDs...); err != nil {
 			return fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
 		}
-		info = base // the labels given are the labels stored
-		switch {
-		case materialized != "" && snap.ParentIDs[0] != materialized:
+		if materialized != "" && snap.ParentIDs[0] != materialized {
 			// The parent was removed and committed again under the
 			// same name while it was being copied.
 			return fmt.Errorf("parent %q changed while snapshot %q was prepared: %w", parent, key, errdefs.ErrFailedPrecondition)
-		case s.mode == ModeOverlay && len(snap.ParentIDs) > 0:
-			// The upper's root is the merged root: give it the owner
-			// of the parent's root, as the kernel would on copy-up.
-			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
-				return err
-			}
 		}
-		if err := s.placeDirectory(ctx, td, snap.ID); err != nil {
-			return err
-		}
-		return s.syncPlaced(snap.ID)
+		placing.is(snap.ID)
+		return nil
 	})
 	if err != nil {
 		return nil, err
 	}
-	td = "" // renamed into place: the deferred clean-up must not touch it
-	mounts, err := s.mounts(ctx, snap, info)
+	// The metadata is committed; the directory goes into place after it,
+	// under no lock and with no fsync: a power cut that loses the rename
+	// leaves metadata naming a directory that recreate makes again at the
+	// next start (an empty upper, or a new copy of the parent).
+	err = s.placeDirectory(ctx, td, snap)
+	placing.finish()
 	if err != nil {
-		// A snapshot the caller was told failed must not linger and
-		// make the retry fail with AlreadyExists.
-		if rerr := s.Remove(context.WithoutCancel(ctx), key); rerr != nil {
-			log.G(ctx).WithError(rerr).WithField("key", key).Warn("failed to remove snapshot whose mounts could not be made")
-		}
+		s.undoCreate(ctx, key)
+		return nil, err
+	}
+	td = ""                                  // renamed into place: the deferred clean-up must not touch it
+	mounts, err := s.mounts(ctx, snap, base) // the labels given are the labels stored
+	if err != nil {
+		s.undoCreate(ctx, key)
 		return nil, err
 	}
 	return mounts, nil
+}
+
+// undoCreate removes a snapshot whose directory or mounts could not be
+// made: the caller is told the create failed, and a retry must not find
+// it and fail with AlreadyExists.
+func (s *Snapshotter) undoCreate(ctx context.Context, key string) {
+	if err := s.Remove(context.WithoutCancel(ctx), key); err != nil {
+		log.G(ctx).WithError(err).WithField("key", key).Warn("failed to remove snapshot whose directory or mounts could not be made")
+	}
 }
 
 // prepareDirectory makes snapshots/new-XXXX with fs (and work for active
@@ -137,13 +141,23 @@ func (s *Snapshotter) prepareDirectory(kind snapshots.Kind) (string, error) {
 	return td, nil
 }
 
-// placeDirectory renames the prepared directory to snapshots/<id>. It runs
-// inside the write transaction that allocated id: bolt's sequence rolls back
-// with a transaction that never committed (a crash, a failed commit), so the
-// id may have been handed out before and its directory left behind. Nothing
-// in the metadata can own that directory, so it goes to the trash.
-func (s *Snapshotter) placeDirectory(ctx context.Context, td, id string) error {
-	target := s.snapshotDir(id)
+// placeDirectory renames the prepared directory to snapshots/<id>, once
+// the metadata naming it is committed. In overlay mode the upper's root is
+// first given the owner of the parent's root, as the kernel gives the merged
+// root on copy-up.
+//
+// A directory may already be there: bolt's sequence rolls back with a
+// transaction that never committed, and a daemon before this one renamed
+// inside the transaction, so a crash could leave a directory under an id
+// handed out again. Nothing in the metadata can own it, so it goes to the
+// trash.
+func (s *Snapshotter) placeDirectory(ctx context.Context, td string, snap storage.Snapshot) error {
+	if s.mode == ModeOverlay && len(snap.ParentIDs) > 0 {
+		if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
+			return err
+		}
+	}
+	target := s.snapshotDir(snap.ID)
 	err := os.Rename(td, target)
 	if err == nil {
 		return nil

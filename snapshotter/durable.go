@@ -2,63 +2,33 @@ package snapshotter
 
 import (
 	"fmt"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
 
-// syncPrepared and syncPlaced make a new snapshot's directory durable
-// before the transaction that names it commits. bolt's fdatasync of its own
-// file does not order the rename of another directory on disk (on xfs an
-// overwrite of the preallocated db forces no log at all), so a power cut
-// right after a Prepare returned would leave metadata naming a directory
-// that is gone, and the snapshot unusable. It is measured on a shut-down
-// xfs in test/durability. Both are skipped with sync_on_commit off, which
-// accepts losses.
+// A new snapshot is made durable by recovery, not by fsync. Prepare and
+// View commit the metadata (bolt's own fdatasync) and then rename the
+// directory into place with no sync at all: after a power cut the rename
+// may be lost, and the metadata names a directory that is not there. What
+// such a directory held is known from the metadata alone (an active
+// snapshot's empty upper and work dir, a view's empty dir, or in userspace
+// mode a copy of the parent), and no data written into it since can have
+// been made durable without the rename (journaled filesystems keep
+// metadata operations in order), so start-up makes it again (recreate).
+// The cost of a create is then that of containerd's built-in snapshotter:
+// no fsync, no write transaction held across one.
 //
-// syncPrepared runs before the write transaction, so no other call waits
-// for it. In userspace mode the directory holds a copy of the parent which,
-// without a reflink (ext4), is fresh data in the page cache: a power cut
-// would hand the container files of the right size full of zeros (also
-// measured), so the whole filesystem is synced. Otherwise the new
-// directory's entries (fs, work) are.
-//
-// syncPlaced runs inside the transaction, after the upper's root got its
-// owner and the rename: the fs dir, then snapshots/. Each is fsynced on its
-// own because btrfs logs per inode; xfs and ext4 force the whole log on the
-// first, and the second costs nothing.
+// Userspace mode is the exception before the rename: its copy of the
+// parent may be fresh data in the page cache (no reflink on ext4), and a
+// directory that survived a power cut with files full of zeros could not be
+// told from a good one, so the whole filesystem is synced before the
+// metadata names the copy (measured: without it the copies came back
+// zeroed).
 func (s *Snapshotter) syncPrepared(td string) error {
-	if !s.syncs {
+	if !s.syncs || s.mode != ModeUserspace {
 		return nil
 	}
-	if s.mode == ModeUserspace {
-		return syncFilesystem(td)
-	}
-	return fsyncDir(td)
-}
-
-func (s *Snapshotter) syncPlaced(id string) error {
-	if !s.syncs {
-		return nil
-	}
-	for _, dir := range []string{s.upperPath(id), filepath.Join(s.root, snapshotsDir)} {
-		if err := fsyncDir(dir); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func fsyncDir(dir string) error {
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open %s to sync: %w", dir, err)
-	}
-	defer unix.Close(fd)
-	if err := unix.Fsync(fd); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
+	return syncFilesystem(td)
 }
 
 // syncFilesystem flushes the filesystem that holds dir. One syncfs is far

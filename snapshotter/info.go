@@ -24,7 +24,7 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 	if err := validateLabels(info.Labels); err != nil {
 		return snapshots.Info{}, err
 	}
-	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+	err = s.update(ctx, func(ctx context.Context) error {
 		newInfo, err = storage.UpdateInfo(ctx, info, fieldpaths...)
 		return err
 	})
@@ -49,6 +49,7 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		return snapshots.Usage{}, err
 	}
 	if info.Kind == snapshots.KindActive {
+		s.placing.wait(id)
 		if err := s.missing.check(id); err != nil {
 			return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
 		}

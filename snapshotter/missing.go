@@ -4,9 +4,13 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/errdefs"
 	"github.com/containerd/log"
 )
@@ -73,20 +77,84 @@ func (s *Snapshotter) Missing() map[string]string {
 }
 
 // checkLayers says loudly which snapshots lost their directory (a disk
-// repaired by fsck, an operator's rm) and marks them unusable. It must run
-// inside a transaction.
-func (s *Snapshotter) checkLayers(ctx context.Context) error {
+// repaired by fsck, an operator's rm) and marks them unusable. At start it
+// first makes again the directories of active snapshots and views that a
+// power cut took before their rename reached the disk (see durable.go);
+// committed layers cannot be made again. Snapshots being placed right now
+// are not missing. It must run inside a write transaction.
+func (s *Snapshotter) checkLayers(ctx context.Context, starting bool) error {
 	ids, err := idMap(ctx)
 	if err != nil {
 		return err
 	}
-	for id, key := range ids {
-		if _, err := os.Stat(s.upperPath(id)); err != nil {
-			log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("snapshot directory is missing: the snapshot is unusable, remove it and pull its image again")
-			s.missing.add(id, key)
+	var lost []string
+	for id := range ids {
+		if _, err := os.Stat(s.upperPath(id)); err != nil && !s.placing.has(id) {
+			lost = append(lost, id)
 			continue
 		}
 		s.missing.drop(id)
 	}
+	// Parents first: a view or an active is made again only on parents
+	// that are there.
+	slices.SortFunc(lost, func(a, b string) int { return cmpID(a, b) })
+	for _, id := range lost {
+		key := ids[id]
+		if starting {
+			made, err := s.recreate(ctx, key)
+			if err != nil {
+				log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("failed to make again the directory of a snapshot")
+			}
+			if made {
+				log.G(ctx).WithField("key", key).WithField("id", id).Warn("snapshot directory was missing (a power cut before its rename reached the disk, or removed by hand): made again as its metadata describes it")
+				continue
+			}
+		}
+		log.G(ctx).WithField("key", key).WithField("id", id).Error("snapshot directory is missing: the snapshot is unusable, remove it and pull its image again")
+		s.missing.add(id, key)
+	}
 	return nil
+}
+
+// cmpID orders snapshot ids as the numbers they are, so that a parent
+// (always created before its children) comes first.
+func cmpID(a, b string) int {
+	if len(a) != len(b) {
+		return len(a) - len(b)
+	}
+	return strings.Compare(a, b)
+}
+
+// recreate makes again the directory of the active snapshot or view key,
+// as Prepare or View made it; it reports false for a committed snapshot,
+// whose files cannot be made again.
+func (s *Snapshotter) recreate(ctx context.Context, key string) (bool, error) {
+	_, info, _, err := storage.GetInfo(ctx, key)
+	if err != nil || info.Kind == snapshots.KindCommitted {
+		return false, err
+	}
+	snap, err := storage.GetSnapshot(ctx, key)
+	if err != nil {
+		return false, err
+	}
+	if err := s.missing.check(snap.ParentIDs...); err != nil {
+		return false, err
+	}
+	td, err := s.prepareDirectory(snap.Kind)
+	if err != nil {
+		return false, err
+	}
+	defer os.RemoveAll(td) // gone after the rename, unless it failed
+	if s.mode == ModeUserspace && snap.Kind == snapshots.KindActive && len(snap.ParentIDs) > 0 {
+		if err := s.materialize(ctx, snap.ParentIDs[0], td); err != nil {
+			return false, err
+		}
+		if err := s.syncPrepared(td); err != nil {
+			return false, err
+		}
+	}
+	if err := s.placeDirectory(ctx, td, snap); err != nil {
+		return false, err
+	}
+	return true, nil
 }

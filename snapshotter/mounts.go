@@ -32,6 +32,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	if err != nil {
 		return nil, err
 	}
+	s.placing.wait(snap.ID)
 	if err := errors.Join(s.missing.check(snap.ID), s.missing.check(snap.ParentIDs...)); err != nil {
 		return nil, fmt.Errorf("get mounts of %q: %w", key, err)
 	}

@@ -24,7 +24,7 @@ import (
 // that names a directory already gone.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	var id string
-	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+	err := s.update(ctx, func(ctx context.Context) error {
 		var err error
 		if id, _, err = storage.Remove(ctx, key); err != nil {
 			return fmt.Errorf("remove snapshot %q: %w", key, err)
@@ -34,6 +34,9 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	if err != nil {
 		return err
 	}
+	// A snapshot removed as soon as it was created may not be in place
+	// yet: trash it once it is, or it would stay behind as an orphan.
+	s.placing.wait(id)
 	s.missing.drop(id)
 	s.linked.Delete(id)
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
@@ -67,7 +70,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 		if err := s.trashOrphans(ctx, false); err != nil {
 			return err
 		}
-		return s.checkLayers(ctx)
+		return s.checkLayers(ctx, false)
 	}); err != nil {
 		return err
 	}
@@ -84,7 +87,7 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		if err := s.trashOrphans(ctx, true); err != nil {
 			return err
 		}
-		return s.checkLayers(ctx)
+		return s.checkLayers(ctx, true)
 	})
 	if err != nil {
 		return fmt.Errorf("recover %s: %w", s.root, err)

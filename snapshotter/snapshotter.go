@@ -113,6 +113,7 @@ type Snapshotter struct {
 	maxStack int
 	syncs    bool
 	missing  missingSet // snapshots whose directory is gone: refused
+	placing  placingSet // snapshots created whose directory is on its way
 
 	flat flatCache
 	// linked remembers the layers whose short link exists (linkLayers),
