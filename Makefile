@@ -48,7 +48,7 @@ deps:
 # The concurrency tests run once more under the race detector: a misused
 # WaitGroup, for one, shows there on every run and in a plain run only
 # once in a while.
-RACE_TESTS := Concurrently|Meanwhile
+RACE_TESTS := Concurrently|Meanwhile|GroupCommit
 
 test: deps build
 	$(GO) test -count=1 -timeout 20m ./...

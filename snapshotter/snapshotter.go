@@ -114,6 +114,7 @@ type Snapshotter struct {
 	syncs    bool
 	missing  missingSet // snapshots whose directory is gone: refused
 	placing  placingSet // snapshots created whose directory is on its way
+	batch    batcher    // group commit of the calls' write transactions
 
 	flat flatCache
 	// linked remembers the layers whose short link exists (linkLayers),
@@ -209,6 +210,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 
 		deletions: newDeleter(),
 	}
+	s.batch.ms = ms
 	if s.maxStack == 0 || s.maxStack > overlay.MaxLowers {
 		s.maxStack = max(overlay.MaxLowers, 2)
 	}
