@@ -44,7 +44,7 @@ func (s *suite) testRun(t *testing.T) {
 	for _, sn := range s.sns {
 		t.Run(sn, func(t *testing.T) {
 			for i := 0; i < 3; i++ {
-				s.runView(t, sn, imageName, fmt.Sprintf("view-%s-%d", sn, i), "run --rm (print view)")
+				s.runView(t, sn, imageName, fmt.Sprintf("view-%s-%d", sn, i), "run --rm (view)")
 			}
 		})
 	}
@@ -55,8 +55,8 @@ func (s *suite) testWrite(t *testing.T) {
 	for _, sn := range s.sns {
 		t.Run(sn, func(t *testing.T) {
 			before := s.usage(t, sn, s.chainIDs()...)
-			out := s.ctr(t, "run", "--rm", "--snapshotter", sn, imageName, "write-"+sn, "/bin/viewer", "write", "/data")
-			compareView(t, "container's view after its writes", out, want)
+			got := s.runViewer(t, sn, imageName, "write-"+sn, "", "write")
+			compareView(t, "container's view after its writes", got, want)
 			// The image's layers are unchanged: a new container sees
 			// the image as built, and the committed snapshots kept
 			// their sizes.
@@ -153,7 +153,18 @@ func (s *suite) testRestart(t *testing.T) {
 
 func (s *suite) restart(t *testing.T, p harness.Proxy) {
 	sn, oc, id := p.Name, p.Overclone, "sleeper-"+p.Name
-	s.ctr(t, "run", "-d", "--snapshotter", sn, imageName, id, "/bin/viewer", "sleep")
+	// The execs below write their views to files in o, as runViewer's
+	// containers do. The sleeper's "ready" is read by nobody: the test
+	// waits for the task to be RUNNING instead (requireRunning).
+	o := s.viewerOut(t, id)
+	args := append([]string{"run", "-d"}, o.MountFlags()...)
+	s.ctr(t, append(args, "--snapshotter", sn, imageName, id, "/bin/viewer", "sleep")...)
+	execView := func(execID, cmd string) string {
+		t.Helper()
+		name := execID + ".txt"
+		out := s.ctr(t, append([]string{"tasks", "exec", "--exec-id", execID, id}, o.Command(cmd, name)...)...)
+		return s.readView(t, o, name, out)
+	}
 	defer func() {
 		ctx, cancel := context.WithTimeout(context.Background(), ctrTimeout)
 		defer cancel()
@@ -172,8 +183,7 @@ func (s *suite) restart(t *testing.T, p harness.Proxy) {
 	// The running container writes into its snapshot before, and reads
 	// it during and after overclone's restart.
 	written := expectedAfterWrite(t, s.f.img.Expected)
-	out := s.ctr(t, "tasks", "exec", "--exec-id", "before-stop", id, "/bin/viewer", "write", "/data")
-	compareView(t, "exec write before the restart", out, written)
+	compareView(t, "exec write before the restart", execView("before-stop", "write"), written)
 
 	s.checkHealthCLI(t, oc, true)
 	if err := oc.Stop(); err != nil {
@@ -181,8 +191,7 @@ func (s *suite) restart(t *testing.T, p harness.Proxy) {
 	}
 	s.checkHealthCLI(t, oc, false)
 	s.requireRunning(t, id)
-	out = s.ctr(t, "tasks", "exec", "--exec-id", "while-down", id, "/bin/viewer", "view", "/data")
-	compareView(t, "exec while overclone is down", out, written)
+	compareView(t, "exec while overclone is down", execView("while-down", "view"), written)
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
@@ -190,8 +199,7 @@ func (s *suite) restart(t *testing.T, p harness.Proxy) {
 		t.Fatal(err)
 	}
 	s.requireRunning(t, id)
-	out = s.ctr(t, "tasks", "exec", "--exec-id", "after-restart", id, "/bin/viewer", "view", "/data")
-	compareView(t, "exec after the restart", out, written)
+	compareView(t, "exec after the restart", execView("after-restart", "view"), written)
 	s.checkHealthCLI(t, oc, true)
 	s.waitReconnect(t, sn)
 	s.runView(t, sn, imageName, "after-restart-"+sn, "")

@@ -53,8 +53,8 @@ func TestContainerd2ParallelUnpack(t *testing.T) {
 			if !s.unpackedInParallel(t, top) {
 				t.Fatalf("containerd did not unpack %s in parallel; the test proves nothing", sn)
 			}
-			out := s.ctr(t, "run", "--rm", "--snapshotter", sn, ref, "parallel-"+sn)
-			compareView(t, "after a parallel unpack", out, s.f.img.Expected)
+			got := s.runViewer(t, sn, ref, "parallel-"+sn, "", "view")
+			compareView(t, "after a parallel unpack", got, s.f.img.Expected)
 		})
 	}
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/daemon"
+	"github.com/overclone/overclone/test/loopfs"
 )
 
 // TestGracefulStop: SIGTERM lets a Commit in flight finish and the daemon
@@ -31,7 +32,10 @@ func TestGracefulStop(t *testing.T) {
 	metricsSock := filepath.Join(t.TempDir(), "metrics.sock")
 	// A shutdown timeout far beyond the test's: only a second signal may
 	// stop the daemon early.
-	d := daemon.Start(t, t.TempDir(), fmt.Sprintf("metrics_address = %q\nshutdown_timeout = \"1h\"\n", "unix://"+metricsSock))
+	// On ext4, which cannot reflink, whatever /tmp is: a flattening
+	// that shares extents would finish before any signal.
+	root := filepath.Join(loopfs.MountSize(t, loopfs.Ext4, 8<<30), "root")
+	d := daemon.Start(t, root, fmt.Sprintf("metrics_address = %q\nshutdown_timeout = \"1h\"\n", "unix://"+metricsSock))
 	s := scraper{t: t, http: unixHTTP(metricsSock)}
 
 	t.Run("SIGTERM waits for the call in flight", func(t *testing.T) {
@@ -187,7 +191,13 @@ func TestStopBoundedDuringFlatten(t *testing.T) {
 	// Short, so that the cut-off lands early in the build.
 	const shutdownTimeout = 100 * time.Millisecond
 	metricsSock := filepath.Join(t.TempDir(), "metrics.sock")
-	d := daemon.Start(t, t.TempDir(), fmt.Sprintf("metrics_address = %q\nshutdown_timeout = %q\n", "unix://"+metricsSock, shutdownTimeout.String()))
+	// max_stack = 2: a container on a stack of three layers mounts the
+	// top one over the other two flattened, which is what a flattening
+	// View builds (a stack that fits in one mount builds nothing).
+	// On ext4, which cannot reflink, whatever /tmp is: a flattening
+	// that shares extents would finish before any signal.
+	root := filepath.Join(loopfs.MountSize(t, loopfs.Ext4, 8<<30), "root")
+	d := daemon.Start(t, root, fmt.Sprintf("metrics_address = %q\nshutdown_timeout = %q\nmax_stack = 2\n", "unix://"+metricsSock, shutdownTimeout.String()))
 	s := scraper{t: t, http: unixHTTP(metricsSock)}
 	sn := d.Client()
 	writeData(ctx, t, sn, "data", "data-committed")
@@ -202,13 +212,17 @@ func TestStopBoundedDuringFlatten(t *testing.T) {
 	} {
 		ok := t.Run(tc.name, func(t *testing.T) {
 			sn := d.Client()
-			// A layer of its own on the data, so that each case
-			// flattens anew.
-			if _, err := sn.Prepare(ctx, "top-"+tc.name, "data-committed"); err != nil {
-				t.Fatal(err)
-			}
-			if err := sn.Commit(ctx, "top-committed-"+tc.name, "top-"+tc.name); err != nil {
-				t.Fatal(err)
+			// Two layers of its own on the data, so that each case
+			// flattens the data and its middle layer anew.
+			parent := "data-committed"
+			for _, layer := range []string{"mid-", "top-"} {
+				if _, err := sn.Prepare(ctx, layer+tc.name, parent); err != nil {
+					t.Fatal(err)
+				}
+				parent = layer + "committed-" + tc.name
+				if err := sn.Commit(ctx, parent, layer+tc.name); err != nil {
+					t.Fatal(err)
+				}
 			}
 			done := make(chan error, 1)
 			go func() {

@@ -5,9 +5,14 @@
 // format test/image.Image.ExpectedView produces from the layer model, so a
 // test compares the two byte for byte:
 //
-//	viewer view [root]   print the view of root (default /data)
-//	viewer write [root]  change files the lower layers own, then print the view
-//	viewer sleep         print "ready" and wait for SIGTERM (restart tests)
+//	viewer view [root [out]]   print the view of root (default /data)
+//	viewer write [root [out]]  change files the lower layers own, then print the view
+//	viewer sleep               print "ready" and wait for SIGTERM (restart tests)
+//
+// With out, the view goes to the file out instead of stdout. The tests bind
+// a host dir into the container and read the view from there: ctr now and
+// then loses the stdout of a process that exits right after writing it
+// (containerd/containerd#770), which the tests saw as an empty view.
 package main
 
 import (
@@ -30,21 +35,27 @@ func main() {
 }
 
 func run(args []string) error {
-	cmd, root := "view", defaultRoot
+	cmd, root, out := "view", defaultRoot, ""
 	if len(args) > 0 {
 		cmd = args[0]
 	}
 	if len(args) > 1 {
 		root = args[1]
 	}
+	if len(args) > 2 {
+		out = args[2]
+	}
+	if len(args) > 3 {
+		return fmt.Errorf("too many arguments: %q", args[3:])
+	}
 	switch cmd {
 	case "view":
-		return view.Write(os.Stdout, root)
+		return emit(root, out)
 	case "write":
 		if err := write(root); err != nil {
 			return err
 		}
-		return view.Write(os.Stdout, root)
+		return emit(root, out)
 	case "sleep":
 		sig := make(chan os.Signal, 1)
 		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
@@ -54,6 +65,34 @@ func run(args []string) error {
 	default:
 		return fmt.Errorf("unknown command %q (view, write, sleep)", cmd)
 	}
+}
+
+// emit writes the view of root to stdout, or to the file out. The file
+// appears under its name only once complete (written under a temporary
+// name, then renamed), so a test that finds it never reads half a view. It
+// is not fsynced: the test reads it through the same host's page cache
+// after the container exited, and a sync would add a journal commit to the
+// runs the tests time.
+func emit(root, out string) error {
+	if out == "" {
+		return view.Write(os.Stdout, root)
+	}
+	f, err := os.CreateTemp(filepath.Dir(out), "."+filepath.Base(out)+".*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	err = view.Write(f, root)
+	if cerr := f.Close(); err == nil && cerr != nil {
+		err = fmt.Errorf("close %s: %w", tmp, cerr)
+	}
+	if err == nil {
+		err = os.Rename(tmp, out)
+	}
+	if err != nil {
+		os.Remove(tmp)
+	}
+	return err
 }
 
 // write changes the container's upper layer in the ways that make a
