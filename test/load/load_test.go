@@ -9,24 +9,17 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
-	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
-	"github.com/containerd/containerd/v2/core/snapshots/proxy"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/overclone/overclone/snapshotter/metrics"
-	"github.com/overclone/overclone/test/daemon"
-	"github.com/overclone/overclone/test/loopfs"
+	"github.com/overclone/overclone/test/builtin"
 )
 
 const (
@@ -47,6 +40,34 @@ const (
 	maxOwn = 8
 	// races is how many shared keys the clients fight over.
 	races = 4
+
+	// The write phase is a quarter of the mixed one, within these
+	// bounds, and runs in writeTurns turns per target: with the mixed
+	// phase run on both targets, it keeps the package within twice its
+	// time before the comparison (30 s: 7.5 s per target; CI's 10 s: 5 s).
+	minWriteRun = 5 * time.Second
+	maxWriteRun = 10 * time.Second
+	writeTurns  = 2
+	// singleRun is the one-client write phase per target: its calls take
+	// milliseconds, so a second per turn gives hundreds of samples.
+	singleRun = 2 * time.Second
+
+	// What CI asserts of the 64-client write phase, overclone over the
+	// built-in. Goal 3 asks for 3x the throughput and a p99 no higher.
+	// Eight runs on a shared 2-core VM (load average 6-12), 10 s and
+	// 30 s: throughput 3.2x to 9.6x, p99 0.27x to 0.83x. The throughput
+	// ratio is asserted at 2x, not 3x: it falls as the built-in's
+	// fdatasyncs get cheaper (it ran at 240 to 600 calls/s with the
+	// machine's other jobs), so a faster CI disk lowers it, while losing
+	// group commit takes it to about 1x, one transaction and one
+	// fdatasync per call again; 2x still catches that. The p99 bound is the goal's own: the built-in's p99 is each
+	// call queued behind the other clients' fdatasyncs, which group
+	// commit removes, and it held in every run. The mixed phase and the
+	// one-client phase are reported only: the mixed one includes reads,
+	// which goal 3 is not about, and one client gives a few hundred
+	// samples, whose p99 is one stray sample.
+	minThroughputRatio = 2.0
+	maxP99Ratio        = 1.0
 )
 
 // expected are the classes concurrent clients on shared keys produce by
@@ -68,135 +89,148 @@ func duration(t *testing.T) time.Duration {
 	return fullDuration
 }
 
+func TestMain(m *testing.M) {
+	// The built-in's server is this binary executed again (test/builtin).
+	builtin.ServeIfAsked()
+	os.Exit(m.Run())
+}
+
 // TestLoad: 64 clients, each on its own connection, run a mix of every
 // call on parents of their own and on shared ones, and fight over a few
 // shared keys. No call may hang, no error may fall outside the expected
 // classes; latency per method is reported. OVERCLONE_LOAD_CONFIG is the
 // daemon's TOML (e.g. "sync_on_commit = false", to see what durability
 // costs under load).
+//
+// The same clients then run against containerd's built-in overlayfs
+// snapshotter, served from a process of its own as containerd ships it,
+// and both targets run the write-heavy phase of issue 12 (64 clients
+// doing nothing but Prepare, Commit, Remove: a node starting 100 pods)
+// and the same with one client. The comparison is logged and written to
+// results/load.md.
 func TestLoad(t *testing.T) {
 	run := duration(t)
+	writeRun := min(max(run/4, minWriteRun), maxWriteRun)
 	seed := uint64(time.Now().UnixNano())
-	t.Logf("%d clients for %v, seed %d", clients, run, seed)
+	t.Logf("%d clients for %v per target, write phase %v per target, seed %d", clients, run, writeRun, seed)
 	ctx := namespaces.WithNamespace(context.Background(), "load")
-	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
-	d := daemon.Start(t, root, os.Getenv("OVERCLONE_LOAD_CONFIG"))
-	sn := d.Client()
+	oc, d := startOverclone(t)
+	bi, srv := startBuiltin(t)
+	targets := []*target{oc, bi}
+	for _, tg := range targets {
+		makeShared(t, ctx, tg)
+	}
+	loadavg, _ := os.ReadFile("/proc/loadavg")
 
-	// The shared parents: a base and a layer on it.
-	for _, step := range []func() error{
-		func() error { _, err := sn.Prepare(ctx, "shared/base-a", ""); return err },
-		func() error { return sn.Commit(ctx, "shared/base", "shared/base-a") },
-		func() error { _, err := sn.Prepare(ctx, "shared/mid-a", "shared/base"); return err },
-		func() error { return sn.Commit(ctx, "shared/mid", "shared/mid-a") },
+	mixed := phase{name: "mixed", clients: clients, run: run, seed: seed, work: (*client).step, prefix: "mixed"}
+	got := map[string]*stats{}
+	for _, tg := range targets {
+		st := runPhase(t, ctx, tg, mixed)
+		t.Logf("%s, %s: %d calls in %v\n%s", tg.name, mixed.label(), st.calls(), st.elapsed.Round(time.Millisecond), st.table())
+		got[tg.name] = st
+	}
+	cs := []comparison{{mixed.label(), got[overclone], got[builtIn]}}
+
+	// The write phases run in turns, overclone first then the built-in
+	// first, so that a burst of load from elsewhere on the machine is
+	// less likely to fall on one target only.
+	for _, p := range []phase{
+		{name: "writes", clients: clients, run: writeRun / writeTurns, seed: seed, work: (*client).cycle},
+		{name: "writes", clients: 1, run: singleRun / writeTurns, seed: seed, work: (*client).cycle},
 	} {
-		if err := step(); err != nil {
-			t.Fatal(err)
-		}
-	}
-
-	st := newStats()
-	var progress atomic.Int64
-	lctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	deadline := time.Now().Add(run)
-
-	// The watchdog: calls finish all the time under load; none for
-	// stallTimeout means a deadlock. The daemon's goroutines go to its
-	// log (SIGQUIT) for the post-mortem.
-	stalled := make(chan struct{})
-	watchDone := make(chan struct{})
-	go func() {
-		defer close(watchDone)
-		last, lastChange := progress.Load(), time.Now()
-		tick := time.NewTicker(time.Second)
-		defer tick.Stop()
-		for {
-			select {
-			case <-lctx.Done():
-				return
-			case <-tick.C:
+		sum := map[string]*stats{overclone: newStats(), builtIn: newStats()}
+		for turn := range writeTurns {
+			order := targets
+			if turn%2 == 1 {
+				order = []*target{bi, oc}
 			}
-			if n := progress.Load(); n != last {
-				last, lastChange = n, time.Now()
-				continue
-			}
-			if time.Since(lastChange) > stallTimeout {
-				d.Signal(syscall.SIGQUIT)
-				close(stalled)
-				cancel()
-				return
+			for _, tg := range order {
+				p.prefix = fmt.Sprintf("%s-%d-%d", p.name, p.clients, turn)
+				sum[tg.name].merge(runPhase(t, ctx, tg, p))
 			}
 		}
-	}()
-
-	var wg sync.WaitGroup
-	for i := 0; i < clients; i++ {
-		conn, err := grpc.NewClient("unix://"+d.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
-		if err != nil {
-			t.Fatal(err)
+		for _, tg := range targets {
+			st := sum[tg.name]
+			t.Logf("%s, %s: %d calls in %v\n%s", tg.name, p.label(), st.calls(), st.elapsed.Round(time.Millisecond), st.table())
 		}
-		defer conn.Close()
-		c := &client{
-			id:       i,
-			sn:       proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "overclone"),
-			rng:      rand.New(rand.NewPCG(seed, uint64(i))),
-			stats:    st,
-			progress: &progress,
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for time.Now().Before(deadline) && lctx.Err() == nil {
-				c.step(lctx)
-			}
-		}()
-	}
-	wg.Wait()
-	cancel()
-	<-watchDone
-	select {
-	case <-stalled:
-		time.Sleep(time.Second) // let the goroutine dump reach the log
-		t.Fatalf("no call finished for %v: deadlock\n%s", stallTimeout, d.Log())
-	default:
+		cs = append(cs, comparison{p.label(), sum[overclone], sum[builtIn]})
 	}
 
-	t.Logf("%d calls in %v\n%s", st.calls(), run, st.table())
-	st.mu.Lock()
-	for k, n := range st.errors {
-		var class string
-		fmt.Sscanf(k, "%s %s", new(string), &class)
-		if !expected[class] {
-			t.Errorf("%d unexpected errors: %s", n, k)
-		}
+	table := markdown(cs)
+	t.Logf("overclone next to the built-in:\n%s", table)
+	report := fmt.Sprintf("# overclone under load, next to containerd's built-in overlayfs\n\n"+
+		"%s. %d clients; mixed phase %v per target, write phase %v and one client %v per target (%d turns each); seed %d; load average before: %s.\n\n"+
+		"overclone: the daemon, config %q (empty: shipped defaults, sync on Commit). built-in: containerd's overlayfs snapshotter as its plugin registers it (asynchronous remove), served from a process of its own. Each on a loop xfs of its own.\n\n%s",
+		time.Now().UTC().Format(time.RFC3339), clients, run, writeRun, singleRun, writeTurns, seed,
+		strings.TrimSpace(string(loadavg)), os.Getenv("OVERCLONE_LOAD_CONFIG"), table)
+	if path, err := writeResults(report); err != nil {
+		t.Logf("results not written: %v", err)
+	} else {
+		t.Logf("results in %s", path)
 	}
-	st.mu.Unlock()
-	firstUnexpectedMu.Lock()
-	for _, msg := range firstUnexpected {
-		t.Error(msg)
-	}
-	firstUnexpectedMu.Unlock()
+
+	checkClasses(t, cs)
+	checkRatios(t, cs[1])
 
 	// Still serving, and a clean stop does not wait on anything stuck.
-	if _, err := sn.Stat(ctx, "shared/base"); err != nil {
+	if _, err := d.Client().Stat(ctx, "shared/base"); err != nil {
 		t.Fatalf("after the load: %v", err)
 	}
 	if err := d.Stop(); err != nil {
 		t.Fatalf("clean stop after the load: %v", err)
 	}
+	if err := srv.Stop(); err != nil {
+		t.Logf("the built-in's stop: %v\n%s", err, srv.Log())
+	}
 }
 
-// firstUnexpected keeps the first few unexpected errors whole, for the
-// failure message.
-var (
-	firstUnexpectedMu sync.Mutex
-	firstUnexpected   []string
-)
+// checkClasses fails the test on an error of overclone's outside the
+// expected classes (in the write phases, where no two clients share a
+// key, on any error). The built-in's are only logged: it is not ours to
+// fix, and the report says what it answers differently.
+func checkClasses(t *testing.T, cs []comparison) {
+	for i, c := range cs {
+		for _, side := range []struct {
+			name string
+			st   *stats
+		}{{overclone, c.ours}, {builtIn, c.theirs}} {
+			report := t.Errorf
+			if side.name == builtIn {
+				report = t.Logf
+			}
+			side.st.mu.Lock()
+			for k, n := range side.st.errors {
+				var class string
+				fmt.Sscanf(k, "%s %s", new(string), &class)
+				if i > 0 || !expected[class] {
+					report("%s, %s: %d unexpected errors: %s", side.name, c.label, n, k)
+				}
+			}
+			for _, msg := range side.st.unexpected {
+				report("%s, %s: %s", side.name, c.label, msg)
+			}
+			side.st.mu.Unlock()
+		}
+	}
+}
+
+// checkRatios asserts goal 3 on the write phase, as far as this machine
+// can measure it steadily.
+func checkRatios(t *testing.T, c comparison) {
+	r := c.row("writes", writeMethods...)
+	t.Logf("%s: throughput %.2fx the built-in's, p99 %.2fx", c.label, r.throughput(), r.p99())
+	if r.throughput() < minThroughputRatio {
+		t.Errorf("%s: overclone's throughput is %.2fx the built-in's, want at least %.1fx", c.label, r.throughput(), minThroughputRatio)
+	}
+	if r.p99() > maxP99Ratio {
+		t.Errorf("%s: overclone's p99 is %.2fx the built-in's, want at most %.1fx", c.label, r.p99(), maxP99Ratio)
+	}
+}
 
 // client is one connection with its own snapshots.
 type client struct {
 	id       int
+	prefix   string
 	sn       snapshots.Snapshotter
 	rng      *rand.Rand
 	stats    *stats
@@ -210,7 +244,7 @@ type client struct {
 
 func (c *client) key(kind string) string {
 	c.seq++
-	return fmt.Sprintf("c%d/%s/%d", c.id, kind, c.seq)
+	return fmt.Sprintf("%s/c%d/%s/%d", c.prefix, c.id, kind, c.seq)
 }
 
 // call times fn as method and records its error class.
@@ -228,11 +262,7 @@ func (c *client) call(ctx context.Context, method string, fn func(context.Contex
 	if err != nil {
 		class = metrics.Class(err)
 		if !expected[class] {
-			firstUnexpectedMu.Lock()
-			if len(firstUnexpected) < 5 {
-				firstUnexpected = append(firstUnexpected, fmt.Sprintf("client %d %s: %v", c.id, method, err))
-			}
-			firstUnexpectedMu.Unlock()
+			c.stats.noteUnexpected(fmt.Sprintf("client %d %s: %v", c.id, method, err))
 		}
 	}
 	c.stats.add(method, elapsed, class)
@@ -356,11 +386,26 @@ func (c *client) race(ctx context.Context) {
 		// Has children for as long as the run lasts.
 		err := c.call(ctx, "Remove", func(ctx context.Context) error { return c.sn.Remove(ctx, "shared/base") })
 		if err == nil || !errors.Is(err, errdefs.ErrFailedPrecondition) {
-			firstUnexpectedMu.Lock()
-			firstUnexpected = append(firstUnexpected, fmt.Sprintf("removing a parent with children: %v", err))
-			firstUnexpectedMu.Unlock()
+			c.stats.noteUnexpected(fmt.Sprintf("removing a parent with children: %v", err))
 		}
 	}
+}
+
+// cycle is one snapshot's life on a node starting pods or unpacking: a
+// Prepare on the image, its files written, a Commit, and the Remove that
+// garbage collection makes of it later. Every key is the client's own: no
+// call has a race to lose.
+func (c *client) cycle(ctx context.Context) {
+	key, name := c.key("w"), c.key("wc")
+	var m []mount.Mount
+	if c.call(ctx, "Prepare", func(ctx context.Context) (err error) { m, err = c.sn.Prepare(ctx, key, "shared/mid"); return }) != nil {
+		return
+	}
+	writeInto(m)
+	if c.call(ctx, "Commit", func(ctx context.Context) error { return c.sn.Commit(ctx, name, key) }) != nil {
+		return
+	}
+	c.call(ctx, "Remove", func(ctx context.Context) error { return c.sn.Remove(ctx, name) })
 }
 
 // writeInto puts one small file in a new active's upper, so that its

@@ -10,9 +10,67 @@ import (
 
 // stats collects call latencies by method and errors by class.
 type stats struct {
-	mu        sync.Mutex
-	latencies map[string][]time.Duration
-	errors    map[string]int // "method class"
+	mu         sync.Mutex
+	latencies  map[string][]time.Duration
+	errors     map[string]int // "method class"
+	unexpected []string       // the first few unexpected errors, whole
+	elapsed    time.Duration  // how long the calls ran
+}
+
+// maxUnexpected is how many unexpected errors are kept whole.
+const maxUnexpected = 5
+
+func (s *stats) noteUnexpected(msg string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if len(s.unexpected) < maxUnexpected {
+		s.unexpected = append(s.unexpected, msg)
+	}
+}
+
+// merge adds o's calls and time to s: runs of the same phase taken in
+// turns count as one.
+func (s *stats) merge(o *stats) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for m, l := range o.latencies {
+		s.latencies[m] = append(s.latencies[m], l...)
+	}
+	for k, n := range o.errors {
+		s.errors[k] += n
+	}
+	for _, u := range o.unexpected {
+		if len(s.unexpected) < maxUnexpected {
+			s.unexpected = append(s.unexpected, u)
+		}
+	}
+	s.elapsed += o.elapsed
+}
+
+// sorted returns the latencies of the named methods (all, with none
+// named), sorted.
+func (s *stats) sorted(methods ...string) []time.Duration {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var l []time.Duration
+	if len(methods) == 0 {
+		for _, ml := range s.latencies {
+			l = append(l, ml...)
+		}
+	}
+	for _, m := range methods {
+		l = append(l, s.latencies[m]...)
+	}
+	sort.Slice(l, func(i, j int) bool { return l[i] < l[j] })
+	return l
+}
+
+// rate is calls per second.
+func (s *stats) rate(n int) float64 {
+	if s.elapsed <= 0 {
+		return 0
+	}
+	return float64(n) / s.elapsed.Seconds()
 }
 
 func newStats() *stats {
