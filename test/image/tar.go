@@ -8,7 +8,8 @@ import (
 	"path"
 	"sort"
 	"strconv"
-	"time"
+
+	"github.com/overclone/overclone/hack/ocilayout"
 )
 
 // file is one tar entry of a layer.
@@ -50,7 +51,7 @@ func withCap(f file, c []byte) file {
 
 // epoch is every entry's mtime, so that layers (and their digests) are
 // reproducible.
-var epoch = time.Unix(1700000000, 0)
+var epoch = ocilayout.Epoch
 
 // writeLayer writes files as one uncompressed tar stream to w.
 func writeLayer(w io.Writer, files []file) error {
