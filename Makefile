@@ -25,6 +25,8 @@ help:
 	@echo "make install  install binaries, systemd unit and default config"
 	@echo "make demo     overclone and a private containerd: import, run, clean up"
 	@echo "make e2e      only the end-to-end suite (containerd 1.6 and 2.x), verbose"
+	@echo "make image    the DaemonSet's image as an OCI archive: $(IMAGE_ARCHIVE)"
+	@echo "              ($(IMAGE); reproducible: same source and Go, same digest)"
 	@echo "make containerd2  build containerd 2.x once into $(CONTAINERD2_CACHE)"
 	@echo "make bench    overclone against containerd's built-in snapshotters (root, ~10 min;"
 	@echo "              BENCHFLAGS=-quick for ~1 min); writes results/results.{md,json,svg}"
@@ -63,6 +65,19 @@ install: build
 
 clean:
 	rm -rf bin
+
+# --- the DaemonSet's image ---------------------------------------------------
+# Both binaries, static, on an empty root, built by hack/nodeimage with no
+# docker and no base image. VERSION is what the daemon's --version prints
+# and the tag; the default, dev, is what deploy/kubernetes names. A release
+# runs `make image VERSION=v1.2.3`.
+VERSION       ?= dev
+IMAGE         ?= ghcr.io/overclone/overclone:$(VERSION)
+IMAGE_ARCHIVE ?= bin/overclone-image.tar
+
+.PHONY: image
+image:
+	$(GO) run ./hack/nodeimage/cmd/overclone-image -out $(IMAGE_ARCHIVE) -name $(IMAGE) -version $(VERSION)
 
 # --- containerd 2.x for the end-to-end tests -------------------------------
 # Built once from the Go module proxy and cached outside the tree, so a second
