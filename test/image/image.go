@@ -73,20 +73,44 @@ func Build(dir, name string, viewer []byte) (*Image, error) {
 		img.DiffIDs = append(img.DiffIDs, diffID)
 	}
 	img.Expected = m.view(DataDir)
+	return img, img.finish([]string{"/bin/viewer"}, []string{"view", "/" + DataDir})
+}
 
+// PausePath is where BuildPause puts the binary; it is the image's
+// entrypoint.
+const PausePath = "pause"
+
+// BuildPause writes to dir an image of one layer holding only the static
+// binary bin at /pause, its entrypoint: the sandbox image of the CRI tests.
+func BuildPause(dir, name string, bin []byte) (*Image, error) {
+	img := &Image{Dir: dir, Name: name}
+	if err := os.MkdirAll(filepath.Join(dir, "blobs", "sha256"), 0o755); err != nil {
+		return nil, err
+	}
+	desc, diffID, err := img.writeLayer(layer{gzip: true, files: []file{reg(PausePath, 0o755, bin)}})
+	if err != nil {
+		return nil, err
+	}
+	img.Layers, img.DiffIDs = []ocispec.Descriptor{desc}, []digest.Digest{diffID}
+	return img, img.finish([]string{"/" + PausePath}, nil)
+}
+
+// finish writes the config, manifest, index and layout file for the layers
+// written so far.
+func (img *Image) finish(entrypoint, cmd []string) error {
 	platform := ocispec.Platform{OS: "linux", Architecture: runtime.GOARCH}
 	config := ocispec.Image{
 		Platform: platform,
 		Config: ocispec.ImageConfig{
-			Entrypoint: []string{"/bin/viewer"},
-			Cmd:        []string{"view", "/" + DataDir},
+			Entrypoint: entrypoint,
+			Cmd:        cmd,
 			WorkingDir: "/",
 		},
 		RootFS: ocispec.RootFS{Type: "layers", DiffIDs: img.DiffIDs},
 	}
 	configDesc, err := img.writeJSON(ocispec.MediaTypeImageConfig, config)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	manifest := ocispec.Manifest{
 		Versioned: specs.Versioned{SchemaVersion: 2},
@@ -95,23 +119,23 @@ func Build(dir, name string, viewer []byte) (*Image, error) {
 		Layers:    img.Layers,
 	}
 	if img.Manifest, err = img.writeJSON(ocispec.MediaTypeImageManifest, manifest); err != nil {
-		return nil, err
+		return err
 	}
 	img.Manifest.Platform = &platform
 	img.Manifest.Annotations = map[string]string{
-		ocispec.AnnotationRefName: name,
+		ocispec.AnnotationRefName: img.Name,
 		// containerd's importer names the image after this one.
-		"io.containerd.image.name": name,
+		"io.containerd.image.name": img.Name,
 	}
 	index := ocispec.Index{
 		Versioned: specs.Versioned{SchemaVersion: 2},
 		MediaType: ocispec.MediaTypeImageIndex,
 		Manifests: []ocispec.Descriptor{img.Manifest},
 	}
-	if err := writeJSONFile(filepath.Join(dir, ocispec.ImageIndexFile), index); err != nil {
-		return nil, err
+	if err := writeJSONFile(filepath.Join(img.Dir, ocispec.ImageIndexFile), index); err != nil {
+		return err
 	}
-	return img, writeJSONFile(filepath.Join(dir, ocispec.ImageLayoutFile), ocispec.ImageLayout{Version: ocispec.ImageLayoutVersion})
+	return writeJSONFile(filepath.Join(img.Dir, ocispec.ImageLayoutFile), ocispec.ImageLayout{Version: ocispec.ImageLayoutVersion})
 }
 
 // ChainIDs returns the snapshot names containerd commits the layers as,
