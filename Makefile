@@ -28,6 +28,7 @@ help:
 	@echo "make image    the DaemonSet's image as an OCI archive: $(IMAGE_ARCHIVE)"
 	@echo "              ($(IMAGE); reproducible: same source and Go, same digest)"
 	@echo "make containerd2  build containerd 2.x once into $(CONTAINERD2_CACHE)"
+	@echo "make crictl   build crictl once into $(CRICTL_CACHE) (the CRI e2e test)"
 	@echo "make bench    overclone against containerd's built-in snapshotters (root, ~10 min;"
 	@echo "              BENCHFLAGS=-quick for ~1 min); writes results/results.{md,json,svg}"
 
@@ -97,6 +98,23 @@ $(CONTAINERD2_BIN)/%:
 		-tags "no_btrfs no_devmapper no_zfs" \
 		github.com/containerd/containerd/v2/cmd/$*@$(CONTAINERD2_VERSION)
 
+# --- crictl for the CRI end-to-end test ------------------------------------
+# Built like containerd 2.x above, from the Go module proxy into a cache
+# outside the tree; the CRI test (test/e2e TestCRI) finds it through
+# OVERCLONE_CRICTL_BIN (default: this directory). Debian 12 packages no
+# cri-tools.
+CRICTL_VERSION ?= v1.37.0
+CRICTL_CACHE   ?= /var/cache/overclone/crictl-$(CRICTL_VERSION)
+CRICTL_BIN     := $(CRICTL_CACHE)/bin
+
+.PHONY: crictl
+crictl: $(CRICTL_BIN)/crictl
+
+$(CRICTL_BIN)/crictl:
+	@mkdir -p $(CRICTL_BIN)
+	cd /tmp && GOBIN=$(CRICTL_BIN) GOFLAGS=-buildvcs=false $(GO) install \
+		sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
+
 # --- end-to-end tests, demo, deploy files ------------------------------------
 # The e2e suite (test/e2e) runs real containerd 1.6 (Debian) and 2.x (the
 # cached build above) with runc, and a local docker-registry for pulls.
@@ -106,14 +124,16 @@ CONFDIR    ?= /etc/containerd-overclone
 
 .PHONY: e2e demo install-deploy
 
-# `make test` runs the e2e suite with the rest; it needs containerd 2.x.
-test: containerd2
+# `make test` runs the e2e suite with the rest; it needs containerd 2.x and
+# crictl.
+test: containerd2 crictl
 
 # e2e runs only the end-to-end suite, verbosely, and prints the timings of
 # overclone next to containerd's built-in overlayfs (also written to
 # results/e2e-timings.txt).
-e2e: deps build containerd2
+e2e: deps build containerd2 crictl
 	OVERCLONE_BIN=$(CURDIR)/bin/containerd-overclone-grpc OVERCLONE_CONTAINERD2_BIN=$(CONTAINERD2_BIN) \
+		OVERCLONE_CRICTL_BIN=$(CRICTL_BIN) \
 		$(GO) test -count=1 -timeout 15m -v ./test/e2e/
 
 # demo starts overclone and a private containerd 1.6, imports the test image

@@ -118,3 +118,61 @@ func TestWaitScript(t *testing.T) {
 	}
 	t.Log(strings.TrimSpace(out.String()))
 }
+
+// TestReadmeCRISnippets checks that README's "Kubernetes node" section
+// shows the shipped deploy/containerd snippets (the files TestCRI runs
+// containerd on) line for line, less their comments, and gives crictl the
+// templates TestCRI runs.
+func TestReadmeCRISnippets(t *testing.T) {
+	readme, err := os.ReadFile(filepath.Join(repoRoot(), "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(readme)
+	start := strings.Index(text, "### containerd configuration for CRI")
+	if start < 0 {
+		t.Fatal(`README has no "### containerd configuration for CRI"`)
+	}
+	section := text[start:]
+	if end := strings.Index(section[1:], "\n## "); end >= 0 {
+		section = section[:end+1]
+	}
+	var blocks []string
+	for rest := section; ; {
+		i := strings.Index(rest, "```toml\n")
+		if i < 0 {
+			break
+		}
+		rest = rest[i+len("```toml\n"):]
+		j := strings.Index(rest, "```")
+		blocks = append(blocks, strings.TrimSpace(rest[:j]))
+		rest = rest[j:]
+	}
+	for i, name := range []string{"config-v2.toml", "config-v3.toml"} {
+		b, err := os.ReadFile(filepath.Join(repoRoot(), "deploy", "containerd", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var lines []string
+		for _, l := range strings.Split(string(b), "\n") {
+			if c := strings.Index(l, "#"); c >= 0 {
+				l = l[:c]
+			}
+			if l = strings.TrimRight(l, " \t"); l != "" {
+				lines = append(lines, l)
+			}
+		}
+		want := strings.Join(lines, "\n")
+		if i >= len(blocks) {
+			t.Fatalf("README's CRI section has %d toml blocks, want one per snippet", len(blocks))
+		}
+		if blocks[i] != want {
+			t.Errorf("README's block %d differs from deploy/containerd/%s less comments:\n%s\nwant:\n%s", i+1, name, blocks[i], want)
+		}
+	}
+	for _, tmpl := range []string{imageFSTemplate, podStateTemplate} {
+		if !strings.Contains(section, "'"+tmpl+"'") {
+			t.Errorf("README's checks do not use the template TestCRI runs: %s", tmpl)
+		}
+	}
+}

@@ -66,21 +66,46 @@ func Build(dir, name string, viewer []byte) (*Image, error) {
 		img.DiffIDs = append(img.DiffIDs, diffID)
 	}
 	img.Expected = m.view(DataDir)
+	return img, img.finish(l, []string{"/bin/viewer"}, []string{"view", "/" + DataDir})
+}
 
+// PausePath is where BuildPause puts the binary; it is the image's
+// entrypoint.
+const PausePath = "pause"
+
+// BuildPause writes to dir an image of one layer holding only the static
+// binary bin at /pause, its entrypoint: the sandbox image of the CRI tests.
+func BuildPause(dir, name string, bin []byte) (*Image, error) {
+	img := &Image{Dir: dir, Name: name}
+	l, err := ocilayout.New(dir)
+	if err != nil {
+		return nil, err
+	}
+	files := []file{reg(PausePath, 0o755, bin)}
+	desc, diffID, err := l.WriteLayer(true, func(w io.Writer) error { return writeLayer(w, files) })
+	if err != nil {
+		return nil, err
+	}
+	img.Layers, img.DiffIDs = []ocispec.Descriptor{desc}, []digest.Digest{diffID}
+	return img, img.finish(l, []string{"/" + PausePath}, nil)
+}
+
+// finish writes the config, manifest and index for the layers written so
+// far.
+func (img *Image) finish(l *ocilayout.Layout, entrypoint, cmd []string) error {
 	platform := ocispec.Platform{OS: "linux", Architecture: runtime.GOARCH}
 	config := ocispec.Image{
 		Platform: platform,
 		Config: ocispec.ImageConfig{
-			Entrypoint: []string{"/bin/viewer"},
-			Cmd:        []string{"view", "/" + DataDir},
+			Entrypoint: entrypoint,
+			Cmd:        cmd,
 			WorkingDir: "/",
 		},
 		RootFS: ocispec.RootFS{Type: "layers", DiffIDs: img.DiffIDs},
 	}
-	if img.Manifest, err = l.WriteImage(name, platform, config, img.Layers); err != nil {
-		return nil, err
-	}
-	return img, nil
+	var err error
+	img.Manifest, err = l.WriteImage(img.Name, platform, config, img.Layers)
+	return err
 }
 
 // ChainIDs returns the snapshot names containerd commits the layers as,

@@ -23,6 +23,14 @@ type ContainerdOptions struct {
 	MaxConcurrentUnpacks int
 	// LogLevel defaults to info; debug shows how each image was unpacked.
 	LogLevel string
+	// CRI, when set, keeps the CRI plugins on with these settings.
+	CRI *CRI
+	// LinkImageFS makes <containerd root>/io.containerd.snapshotter.v1.<name>
+	// a symlink to each proxy's root before containerd starts: the path
+	// containerd 1.6's CRI reports to the kubelet as the image filesystem
+	// (1.6 ignores exports), made true as deploy/README.md tells 1.6
+	// users to.
+	LinkImageFS bool
 	// Snippet, when set, replaces the generated config: a deploy/containerd
 	// file, run as it is except for this daemon's own root, state and
 	// socket, and overclone's socket and root instead of the default paths.
@@ -40,6 +48,7 @@ type Proxy struct {
 type Containerd struct {
 	Opts    ContainerdOptions
 	Dir     string
+	Root    string // containerd's root dir
 	Address string
 	Config  string
 	Log     string
@@ -58,6 +67,7 @@ func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, lo
 	c := &Containerd{
 		Opts:    opts,
 		Dir:     dir,
+		Root:    filepath.Join(dir, "root"),
 		Address: filepath.Join(dir, "containerd.sock"),
 		Config:  filepath.Join(dir, "config.toml"),
 		Log:     filepath.Join(dir, "containerd.log"),
@@ -78,7 +88,8 @@ func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, lo
 	c.Major, _ = strconv.Atoi(m[1])
 
 	cfg := containerdConfig{
-		Root:                 filepath.Join(dir, "root"),
+		Root:                 c.Root,
+		CRI:                  opts.CRI != nil,
 		State:                filepath.Join(dir, "state"),
 		Address:              c.Address,
 		Capabilities:         opts.Capabilities,
@@ -91,6 +102,19 @@ func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, lo
 	}
 	if err != nil {
 		return nil, err
+	}
+	if opts.CRI != nil {
+		text = mergeTables(text, opts.CRI.tables(c.Major))
+	}
+	if opts.LinkImageFS {
+		if err := os.MkdirAll(c.Root, 0o700); err != nil {
+			return nil, err
+		}
+		for _, p := range opts.Proxies {
+			if err := os.Symlink(p.Overclone.Root, ImageFSLink(c.Root, p.Name)); err != nil {
+				return nil, err
+			}
+		}
 	}
 	if err := os.WriteFile(c.Config, []byte(text), 0o644); err != nil {
 		return nil, err

@@ -50,3 +50,29 @@ func GoBuild(repoRoot, out, pkg string, env ...string) error {
 	}
 	return nil
 }
+
+// PauseImageName is the sandbox image the CRI tests name in containerd's
+// config.
+const PauseImageName = "overclone.test/e2e/pause:1"
+
+// BuildPauseImage compiles test/image/pause static and writes the sandbox
+// image's archive under dir; it returns the archive's path.
+func BuildPauseImage(dir, repoRoot string) (*image.Image, string, error) {
+	bin := filepath.Join(dir, "pause")
+	if err := GoBuild(repoRoot, bin, "./test/image/pause", "CGO_ENABLED=0"); err != nil {
+		return nil, "", err
+	}
+	b, err := os.ReadFile(bin)
+	if err != nil {
+		return nil, "", err
+	}
+	img, err := image.BuildPause(filepath.Join(dir, "pause-layout"), PauseImageName, b)
+	if err != nil {
+		return nil, "", err
+	}
+	archive := filepath.Join(dir, "pause.tar")
+	if err := img.WriteArchive(archive); err != nil {
+		return nil, "", err
+	}
+	return img, archive, nil
+}

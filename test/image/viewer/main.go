@@ -8,6 +8,8 @@
 //	viewer view [root [out]]   print the view of root (default /data)
 //	viewer write [root [out]]  change files the lower layers own, then print the view
 //	viewer sleep               print "ready" and wait for SIGTERM (restart tests)
+//	viewer rename old new      rename a file or dir, as mv does (CRI exec tests)
+//	viewer fill path bytes     write a file of that many bytes and fsync it
 //
 // With out, the view goes to the file out instead of stdout. The tests bind
 // a host dir into the container and read the view from there: ctr now and
@@ -20,6 +22,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strconv"
 	"syscall"
 
 	"github.com/overclone/overclone/test/image/view"
@@ -35,6 +38,18 @@ func main() {
 }
 
 func run(args []string) error {
+	if len(args) == 3 {
+		switch args[0] {
+		case "rename":
+			return rename(args[1], args[2])
+		case "fill":
+			size, err := strconv.ParseInt(args[2], 10, 64)
+			if err != nil {
+				return fmt.Errorf("fill: size: %w", err)
+			}
+			return fill(args[1], size)
+		}
+	}
 	cmd, root, out := "view", defaultRoot, ""
 	if len(args) > 0 {
 		cmd = args[0]
@@ -63,7 +78,7 @@ func run(args []string) error {
 		<-sig
 		return nil
 	default:
-		return fmt.Errorf("unknown command %q (view, write, sleep)", cmd)
+		return fmt.Errorf("unknown command %q (view, write, sleep, rename, fill)", cmd)
 	}
 }
 
