@@ -58,10 +58,29 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-// Cleanup removes every directory and link the metadata does not name. It
-// holds the write transaction while it lists, so that no snapshot being
+// Cleanup takes what the metadata does not name out of the snapshotter's
+// directories and returns without waiting for the disk.
+//
+// It holds the write transaction while it lists, so that no snapshot being
 // created (its directory placed, its metadata not yet committed) is taken
-// for an orphan; the deleting happens after.
+// for an orphan, and renames each orphan directory into ROOT/trash and
+// removes each stale link before the transaction ends. So once Cleanup
+// returns, nothing under snapshots/, flat/ or l/ lacks metadata but the
+// new-* of creates still in flight; everything else it found is in the
+// trash.
+//
+// Deleting the trash's contents is what it defers, to the background
+// deleter, and that is safe: no metadata can name anything in the trash
+// (its names are made unique and never read back as ids), so no call can
+// reach it; a crash leaves it for the next start, which empties the trash
+// before serving; Close waits for it; `overclone gc` waits for it through
+// the admin service. Waiting here made containerd's garbage collector, and
+// with it `ctr images rm --sync` and `crictl rmi`, wait for every byte of
+// the image's layers to be deleted: 1.29-1.66 s where the built-in (which
+// deletes in Cleanup with containerd's default asynchronous remove) took
+// 0.39-0.47 s. The price is that free space read right after a collection
+// (statfs: the kubelet's eviction and image GC thresholds) rises only as
+// the deleter works, while the built-in's has risen when Cleanup returns.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		if err := s.trashOrphans(ctx, false); err != nil {
@@ -71,8 +90,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
+	// Anything a failed deletion left in the trash is queued again;
+	// the deleter drops what it already holds.
 	s.emptyTrash(ctx)
-	s.deletions.wait()
 	return nil
 }
 
