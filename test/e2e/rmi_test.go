@@ -1,0 +1,99 @@
+package e2e
+
+import (
+	"fmt"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/overclone/overclone/test/e2e/harness"
+	"github.com/overclone/overclone/test/image"
+)
+
+// rmiRounds is how often each snapshotter's image removal is timed: the
+// median of five, the snapshotters taking turns going first.
+const rmiRounds = 5
+
+// The image removed: what costs in a removal is one unlink per file, so
+// many small files over several layers, like a distribution's image.
+const (
+	rmiImage  = "overclone.test/e2e/many:1"
+	rmiLayers = 8
+	rmiFiles  = 2500 // per layer
+)
+
+// TestRmiTiming times `ctr images rm --sync`, which waits for containerd's
+// garbage collector (and so for the snapshotter's Remove of every layer and
+// its Cleanup), on overclone and on the built-in overlayfs in the same run,
+// on both containerd versions. Each round unpacks the image into one
+// snapshotter only, so the collection it times touches that snapshotter
+// alone; the content is removed with it on every side alike.
+//
+// It reports the ratios and does not assert them: on this shared 2-core
+// machine the built-in's removal takes a few hundred milliseconds, and a
+// neighbour's job moves single runs by more than the margin a bound would
+// need (see the report in docs/bench-results.md).
+func TestRmiTiming(t *testing.T) {
+	getFixture(t)
+	dir := t.TempDir()
+	img, err := image.BuildMany(filepath.Join(dir, "layout"), rmiImage, rmiLayers, rmiFiles)
+	if err != nil {
+		t.Fatal(err)
+	}
+	archive := filepath.Join(dir, "many.tar")
+	if err := img.WriteArchive(archive); err != nil {
+		t.Fatal(err)
+	}
+	for _, v := range []struct{ name, bin string }{
+		{"containerd-1.6", harness.Containerd16Bin},
+		{"containerd-2", harness.Containerd2BinDir()},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			newSuite(t, v.bin, harness.ContainerdOptions{}).testRmiTiming(t, archive)
+		})
+	}
+}
+
+func (s *suite) testRmiTiming(t *testing.T, archive string) {
+	op := fmt.Sprintf("images rm --sync, %dx%d files", rmiLayers, rmiFiles)
+	took := map[string][]time.Duration{}
+	for round := 0; round < rmiRounds; round++ {
+		for _, sn := range alternate(s.sns, round) {
+			s.ctr(t, "images", "import", "--snapshotter", sn, archive)
+			if rows := s.snapshots(t, sn); len(rows) != rmiLayers {
+				t.Fatalf("%s: %d snapshots after the import, want %d: %v", sn, len(rows), rmiLayers, rows)
+			}
+			start := time.Now()
+			s.timed(t, op, sn, "images", "rm", "--sync", rmiImage)
+			took[sn] = append(took[sn], time.Since(start))
+			if rows := s.snapshots(t, sn); len(rows) > 0 {
+				t.Fatalf("%s: snapshots left after images rm --sync: %v", sn, rows)
+			}
+		}
+	}
+	base := medianOf(took["overlayfs"])
+	for _, sn := range s.sns[1:] {
+		m := medianOf(took[sn])
+		t.Logf("%s: %s median of %d: %s against overlayfs %s: %.2fx (runs %v, overlayfs %v)",
+			s.label, sn, rmiRounds, m.Round(time.Millisecond), base.Round(time.Millisecond),
+			float64(m)/float64(base), rounded(took[sn]), rounded(took["overlayfs"]))
+	}
+}
+
+func medianOf(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func rounded(ds []time.Duration) string {
+	out := ""
+	for i, d := range ds {
+		if i > 0 {
+			out += " "
+		}
+		out += fmt.Sprint(d.Round(time.Millisecond))
+	}
+	return out
+}
