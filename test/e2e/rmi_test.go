@@ -31,10 +31,15 @@ const (
 // snapshotter only, so the collection it times touches that snapshotter
 // alone; the content is removed with it on every side alike.
 //
-// It reports the ratios and does not assert them: on this shared 2-core
-// machine the built-in's removal takes a few hundred milliseconds, and a
-// neighbour's job moves single runs by more than the margin a bound would
-// need (see the report in docs/bench-results.md).
+// It asserts that overclone's median is at most the built-in's: since
+// Cleanup leaves the trash to the background the removal takes tens of
+// milliseconds against seconds (medians 0.01-0.05x on both containerd
+// versions; single removals 30-372 ms against 3.0-7.7 s), a margin no
+// neighbour's job on this shared machine comes near. Before that change,
+// when Cleanup waited for the disk, the same test gave 0.47-0.75x here. It also reports, without asserting,
+// the time until overclone's trash is empty, the disk work the built-in
+// does inside Cleanup: in userspace mode, whose layers are whole copies,
+// that is more than the built-in's.
 func TestRmiTiming(t *testing.T) {
 	getFixture(t)
 	dir := t.TempDir()
@@ -89,9 +94,13 @@ func (s *suite) testRmiTiming(t *testing.T, archive string) {
 		base := medianOf(row.ds["overlayfs"])
 		for _, sn := range s.sns[1:] {
 			m := medianOf(row.ds[sn])
+			ratio := float64(m) / float64(base)
 			t.Logf("%s %s: %s median of %d: %s against overlayfs %s: %.2fx (runs %v, overlayfs %v)",
 				s.label, row.what, sn, rmiRounds, m.Round(time.Millisecond), base.Round(time.Millisecond),
-				float64(m)/float64(base), rounded(row.ds[sn]), rounded(row.ds["overlayfs"]))
+				ratio, rounded(row.ds[sn]), rounded(row.ds["overlayfs"]))
+			if row.what == "rm --sync" && ratio > 1.0 {
+				t.Errorf("%s: %s's image removal takes %.2fx the built-in's, want at most 1.0x", s.label, sn, ratio)
+			}
 		}
 	}
 }
