@@ -14,9 +14,9 @@ import (
 
 // runGC removes what no snapshot's metadata names (directories left by a
 // crash, the trash) and returns once it is deleted, or with --dry-run lists
-// it with its size. containerd
-// calls Cleanup only after its own garbage collector marks the snapshotter
-// dirty, so on a busy node orphans can pile up between collections.
+// it with its size. containerd calls Cleanup only after its own garbage
+// collector marks the snapshotter dirty, so on a busy node orphans can pile
+// up between collections.
 //
 // A running daemon is asked over its socket (it holds the database); a
 // root no daemon serves is read directly.
