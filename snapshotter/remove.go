@@ -83,8 +83,8 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 // thresholds read) rises only as the deleter works, about 2 s later for
 // that image, while the built-in's (which deletes inside Cleanup with
 // containerd's default asynchronous remove) has risen when Cleanup
-// returns; the usage containerd reports from the snapshots' metadata
-// drops at once on both.
+// returns; the used bytes CRI reports are summed from the remaining
+// snapshots' Usage, the same on both.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		if err := s.trashOrphans(ctx, false); err != nil {
