@@ -34,7 +34,8 @@ const (
 // It asserts that overclone's median is at most the built-in's: since
 // Cleanup leaves the trash to the background the removal takes tens of
 // milliseconds against seconds (medians 0.01-0.05x on both containerd
-// versions; single removals 30-372 ms against 3.0-7.7 s), a margin no
+// versions over two runs; single removals 30-372 ms against 3.0-7.7 s), a
+// margin no
 // neighbour's job on this shared machine comes near. Before that change,
 // when Cleanup waited for the disk, the same test gave 0.47-0.75x here. It also reports, without asserting,
 // the time until overclone's trash is empty, the disk work the built-in
