@@ -35,12 +35,11 @@ const (
 // Cleanup leaves the trash to the background the removal takes tens of
 // milliseconds against seconds (medians 0.01-0.05x on both containerd
 // versions over two runs; single removals 30-372 ms against 3.0-7.7 s), a
-// margin no
-// neighbour's job on this shared machine comes near. Before that change,
-// when Cleanup waited for the disk, the same test gave 0.47-0.75x here. It also reports, without asserting,
-// the time until overclone's trash is empty, the disk work the built-in
-// does inside Cleanup: in userspace mode, whose layers are whole copies,
-// that is more than the built-in's.
+// margin no neighbour's job on this shared machine comes near. Before that
+// change, when Cleanup waited for the disk, the same test gave 0.47-0.75x.
+// It also reports, without asserting, the time until overclone's trash is
+// empty, the disk work the built-in does inside Cleanup: in userspace
+// mode, whose layers are whole copies, that is more than the built-in's.
 func TestRmiTiming(t *testing.T) {
 	getFixture(t)
 	dir := t.TempDir()
