@@ -18,6 +18,8 @@ const (
 	adminService = "overclone.admin.v1.Admin"
 	// AdminOrphansMethod is the full gRPC method name of the orphan listing.
 	AdminOrphansMethod = "/" + adminService + "/Orphans"
+	// AdminCollectMethod is the full gRPC method name of Collect.
+	AdminCollectMethod = "/" + adminService + "/Collect"
 )
 
 // RegisterAdmin serves s's admin service on srv.
@@ -41,6 +43,17 @@ func RegisterAdmin(srv *grpc.Server, s *Snapshotter) {
 				}
 				return wrapperspb.String(string(out)), nil
 			},
+		}, {
+			MethodName: "Collect",
+			Handler: func(_ any, ctx context.Context, dec func(any) error, _ grpc.UnaryServerInterceptor) (any, error) {
+				if err := dec(&emptypb.Empty{}); err != nil {
+					return nil, err
+				}
+				if err := s.Collect(ctx); err != nil {
+					return nil, errgrpc.ToGRPC(err)
+				}
+				return &emptypb.Empty{}, nil
+			},
 		}},
 	}, s)
 }
@@ -56,4 +69,13 @@ func AskOrphans(ctx context.Context, conn grpc.ClientConnInterface) ([]Orphan, e
 		return nil, err
 	}
 	return orphans, nil
+}
+
+// AskCollect asks a daemon's admin service to Collect: Cleanup, then wait
+// until what it put in the trash is deleted.
+func AskCollect(ctx context.Context, conn grpc.ClientConnInterface) error {
+	if err := conn.Invoke(ctx, AdminCollectMethod, &emptypb.Empty{}, &emptypb.Empty{}); err != nil {
+		return errgrpc.ToNative(err)
+	}
+	return nil
 }

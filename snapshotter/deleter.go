@@ -15,7 +15,7 @@ const deleteWorkers = 2
 
 // deleter empties the trash in the background: a queue served by at most
 // deleteWorkers goroutines, which exit when the queue is empty. wait lets
-// Cleanup and Close wait for what was queued before they were called,
+// Close and Collect wait for what was queued before they were called,
 // while Removes keep queueing.
 type deleter struct {
 	mu   sync.Mutex
@@ -25,6 +25,10 @@ type deleter struct {
 	queue   []queued
 	seq     uint64
 	running map[uint64]struct{} // seqs being deleted now
+	// pending holds the paths queued or being deleted: Cleanup queues
+	// the whole trash again, and what is already on its way must not
+	// pile up behind it once per collection.
+	pending map[string]struct{}
 	workers int
 }
 
@@ -34,12 +38,13 @@ type queued struct {
 }
 
 func newDeleter() *deleter {
-	d := &deleter{running: map[uint64]struct{}{}}
+	d := &deleter{running: map[uint64]struct{}{}, pending: map[string]struct{}{}}
 	d.cond = sync.NewCond(&d.mu)
 	return d
 }
 
-// add queues paths for deletion; it never blocks on the disk.
+// add queues paths for deletion, but those already pending; it never
+// blocks on the disk.
 func (d *deleter) add(paths ...string) {
 	if len(paths) == 0 {
 		return
@@ -47,6 +52,10 @@ func (d *deleter) add(paths ...string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, p := range paths {
+		if _, ok := d.pending[p]; ok {
+			continue
+		}
+		d.pending[p] = struct{}{}
 		d.seq++
 		d.queue = append(d.queue, queued{d.seq, p})
 	}
@@ -69,6 +78,7 @@ func (d *deleter) work() {
 		}
 		d.mu.Lock()
 		delete(d.running, q.seq)
+		delete(d.pending, q.path)
 		d.cond.Broadcast()
 	}
 	d.workers--

@@ -64,8 +64,9 @@ func TestCommitRemovedMeanwhile(t *testing.T) {
 // TestRemoveCleanupCloseConcurrently: Removes, Cleanups and Close run at
 // once (containerd's GC and image pulls on a busy node). Waiting for the
 // background deletions must not misuse anything (a reused WaitGroup used
-// to panic the daemon here), and Cleanup and Close return only once what
-// was queued before them is deleted.
+// to panic the daemon here). Once Cleanup returns, nothing the metadata
+// does not name is left outside the trash; once Close returns, the trash
+// is empty too.
 func TestRemoveCleanupCloseConcurrently(t *testing.T) {
 	root := t.TempDir()
 	ctx, s := openTest(t, root)
@@ -106,8 +107,17 @@ func TestRemoveCleanupCloseConcurrently(t *testing.T) {
 	if err := s.Cleanup(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// Every key was removed, so nothing outside the trash may remain.
+	for _, dir := range []string{snapshotsDir, flatDir, linksDir} {
+		if left, _ := os.ReadDir(filepath.Join(root, dir)); len(left) != 0 {
+			t.Fatalf("%d entries left in %s after Cleanup", len(left), dir)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if left, _ := os.ReadDir(filepath.Join(root, trashDir)); len(left) != 0 {
-		t.Fatalf("%d entries left in the trash after Cleanup", len(left))
+		t.Fatalf("%d entries left in the trash after Close", len(left))
 	}
 }
 

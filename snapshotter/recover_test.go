@@ -102,8 +102,17 @@ func TestOrphansRemoved(t *testing.T) {
 	if err := s.Cleanup(ctx); err != nil {
 		t.Fatal(err)
 	}
+	// Cleanup takes the orphan out of snapshots/ before it returns; it
+	// is deleted from the trash in the background, and Collect waits
+	// for that.
 	gone(t, orphan, staleLink)
 	there(t, inFlight, filepath.Join(root, "snapshots", "1", "fs"), filepath.Join(root, "l", "1"))
+	if err := s.Collect(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if left, _ := os.ReadDir(filepath.Join(root, trashDir)); len(left) != 0 {
+		t.Fatalf("%d entries left in the trash after Collect", len(left))
+	}
 	s.Close()
 
 	trashed := mk("trash/9-xyz/fs")

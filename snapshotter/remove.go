@@ -61,10 +61,33 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 	return nil
 }
 
-// Cleanup removes every directory and link the metadata does not name. It
-// holds the write transaction while it lists, so that no snapshot being
+// Cleanup takes what the metadata does not name out of the snapshotter's
+// directories and returns without waiting for the disk.
+//
+// It holds the write transaction while it lists, so that no snapshot being
 // created (its directory placed, its metadata not yet committed) is taken
-// for an orphan; the deleting happens after.
+// for an orphan, and renames each orphan directory into ROOT/trash and
+// removes each stale link before the transaction ends. So once Cleanup
+// returns, nothing under snapshots/, flat/ or l/ lacks metadata but the
+// new-* of creates still in flight; everything else it found is in the
+// trash.
+//
+// Deleting the trash's contents is what it defers, to the background
+// deleter, and that is safe: no metadata can name anything in the trash
+// (its names are made unique and never read back as ids), so no call can
+// reach it and no later create can collide with it; a crash or a stop cut
+// short leaves it for the next start, which queues the whole trash again;
+// Close waits for it; `overclone gc` waits for it through Collect. Waiting
+// here made containerd's garbage collector, and with it `ctr images rm
+// --sync` and `crictl rmi`, wait for every file of the image's layers to be
+// unlinked: with an 8-layer, 20 000-file image (TestRmiTiming) 1.97-2.54 s,
+// 64-84 ms without the wait. The price is that free space read right
+// after a collection (statfs: what the kubelet's eviction and image GC
+// thresholds read) rises only as the deleter works, about 2 s later for
+// that image, while the built-in's (which deletes inside Cleanup with
+// containerd's default asynchronous remove) has risen when Cleanup
+// returns; the used bytes CRI reports are summed from the remaining
+// snapshots' Usage, the same on both.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
 		if err := s.trashOrphans(ctx, false); err != nil {
@@ -74,8 +97,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	}); err != nil {
 		return err
 	}
+	// Anything a failed deletion left in the trash is queued again;
+	// the deleter drops what it already holds.
 	s.emptyTrash(ctx)
-	s.deletions.wait()
 	return nil
 }
 

@@ -131,8 +131,8 @@ type Snapshotter struct {
 	life  context.Context
 	abort context.CancelFunc
 
-	// deletions empties the trash in the background; Close and Cleanup
-	// wait for it.
+	// deletions empties the trash in the background; Close and Collect
+	// wait for it, Cleanup does not (see Cleanup).
 	deletions *deleter
 	// startup counts the work New leaves running in the background
 	// (cleanStaging). Add is called only in New, before any call is

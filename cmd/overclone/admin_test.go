@@ -108,6 +108,11 @@ func TestAdminCommands(t *testing.T) {
 	if _, err := os.Stat(orphan); !os.IsNotExist(err) {
 		t.Fatalf("gc left the orphan: %v", err)
 	}
+	// containerd's Cleanup leaves the trash to the background; gc by
+	// hand returns only once it is deleted.
+	if left, err := os.ReadDir(filepath.Join(root, "trash")); err != nil || len(left) != 0 {
+		t.Fatalf("gc returned with %d entries in the trash (%v)", len(left), err)
+	}
 
 	// The CLI's temporary views are gone again.
 	if err := sn.Walk(ctx, func(_ context.Context, info snapshots.Info) error {

@@ -7,15 +7,16 @@ import (
 	"io"
 	"text/tabwriter"
 
-	"github.com/containerd/containerd/v2/core/snapshots"
+	"google.golang.org/grpc"
 
 	"github.com/overclone/overclone/snapshotter"
 )
 
 // runGC removes what no snapshot's metadata names (directories left by a
-// crash, the trash), or with --dry-run lists it with its size. containerd
-// calls Cleanup only after its own garbage collector marks the snapshotter
-// dirty, so on a busy node orphans can pile up between collections.
+// crash, the trash) and returns once it is deleted, or with --dry-run lists
+// it with its size. containerd calls Cleanup only after its own garbage
+// collector marks the snapshotter dirty, so on a busy node orphans can pile
+// up between collections.
 //
 // A running daemon is asked over its socket (it holds the database); a
 // root no daemon serves is read directly.
@@ -45,16 +46,20 @@ func runGC(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return snapshotter.ListOrphans(ctx, *root)
 		})
 	case live:
-		var sn snapshots.Snapshotter
-		var done func()
-		if ctx, sn, done, err = d.connect(ctx); err == nil {
-			defer done()
-			err = sn.(snapshots.Cleaner).Cleanup(ctx)
+		// Collect, not the snapshots API's Cleanup: Cleanup returns
+		// once the orphans are in the trash, and who runs gc by hand
+		// wants the space back before it returns.
+		var conn *grpc.ClientConn
+		if conn, err = d.conn(); err == nil {
+			defer conn.Close()
+			cctx, cancel := context.WithTimeout(ctx, *d.timeout)
+			defer cancel()
+			err = snapshotter.AskCollect(cctx, conn)
 		}
 	default:
 		var s *snapshotter.Snapshotter
 		if s, err = snapshotter.New(ctx, *root, snapshotter.WithExistingRoot); err == nil {
-			err = s.Cleanup(ctx)
+			err = s.Collect(ctx)
 			s.Close()
 		}
 	}

@@ -119,6 +119,10 @@ func TestCrash(t *testing.T) {
 	if err := c.Cleanup(ctx); err != nil {
 		t.Fatalf("Cleanup: %v", err)
 	}
+	// Cleanup leaves the trash to the background deleter; wait for it
+	// here, so that the stop is not cut short deleting and the check
+	// below sees the trash emptied by the daemon, not by the next start.
+	waitTrashEmpty(t, root)
 	if err := d.Stop(); err != nil {
 		t.Fatalf("clean stop: %v", err)
 	}
@@ -506,9 +510,28 @@ func (w *workload) verifyDisk(root string) {
 		}
 	}
 	if trash, _ := os.ReadDir(filepath.Join(root, "trash")); len(trash) != 0 {
-		t.Errorf("trash not empty after Cleanup: %d entries", len(trash))
+		t.Errorf("trash not empty after Cleanup and its deletions: %d entries", len(trash))
 	}
 	if len(ids) != len(w.model) {
 		t.Errorf("%d snapshots in the metadata, %d expected", len(ids), len(w.model))
+	}
+}
+
+// waitTrashEmpty waits until root's trash has no entries.
+func waitTrashEmpty(t *testing.T, root string) {
+	t.Helper()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		entries, err := os.ReadDir(filepath.Join(root, "trash"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(entries) == 0 {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d entries still in the trash a minute after Cleanup", len(entries))
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

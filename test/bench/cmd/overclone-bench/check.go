@@ -25,6 +25,8 @@ func (r *Report) check() {
 			}
 		}
 		for _, side := range []struct{ ours, label string }{
+			// overclone as shipped (sync_on_commit on), the built-in
+			// as containerd ships it (asynchronous remove).
 			{tOverclone, "in-process"},
 			{tOCGRPC, "through the same in-process gRPC server"},
 			{tDaemon, "the daemon against the built-in served from its own process"},

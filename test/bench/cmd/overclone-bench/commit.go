@@ -11,7 +11,7 @@ import (
 // active snapshot (untimed), then times Usage of the active snapshot (what
 // CRI calls every 10 s), Commit, and Usage of the committed layer.
 func (e *env) benchCommit() error {
-	ts, err := e.open("commit", tOverclone, tOverlay, tNative, tUserspace, tSync)
+	ts, err := e.open("commit", tOverclone, tOverlay, tNative, tUserspace, tNoSync)
 	if err != nil {
 		return err
 	}

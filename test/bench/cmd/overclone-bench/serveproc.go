@@ -13,21 +13,21 @@ import (
 	snapshotsapi "github.com/containerd/containerd/api/services/snapshots/v1"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/proxy"
-	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
 	"github.com/overclone/overclone/snapshotter"
+	"github.com/overclone/overclone/test/builtin"
 )
 
 // serveBuiltin is this program run as `-serve-builtin ROOT -socket SOCK`:
-// containerd's built-in overlayfs snapshotter served by the same gRPC
-// service as overclone, in a process of its own, so that the real daemon
+// containerd's built-in overlayfs snapshotter, with its plugin's defaults,
+// served by the same gRPC service as overclone, in a process of its own, so that the real daemon
 // is compared with a process of the same shape, not with a server that
 // shares the client's process (and its scheduler).
 func serveBuiltin(root, sock string) error {
-	sn, err := overlay.NewSnapshotter(root)
+	sn, err := builtin.Overlay(root)
 	if err != nil {
 		return err
 	}

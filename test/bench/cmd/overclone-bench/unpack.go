@@ -14,7 +14,7 @@ import (
 // rounds, then runs the container start path and the userspace-against-
 // native Prepare comparison on the last image unpacked.
 func (e *env) benchUnpack() error {
-	ts, err := e.open("unpack", tOverclone, tOverlay, tNative, tUserspace, tSync)
+	ts, err := e.open("unpack", tOverclone, tOverlay, tNative, tUserspace, tNoSync)
 	if err != nil {
 		return err
 	}
@@ -63,7 +63,7 @@ func (e *env) benchUnpack() error {
 	}
 	var start []*target
 	for _, t := range ts {
-		if t.name != tSync { // the same as overclone without a Commit
+		if t.name != tNoSync { // the same as overclone without a Commit
 			start = append(start, t)
 		}
 	}
