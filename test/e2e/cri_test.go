@@ -87,6 +87,7 @@ type criNode struct {
 	cli    string // the overclone admin tool
 	img    *image.Image
 	tm     *harness.Timings
+	cgroup string // the pods' cgroup parent; criCgroup if ""
 }
 
 func runCRI(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause string, tm *harness.Timings) {
@@ -122,12 +123,7 @@ func runCRI(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause stri
 			t.Error(err)
 		}
 		_ = os.RemoveAll(dir)
-		// runc removes each container's cgroup; their parent, once
-		// empty, goes here (cgroup v1: one per controller).
-		dirs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", "*", criCgroup))
-		for _, d := range append(dirs, filepath.Join("/sys/fs/cgroup", criCgroup)) {
-			_ = os.Remove(d)
-		}
+		removeCRICgroup(criCgroup)
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -301,6 +297,10 @@ func (n *criNode) push(t *testing.T, archive, ref string) {
 // name: host network (no CNI), the viewer sleeping until SIGTERM.
 func (n *criNode) writeConfigs(t *testing.T, name, ref string) (pod, ctr string) {
 	t.Helper()
+	cgroup := criCgroup
+	if n.cgroup != "" {
+		cgroup = n.cgroup
+	}
 	hostNet := map[string]any{"security_context": map[string]any{"namespace_options": map[string]any{"network": 2}}}
 	podCfg := map[string]any{
 		"metadata":      map[string]any{"name": name, "namespace": harness.Namespace, "uid": name + "-uid", "attempt": 0},
@@ -309,7 +309,7 @@ func (n *criNode) writeConfigs(t *testing.T, name, ref string) (pod, ctr string)
 			"security_context": hostNet["security_context"],
 			// As a kubelet sets it: without a cgroup CRI has no
 			// figures for the pod and statsp fails.
-			"cgroup_parent": criCgroup,
+			"cgroup_parent": cgroup,
 		},
 	}
 	ctrCfg := map[string]any{

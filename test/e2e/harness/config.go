@@ -154,11 +154,16 @@ func (c containerdConfig) fromSnippet(snippet string) (string, error) {
 	if version == "" {
 		return "", fmt.Errorf("snippet has no version line")
 	}
-	if len(c.Proxies) != 1 || c.Proxies[0].Name != SnapshotterName {
+	body := strings.Join(rest, "\n")
+	switch {
+	case len(c.Proxies) == 0 && !strings.Contains(body, DefaultSocket):
+		// The node's own config, before the snippet is merged in.
+	case len(c.Proxies) != 1 || c.Proxies[0].Name != SnapshotterName:
 		return "", fmt.Errorf("a snippet names one proxy, %q", SnapshotterName)
+	default:
+		oc := c.Proxies[0].Overclone
+		body = strings.NewReplacer(DefaultSocket, oc.Socket, DefaultRoot, oc.Root).Replace(body)
 	}
-	oc := c.Proxies[0].Overclone
-	body := strings.NewReplacer(DefaultSocket, oc.Socket, DefaultRoot, oc.Root).Replace(strings.Join(rest, "\n"))
 	q := funcs["q"].(func(string) string)
 	return fmt.Sprintf(`%s
 root = %s

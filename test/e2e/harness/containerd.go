@@ -34,6 +34,8 @@ type ContainerdOptions struct {
 	// Snippet, when set, replaces the generated config: a deploy/containerd
 	// file, run as it is except for this daemon's own root, state and
 	// socket, and overclone's socket and root instead of the default paths.
+	// A snippet of only its version line is the same node before anything
+	// of overclone's was merged in (no Proxies then).
 	Snippet string
 }
 
@@ -86,11 +88,42 @@ func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, lo
 	}
 	c.Version = m[1] + "." + m[2] + "." + m[3]
 	c.Major, _ = strconv.Atoi(m[1])
+	if err := c.writeConfig(); err != nil {
+		return nil, err
+	}
+	if err := c.start(ctx); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
 
+// Restart is a node's `systemctl restart containerd` after a config change:
+// SIGTERM, which leaves every task running in its shim, then containerd
+// again on the same root, state and socket with the config opts give
+// (BinDir stays). Unlike Stop it removes no task or container first.
+func (c *Containerd) Restart(ctx context.Context, opts ContainerdOptions) error {
+	if c.proc == nil {
+		return fmt.Errorf("containerd %s was never started", c.Version)
+	}
+	if err := c.proc.stop(); err != nil {
+		return err
+	}
+	opts.BinDir = c.Opts.BinDir
+	c.Opts = opts
+	if err := c.writeConfig(); err != nil {
+		return err
+	}
+	return c.start(ctx)
+}
+
+// writeConfig writes the config c.Opts describe, and the image filesystem
+// links they ask for.
+func (c *Containerd) writeConfig() error {
+	opts := c.Opts
 	cfg := containerdConfig{
 		Root:                 c.Root,
 		CRI:                  opts.CRI != nil,
-		State:                filepath.Join(dir, "state"),
+		State:                filepath.Join(c.Dir, "state"),
 		Address:              c.Address,
 		Capabilities:         opts.Capabilities,
 		MaxConcurrentUnpacks: opts.MaxConcurrentUnpacks,
@@ -101,32 +134,39 @@ func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, lo
 		text, err = cfg.fromSnippet(opts.Snippet)
 	}
 	if err != nil {
-		return nil, err
+		return err
 	}
 	if opts.CRI != nil {
 		text = mergeTables(text, opts.CRI.tables(c.Major))
 	}
 	if opts.LinkImageFS {
 		if err := os.MkdirAll(c.Root, 0o700); err != nil {
-			return nil, err
+			return err
 		}
 		for _, p := range opts.Proxies {
-			if err := os.Symlink(p.Overclone.Root, ImageFSLink(c.Root, p.Name)); err != nil {
-				return nil, err
+			link := ImageFSLink(c.Root, p.Name)
+			// A restart on the same root finds the link made before.
+			if target, err := os.Readlink(link); err == nil && target == p.Overclone.Root {
+				continue
+			}
+			if err := os.Symlink(p.Overclone.Root, link); err != nil {
+				return err
 			}
 		}
 	}
-	if err := os.WriteFile(c.Config, []byte(text), 0o644); err != nil {
-		return nil, err
-	}
-	level := opts.LogLevel
+	return os.WriteFile(c.Config, []byte(text), 0o644)
+}
+
+// start starts containerd on c.Config and waits until it answers.
+func (c *Containerd) start(ctx context.Context) error {
+	level := c.Opts.LogLevel
 	if level == "" {
 		level = "info"
 	}
-	p, err := startProcess("containerd "+c.Version, c.Log, c.env, filepath.Join(opts.BinDir, "containerd"),
+	p, err := startProcess("containerd "+c.Version, c.Log, c.env, filepath.Join(c.Opts.BinDir, "containerd"),
 		"--config", c.Config, "--log-level", level)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	c.proc = p
 	wctx, cancel := context.WithTimeout(ctx, 60*time.Second)
@@ -138,10 +178,10 @@ func StartContainerd(ctx context.Context, dir string, opts ContainerdOptions, lo
 	})
 	if err != nil {
 		_ = p.stop()
-		return nil, err
+		return err
 	}
-	logf("containerd %s up on %s in %s", c.Version, c.Address, time.Since(start).Round(time.Millisecond))
-	return c, nil
+	c.logf("containerd %s up on %s in %s", c.Version, c.Address, time.Since(start).Round(time.Millisecond))
+	return nil
 }
 
 // Ctr runs this containerd's ctr against it in the test namespace.

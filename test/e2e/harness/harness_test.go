@@ -70,6 +70,27 @@ func TestFromSnippet(t *testing.T) {
 	}
 }
 
+// TestFromSnippetNode checks the node's config before the switch: the
+// snippet's version line alone, no proxy; and that a snippet naming
+// overclone needs its daemon.
+func TestFromSnippetNode(t *testing.T) {
+	cfg := containerdConfig{Root: "/r", State: "/s", Address: "/a.sock"}
+	text, err := cfg.fromSnippet("version = 2\n")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc map[string]any
+	if err := toml.Unmarshal([]byte(text), &doc); err != nil {
+		t.Fatalf("%v\n%s", err, text)
+	}
+	if doc["version"] != int64(2) || doc["root"] != "/r" || doc["proxy_plugins"] != nil {
+		t.Errorf("%v\n%s", doc, text)
+	}
+	if _, err := cfg.fromSnippet("version = 3\n[proxy_plugins.overclone]\n  address = \"" + DefaultSocket + "\"\n"); err == nil {
+		t.Error("a snippet naming overclone without a daemon: no error")
+	}
+}
+
 func TestUnescape(t *testing.T) {
 	for in, want := range map[string]string{`/a\040b`: "/a b", `/plain`: "/plain", `/x\`: `/x\`, `/t\011\134`: "/t\t\\"} {
 		if got := unescape(in); got != want {
