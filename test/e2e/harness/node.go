@@ -113,8 +113,7 @@ func (n *NodeContainer) Exec(ctx context.Context, execID string, args ...string)
 }
 
 // Stop sends SIGTERM, as the kubelet does, waits for the task to exit and
-// removes task and container. It fails if the daemon did not log its clean
-// stop.
+// removes task and container. It fails if the daemon exited with an error.
 func (n *NodeContainer) Stop(ctx context.Context) error {
 	if _, err := n.c.Ctr(ctx, "tasks", "kill", "-s", "SIGTERM", n.ID); err != nil {
 		return err
@@ -139,11 +138,13 @@ func (n *NodeContainer) Stop(ctx context.Context) error {
 	if _, err := n.c.Ctr(ctx, "tasks", "rm", n.ID); err != nil {
 		return fmt.Errorf("overclone's exit: %w\n%s", err, n.Overclone.Tail(20))
 	}
+	// The exit status, which tasks rm checked, is what says the stop
+	// was clean (the daemon exits 1 when it has to cut calls off). Its
+	// last log lines are no proof either way: containerd's file logger
+	// copies the output asynchronously and may not have written them
+	// when the task is gone (seen once in ten runs).
 	if _, err := n.c.Ctr(ctx, "containers", "rm", n.ID); err != nil {
 		return err
-	}
-	if !strings.Contains(n.Overclone.Tail(5), `msg=stopped`) {
-		return fmt.Errorf("overclone did not log its stop:\n%s", n.Overclone.Tail(20))
 	}
 	return nil
 }
