@@ -81,15 +81,20 @@ func (s *Snapshotter) Missing() map[string]string {
 // first makes again the directories of active snapshots and views that a
 // power cut took before their rename reached the disk (see durable.go);
 // committed layers cannot be made again. Snapshots being placed right now
-// are not missing. It must run inside a write transaction.
-func (s *Snapshotter) checkLayers(ctx context.Context, starting bool) error {
-	ids, err := idMap(ctx)
-	if err != nil {
-		return err
-	}
+// are not missing. ids is the metadata's, placed the ids whose directory
+// is in snapshots/ or on its way there: Cleanup goes by that listing,
+// which costs no call per snapshot on a node with thousands; the start
+// looks into each for its fs dir too. It must run inside a write
+// transaction.
+func (s *Snapshotter) checkLayers(ctx context.Context, ids map[string]string, placed map[string]bool, starting bool) error {
 	var lost []string
 	for id := range ids {
-		if _, err := os.Stat(s.upperPath(id)); err != nil && !s.placing.has(id) {
+		there := placed[id]
+		if there && starting {
+			_, err := os.Stat(s.upperPath(id))
+			there = err == nil
+		}
+		if !there {
 			lost = append(lost, id)
 			continue
 		}

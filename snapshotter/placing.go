@@ -8,7 +8,7 @@ import (
 // directory is not renamed into place yet. Prepare and View commit first
 // and place after, so for a moment a snapshot exists without its
 // directory: whatever would look at that directory waits for it (wait),
-// and the check for missing directories skips it (has).
+// and the check for missing directories skips it (all).
 type placingSet struct {
 	mu  sync.Mutex
 	ids map[string]chan struct{}
@@ -69,9 +69,13 @@ func (p *placingSet) wait(id string) {
 	}
 }
 
-func (p *placingSet) has(id string) bool {
+// all returns the ids being placed now.
+func (p *placingSet) all() map[string]bool {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	_, ok := p.ids[id]
-	return ok
+	ids := make(map[string]bool, len(p.ids))
+	for id := range p.ids {
+		ids[id] = true
+	}
+	return ids
 }

@@ -90,10 +90,7 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 // snapshots' Usage, the same on both.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		if err := s.trashOrphans(ctx, false); err != nil {
-			return err
-		}
-		return s.checkLayers(ctx, false)
+		return s.sweep(ctx, false)
 	}); err != nil {
 		return err
 	}
@@ -108,10 +105,7 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 // snapshots whose directories are gone.
 func (s *Snapshotter) recover(ctx context.Context) error {
 	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		if err := s.trashOrphans(ctx, true); err != nil {
-			return err
-		}
-		return s.checkLayers(ctx, true)
+		return s.sweep(ctx, true)
 	})
 	if err != nil {
 		return fmt.Errorf("recover %s: %w", s.root, err)
@@ -121,21 +115,43 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 	return nil
 }
 
-// trashOrphans moves to the trash what no snapshot in the metadata owns.
-// It must run inside a write transaction.
-func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
+// sweep is what Cleanup and the start do inside their write transaction:
+// orphans to the trash, then the snapshots without a directory found. One
+// list of the ids and one of snapshots/ serve both.
+func (s *Snapshotter) sweep(ctx context.Context, starting bool) error {
 	ids, err := idMap(ctx)
 	if err != nil {
 		return err
 	}
+	// Taken before the directories are listed: a create whose metadata
+	// this transaction sees was being placed by then, or was placed.
+	inFlight := s.placing.all()
+	placed, err := s.trashOrphans(ctx, ids, starting)
+	if err != nil {
+		return err
+	}
+	for id := range inFlight {
+		placed[id] = true
+	}
+	return s.checkLayers(ctx, ids, placed, starting)
+}
+
+// trashOrphans moves to the trash what no snapshot in the metadata owns,
+// and returns the ids whose directory it found in snapshots/.
+// It must run inside a write transaction.
+func (s *Snapshotter) trashOrphans(ctx context.Context, ids map[string]string, starting bool) (placed map[string]bool, err error) {
+	placed = map[string]bool{}
 	for _, dir := range []string{snapshotsDir, flatDir} {
 		entries, err := os.ReadDir(filepath.Join(s.root, dir))
 		if err != nil {
-			return fmt.Errorf("list %s: %w", dir, err)
+			return nil, fmt.Errorf("list %s: %w", dir, err)
 		}
 		for _, e := range entries {
 			name := e.Name()
 			if _, ok := ids[name]; ok {
+				if dir == snapshotsDir {
+					placed[name] = true
+				}
 				continue
 			}
 			// new-* belong to creates and flattenings in flight,
@@ -145,7 +161,7 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 			}
 			log.G(ctx).WithField("path", filepath.Join(dir, name)).Info("removing directory that no snapshot owns")
 			if _, err := s.trash(filepath.Join(s.root, dir, name)); err != nil {
-				return err
+				return nil, err
 			}
 		}
 	}
@@ -156,7 +172,7 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 	}
 	links, err := os.ReadDir(filepath.Join(s.root, linksDir))
 	if err != nil {
-		return fmt.Errorf("list layer links: %w", err)
+		return nil, fmt.Errorf("list layer links: %w", err)
 	}
 	for _, l := range links {
 		if _, ok := short[l.Name()]; ok {
@@ -171,10 +187,10 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, starting bool) error {
 			s.linked.Delete(strconv.FormatUint(n, 10))
 		}
 		if err := os.Remove(filepath.Join(s.root, linksDir, l.Name())); err != nil && !os.IsNotExist(err) {
-			return fmt.Errorf("remove stale layer link %s: %w", l.Name(), err)
+			return nil, fmt.Errorf("remove stale layer link %s: %w", l.Name(), err)
 		}
 	}
-	return nil
+	return placed, nil
 }
 
 var trashSeq atomic.Uint64
