@@ -42,16 +42,17 @@ func ServeIfAsked() {
 	if root == "" {
 		return
 	}
-	if err := serve(root, sock); err != nil {
+	if err := Serve(root, sock); err != nil {
 		fmt.Fprintln(os.Stderr, "serve the built-in:", err)
 		os.Exit(1)
 	}
 	os.Exit(0)
 }
 
-// serve serves the built-in on sock until SIGTERM or SIGINT, then lets the
-// calls in flight finish and closes the metadata store.
-func serve(root, sock string) error {
+// Serve serves the built-in at root on sock until SIGTERM or SIGINT, then
+// lets the calls in flight finish and closes the metadata store. A program
+// of its own (the bench) calls it directly.
+func Serve(root, sock string) error {
 	sn, err := Overlay(root)
 	if err != nil {
 		return err

@@ -6,7 +6,6 @@ import (
 	"net"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"time"
 
@@ -17,7 +16,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 
-	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/builtin"
 )
 
@@ -27,24 +25,7 @@ import (
 // is compared with a process of the same shape, not with a server that
 // shares the client's process (and its scheduler).
 func serveBuiltin(root, sock string) error {
-	sn, err := builtin.Overlay(root)
-	if err != nil {
-		return err
-	}
-	defer sn.Close()
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		return err
-	}
-	srv := grpc.NewServer()
-	snapshotsapi.RegisterSnapshotsServer(srv, snapshotter.NewService(sn))
-	sigs := make(chan os.Signal, 1)
-	signal.Notify(sigs, unix.SIGINT, unix.SIGTERM)
-	go func() {
-		<-sigs
-		srv.GracefulStop()
-	}()
-	return srv.Serve(l)
+	return builtin.Serve(root, sock)
 }
 
 // startBuiltinProc starts serveBuiltin in a child process and returns
