@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/overclone/overclone/test/require"
 )
 
 // TestKernelSaysWithoutPrefix: the kernel's fs_context log hands each
@@ -24,7 +26,7 @@ func TestKernelSaysWithoutPrefix(t *testing.T) {
 	}
 	msg := kernelSays("overlay", []string{"lowerdir=" + strings.Join(lowers, ":")})
 	if msg == "" {
-		t.Skip("no fsopen log on this kernel")
+		require.Skip(t, "no fsopen log on this kernel")
 	}
 	if !strings.HasPrefix(msg, "too many lower directories") {
 		t.Errorf("kernelSays = %q, want the message alone, starting %q", msg, "too many lower directories")

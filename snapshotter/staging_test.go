@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/overclone/overclone/test/require"
 )
 
 // TestStagingLeftoversRemovedAtStart: what an `overclone cp` killed in the
@@ -14,9 +16,7 @@ import (
 // snapshotter next starts; files of the snapshot and the entry of a copy
 // still running stay.
 func TestStagingLeftoversRemovedAtStart(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for the overlay probe")
-	}
+	require.Root(t, "the overlay probe")
 	root := t.TempDir()
 	ctx, s := openTest(t, root)
 	if _, err := s.Prepare(ctx, "base-active", ""); err != nil {

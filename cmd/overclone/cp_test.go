@@ -13,6 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/overclone/overclone/test/daemon"
+	"github.com/overclone/overclone/test/require"
 )
 
 // TestCpReadsTheRootAsItsMountsShow: cp must see a snapshot as the mount
@@ -21,9 +22,7 @@ import (
 // container's content; on a root whose overlays are mounted with
 // userxattr, a user.overlay whiteout hides the lower file.
 func TestCpReadsTheRootAsItsMountsShow(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for the daemon, devices and trusted xattrs")
-	}
+	require.Root(t, "the daemon, devices and trusted xattrs")
 	ctx := namespaces.WithNamespace(context.Background(), defaultNamespace)
 	run := func(d *daemon.Daemon, args ...string) (string, int) {
 		t.Helper()
