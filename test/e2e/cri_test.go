@@ -45,27 +45,11 @@ const fillSize = 8 << 20
 // image; then ten pods start at once. The timings go to
 // results/cri-timings.txt.
 func TestCRI(t *testing.T) {
-	f := getFixture(t)
-	crictlDir := harness.CrictlBinDir()
-	if m := harness.Missing(crictlDir, "crictl"); m != "" {
-		require.Skipf(t, "crictl missing: %s (make crictl)", m)
-	}
-	_, pause, err := harness.BuildPauseImage(f.dir, repoRoot())
-	if err != nil {
-		t.Fatal(err)
-	}
+	f, crictlDir, pause := criSetup(t)
 	var tm harness.Timings
-	for _, v := range []struct{ name, binDir, snippet string }{
-		{"containerd-1.6", harness.Containerd16Bin, "config-v2.toml"},
-		{"containerd-2", harness.Containerd2BinDir(), "config-v3.toml"},
-	} {
-		t.Run(v.name, func(t *testing.T) {
-			if m := harness.Missing(v.binDir, harness.ContainerdTools...); m != "" {
-				require.Skipf(t, "containerd missing: %s (make containerd2 builds 2.x)", m)
-			}
-			runCRI(t, f, v.binDir, v.snippet, crictlDir, pause, &tm)
-		})
-	}
+	eachCRIContainerd(t, func(t *testing.T, binDir, snippet string) {
+		runCRI(t, f, binDir, snippet, crictlDir, pause, &tm)
+	})
 	if tm.Empty() {
 		return
 	}
@@ -74,6 +58,70 @@ func TestCRI(t *testing.T) {
 	path := filepath.Join(repoRoot(), "results", "cri-timings.txt")
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err == nil {
 		_ = os.WriteFile(path, []byte(table), 0o644)
+	}
+}
+
+// criSetup is what every CRI test needs first: crictl, and the pause
+// image it names as the sandbox image.
+func criSetup(t *testing.T) (f *fixture, crictlDir, pause string) {
+	f = getFixture(t)
+	crictlDir = harness.CrictlBinDir()
+	if m := harness.Missing(crictlDir, "crictl"); m != "" {
+		require.Skipf(t, "crictl missing: %s (make crictl)", m)
+	}
+	_, pause, err := harness.BuildPauseImage(f.dir, repoRoot())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return f, crictlDir, pause
+}
+
+// eachCRIContainerd runs fn as a subtest for containerd 1.6 with the
+// shipped config version 2 snippet and 2.x with version 3.
+func eachCRIContainerd(t *testing.T, fn func(t *testing.T, binDir, snippet string)) {
+	for _, v := range []struct{ name, binDir, snippet string }{
+		{"containerd-1.6", harness.Containerd16Bin, "config-v2.toml"},
+		{"containerd-2", harness.Containerd2BinDir(), "config-v3.toml"},
+	} {
+		t.Run(v.name, func(t *testing.T) {
+			if m := harness.Missing(v.binDir, harness.ContainerdTools...); m != "" {
+				require.Skipf(t, "containerd missing: %s (make containerd2 builds 2.x)", m)
+			}
+			fn(t, v.binDir, v.snippet)
+		})
+	}
+}
+
+// criDirs reads the shipped snippet, makes the test's directory (named
+// prefix*) and in it the registry's hosts.toml, and returns the CRI
+// settings every node of the test shares.
+func criDirs(t *testing.T, f *fixture, snippetName, prefix string) ([]byte, string, *harness.CRI) {
+	snippet, err := os.ReadFile(filepath.Join(repoRoot(), "deploy", "containerd", snippetName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir, err := harness.TempDir(prefix)
+	if err != nil {
+		t.Fatal(err)
+	}
+	hosts := filepath.Join(dir, "hosts")
+	if err := harness.WriteRegistryHosts(hosts, f.registry.Host); err != nil {
+		t.Fatal(err)
+	}
+	return snippet, dir, &harness.CRI{SandboxImage: harness.PauseImageName, HostsDir: hosts}
+}
+
+// stopOverclone stops a test's overclone, if it started one, with the
+// tail of its log when the test failed.
+func stopOverclone(t *testing.T, oc *harness.Overclone) {
+	if oc == nil {
+		return
+	}
+	if t.Failed() {
+		t.Logf("overclone log:\n%s", oc.Tail(40))
+	}
+	if err := oc.Stop(); err != nil {
+		t.Error(err)
 	}
 }
 
@@ -91,34 +139,14 @@ type criNode struct {
 }
 
 func runCRI(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause string, tm *harness.Timings) {
-	snippet, err := os.ReadFile(filepath.Join(repoRoot(), "deploy", "containerd", snippetName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := harness.TempDir("oc-cri-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hosts := filepath.Join(dir, "hosts")
-	if err := harness.WriteRegistryHosts(hosts, f.registry.Host); err != nil {
-		t.Fatal(err)
-	}
-	cri := &harness.CRI{SandboxImage: harness.PauseImageName, HostsDir: hosts}
-
+	snippet, dir, cri := criDirs(t, f, snippetName, "oc-cri-")
 	var nodes []*criNode
 	var oc *harness.Overclone
 	t.Cleanup(func() {
 		for _, n := range nodes {
 			n.close(t)
 		}
-		if oc != nil {
-			if t.Failed() {
-				t.Logf("overclone log:\n%s", oc.Tail(40))
-			}
-			if err := oc.Stop(); err != nil {
-				t.Error(err)
-			}
-		}
+		stopOverclone(t, oc)
 		if err := harness.UnmountUnder(dir); err != nil {
 			t.Error(err)
 		}
@@ -132,6 +160,7 @@ func runCRI(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause stri
 			t.Fatal(err)
 		}
 	}
+	var err error
 	if oc, err = harness.NewOverclone(f.overcloneBin, filepath.Join(dir, "oc"), "", t.Logf); err != nil {
 		t.Fatal(err)
 	}

@@ -14,7 +14,6 @@ import (
 
 	"github.com/overclone/overclone/test/e2e/harness"
 	"github.com/overclone/overclone/test/image"
-	"github.com/overclone/overclone/test/require"
 )
 
 // TestCRISwitchOver switches a node with a running pod from the built-in
@@ -31,42 +30,14 @@ import (
 // removing the pods and images frees the old copies in overlayfs as well
 // as the new ones in overclone.
 func TestCRISwitchOver(t *testing.T) {
-	f := getFixture(t)
-	crictlDir := harness.CrictlBinDir()
-	if m := harness.Missing(crictlDir, "crictl"); m != "" {
-		require.Skipf(t, "crictl missing: %s (make crictl)", m)
-	}
-	_, pause, err := harness.BuildPauseImage(f.dir, repoRoot())
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, v := range []struct{ name, binDir, snippet string }{
-		{"containerd-1.6", harness.Containerd16Bin, "config-v2.toml"},
-		{"containerd-2", harness.Containerd2BinDir(), "config-v3.toml"},
-	} {
-		t.Run(v.name, func(t *testing.T) {
-			if m := harness.Missing(v.binDir, harness.ContainerdTools...); m != "" {
-				require.Skipf(t, "containerd missing: %s (make containerd2 builds 2.x)", m)
-			}
-			switchOver(t, f, v.binDir, v.snippet, crictlDir, pause)
-		})
-	}
+	f, crictlDir, pause := criSetup(t)
+	eachCRIContainerd(t, func(t *testing.T, binDir, snippet string) {
+		switchOver(t, f, binDir, snippet, crictlDir, pause)
+	})
 }
 
 func switchOver(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause string) {
-	snippet, err := os.ReadFile(filepath.Join(repoRoot(), "deploy", "containerd", snippetName))
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir, err := harness.TempDir("oc-switch-")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hosts := filepath.Join(dir, "hosts")
-	if err := harness.WriteRegistryHosts(hosts, f.registry.Host); err != nil {
-		t.Fatal(err)
-	}
-	cri := &harness.CRI{SandboxImage: harness.PauseImageName, HostsDir: hosts}
+	snippet, dir, cri := criDirs(t, f, snippetName, "oc-switch-")
 	// Its own pod cgroup: TestCRI may run at the same time in another
 	// test binary, and the cgroup left empty is this test's proof that no
 	// pod process outlived it.
@@ -74,14 +45,7 @@ func switchOver(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause 
 	var oc *harness.Overclone
 	t.Cleanup(func() {
 		n.close(t)
-		if oc != nil {
-			if t.Failed() {
-				t.Logf("overclone log:\n%s", oc.Tail(40))
-			}
-			if err := oc.Stop(); err != nil {
-				t.Error(err)
-			}
-		}
+		stopOverclone(t, oc)
 		if err := harness.UnmountUnder(dir); err != nil {
 			t.Error(err)
 		}
@@ -100,6 +64,7 @@ func switchOver(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause 
 	// The node before the switch: the same config the snippet is merged
 	// into later, without it, so CRI uses containerd's default overlayfs.
 	version := snippetVersion(t, string(snippet))
+	var err error
 	if n.c, err = harness.StartContainerd(ctx, n.dir, harness.ContainerdOptions{BinDir: binDir, CRI: cri, Snippet: version}, t.Logf); err != nil {
 		t.Fatal(err)
 	}
