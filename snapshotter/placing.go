@@ -33,7 +33,9 @@ func (pl *placement) is(id string) {
 	p := pl.set
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if pl.id != "" {
+	// Only our own entry: in the run before, another create of the group
+	// may have been given that id and registered it since.
+	if pl.id != "" && p.ids[pl.id] == pl.done {
 		delete(p.ids, pl.id)
 	}
 	if p.ids == nil {
