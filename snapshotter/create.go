@@ -87,11 +87,23 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			// same name while it was being copied.
 			return fmt.Errorf("parent %q changed while snapshot %q was prepared: %w", parent, key, errdefs.ErrFailedPrecondition)
 		}
+		// The parent's directory is read here, where the parent is
+		// sure to exist: once the transaction commits, a Remove of the
+		// new snapshot and then of its parent may run before the
+		// directory is placed (TestStorm saw it).
+		if s.mode == ModeOverlay && len(snap.ParentIDs) > 0 {
+			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
+				return err
+			}
+		}
 		placing.is(snap.ID)
 		return nil
 	})
 	if err != nil {
 		return nil, err
+	}
+	if testHookCreateCommitted != nil {
+		testHookCreateCommitted(key)
 	}
 	// The metadata is committed; the directory goes into place after it,
 	// under no lock and with no fsync: a power cut that loses the rename
@@ -100,25 +112,33 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	err = s.placeDirectory(ctx, td, snap)
 	placing.finish()
 	if err != nil {
-		s.undoCreate(ctx, key)
-		return nil, err
+		return nil, s.undoCreate(ctx, key, snap.ID, err)
 	}
 	td = ""                                  // renamed into place: the deferred clean-up must not touch it
 	mounts, err := s.mounts(ctx, snap, base) // the labels given are the labels stored
 	if err != nil {
-		s.undoCreate(ctx, key)
-		return nil, err
+		return nil, s.undoCreate(ctx, key, snap.ID, err)
 	}
 	return mounts, nil
 }
 
 // undoCreate removes a snapshot whose directory or mounts could not be
-// made: the caller is told the create failed, and a retry must not find
-// it and fail with AlreadyExists.
-func (s *Snapshotter) undoCreate(ctx context.Context, key string) {
-	if err := s.Remove(context.WithoutCancel(ctx), key); err != nil {
+// made, so that a retry does not find it and fail with AlreadyExists, and
+// returns the error to give the caller.
+//
+// Once the metadata is committed, other clients can remove the snapshot
+// and create another under the same key: that one is not ours to remove.
+// If ours is gone, that removal is most likely what made placing or
+// mounting fail (its parent can go with it), and the caller is told so.
+func (s *Snapshotter) undoCreate(ctx context.Context, key, id string, cause error) error {
+	err := s.remove(context.WithoutCancel(ctx), key, id)
+	if errdefs.IsNotFound(err) {
+		return fmt.Errorf("snapshot %q was removed while it was created (%v): %w", key, cause, errdefs.ErrNotFound)
+	}
+	if err != nil {
 		log.G(ctx).WithError(err).WithField("key", key).Warn("failed to remove snapshot whose directory or mounts could not be made")
 	}
+	return cause
 }
 
 // prepareDirectory makes snapshots/new-XXXX with fs (and work for active
@@ -142,9 +162,7 @@ func (s *Snapshotter) prepareDirectory(kind snapshots.Kind) (string, error) {
 }
 
 // placeDirectory renames the prepared directory to snapshots/<id>, once
-// the metadata naming it is committed. In overlay mode the upper's root is
-// first given the owner of the parent's root, as the kernel gives the merged
-// root on copy-up.
+// the metadata naming it is committed.
 //
 // A directory may already be there: bolt's sequence rolls back with a
 // transaction that never committed, and a daemon before this one renamed
@@ -152,11 +170,6 @@ func (s *Snapshotter) prepareDirectory(kind snapshots.Kind) (string, error) {
 // handed out again. Nothing in the metadata can own it, so it goes to the
 // trash.
 func (s *Snapshotter) placeDirectory(ctx context.Context, td string, snap storage.Snapshot) error {
-	if s.mode == ModeOverlay && len(snap.ParentIDs) > 0 {
-		if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
-			return err
-		}
-	}
 	target := s.snapshotDir(snap.ID)
 	err := os.Rename(td, target)
 	if err == nil {
@@ -175,6 +188,8 @@ func (s *Snapshotter) placeDirectory(ctx context.Context, td string, snap storag
 	return nil
 }
 
+// copyOwner gives the upper's root the owner of the parent's root, as the
+// kernel gives the merged root on copy-up.
 func copyOwner(from, to string) error {
 	var st syscall.Stat_t
 	if err := syscall.Stat(from, &st); err != nil {
@@ -185,3 +200,7 @@ func copyOwner(from, to string) error {
 	}
 	return nil
 }
+
+// testHookCreateCommitted, when a test sets it, runs between a create's
+// write transaction and the placing of its directory.
+var testHookCreateCommitted func(key string)

@@ -61,6 +61,69 @@ func TestCommitRemovedMeanwhile(t *testing.T) {
 	}
 }
 
+// TestParentRemovedWhilePlaced: once a Prepare's metadata is committed and
+// before its directory is placed, another client removes the new snapshot
+// and then its parent (TestStorm did). The Prepare must not fail with an
+// unclassified error about the parent's vanished directory, must not
+// remove a snapshot that took the key since, and nothing may be left
+// behind.
+func TestParentRemovedWhilePlaced(t *testing.T) {
+	ctx, s := openTest(t, t.TempDir())
+	if _, err := s.Prepare(ctx, "parent-active", ""); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "parent", "parent-active"); err != nil {
+		t.Fatal(err)
+	}
+	var removed sync.WaitGroup
+	testHookCreateCommitted = func(key string) {
+		testHookCreateCommitted = nil
+		removed.Add(1)
+		go func() { // waits for the placing, so it cannot run here
+			defer removed.Done()
+			if err := s.Remove(ctx, key); err != nil {
+				t.Errorf("remove %s: %v", key, err)
+			}
+		}()
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			err := s.Remove(ctx, "parent")
+			if err == nil {
+				break
+			}
+			if !errdefs.IsFailedPrecondition(err) || time.Now().After(deadline) {
+				t.Errorf("remove parent: %v", err)
+				return
+			}
+			time.Sleep(time.Millisecond)
+		}
+		// Another client takes the key again.
+		if _, err := s.Prepare(ctx, key, ""); err != nil {
+			t.Errorf("prepare %s again: %v", key, err)
+		}
+	}
+	_, err := s.Prepare(ctx, "child", "parent")
+	testHookCreateCommitted = nil
+	removed.Wait()
+	if err != nil && !errdefs.IsNotFound(err) {
+		t.Fatalf("prepare whose snapshot and parent were removed meanwhile: %v, want success or NotFound", err)
+	}
+	if _, err := s.Stat(ctx, "child"); err != nil {
+		t.Fatalf("the snapshot another client prepared under the key since: %v", err)
+	}
+	if err := s.Remove(ctx, "child"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Cleanup(ctx); err != nil {
+		t.Fatal(err)
+	}
+	s.deletions.wait()
+	for _, dir := range []string{snapshotsDir, trashDir} {
+		if entries, _ := os.ReadDir(filepath.Join(s.root, dir)); len(entries) != 0 {
+			t.Errorf("%s left behind: %v", dir, entries)
+		}
+	}
+}
+
 // TestRemoveCleanupCloseConcurrently: Removes, Cleanups and Close run at
 // once (containerd's GC and image pulls on a busy node). Waiting for the
 // background deletions must not misuse anything (a reused WaitGroup used

@@ -23,8 +23,23 @@ import (
 // renaming it away before the transaction committed could leave metadata
 // that names a directory already gone.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	return s.remove(ctx, key, "")
+}
+
+// remove removes key, if it is snapshot want (any snapshot if want is "");
+// if key is another snapshot it returns NotFound.
+func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 	var id string
 	err := s.update(ctx, func(ctx context.Context) error {
+		if want != "" {
+			got, _, _, err := storage.GetInfo(ctx, key)
+			if err != nil {
+				return fmt.Errorf("remove snapshot %q: %w", key, err)
+			}
+			if got != want {
+				return fmt.Errorf("remove snapshot %q: not snapshot %s any more: %w", key, want, errdefs.ErrNotFound)
+			}
+		}
 		var err error
 		if id, _, err = storage.Remove(ctx, key); err != nil {
 			return fmt.Errorf("remove snapshot %q: %w", key, err)
