@@ -158,6 +158,9 @@ func (s *Snapshotter) recreate(ctx context.Context, key string) (bool, error) {
 			return false, err
 		}
 	}
+	if err := s.ownUpper(snap, td); err != nil {
+		return false, err
+	}
 	if err := s.placeDirectory(ctx, td, snap); err != nil {
 		return false, err
 	}
