@@ -54,6 +54,7 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 	s.placing.wait(id)
 	s.missing.drop(id)
 	s.linked.Delete(id)
+	s.deepActives.Delete(id)
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
 	}
