@@ -1,0 +1,130 @@
+package differ
+
+import (
+	"fmt"
+	"path/filepath"
+	"strings"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/errdefs"
+
+	"github.com/overclone/overclone/fileops"
+)
+
+// pair is what a Compare reads: the merged view of the upper mounts and the
+// view of the lower mounts, as fileops stacks over the same lower layers.
+type pair struct {
+	merged *fileops.Stack // upper, lowers...
+	lower  *fileops.Stack // lowers...
+}
+
+// overlayParts is one overlay mount taken apart.
+type overlayParts struct {
+	upper     string
+	lowers    []string // top first, as lowerdir= lists them
+	userxattr bool
+}
+
+// parseOverlay reads the layer dirs out of an overlay mount's options.
+func parseOverlay(m mount.Mount) (overlayParts, bool) {
+	if m.Type != "overlay" {
+		return overlayParts{}, false
+	}
+	var p overlayParts
+	for _, o := range m.Options {
+		switch {
+		case strings.HasPrefix(o, "upperdir="):
+			p.upper = strings.TrimPrefix(o, "upperdir=")
+		case strings.HasPrefix(o, "lowerdir="):
+			p.lowers = strings.Split(strings.TrimPrefix(o, "lowerdir="), ":")
+		case o == "userxattr":
+			p.userxattr = true
+		}
+	}
+	return p, len(p.lowers) > 0
+}
+
+// layersOf names the layer dirs a read-only view shows: a read-only bind of
+// one layer, or an overlay of lowers without an upper.
+func layersOf(ms []mount.Mount) ([]string, bool, bool) {
+	if len(ms) != 1 {
+		return nil, false, false
+	}
+	m := ms[0]
+	if m.Type == "bind" || m.Type == "rbind" {
+		ro := false
+		for _, o := range m.Options {
+			ro = ro || o == "ro"
+		}
+		return []string{m.Source}, false, ro
+	}
+	p, ok := parseOverlay(m)
+	if !ok || p.upper != "" {
+		return nil, false, false
+	}
+	return p.lowers, p.userxattr, true
+}
+
+// open checks that lower and upper are mounts overclone handed out for a
+// snapshot and its parent's view, and opens both as stacks. Anything else
+// (another snapshotter's mounts, a snapshot without parent, a view whose
+// layers are not the active snapshot's lowers, a deep stack the two
+// flattened differently) is errdefs.ErrNotImplemented: the diff service
+// then asks its next differ, containerd's walking one.
+func (d *Differ) open(lower, upper []mount.Mount) (pair, error) {
+	if len(upper) != 1 {
+		return pair{}, fmt.Errorf("upper is %d mounts, not one overlay: %w", len(upper), errdefs.ErrNotImplemented)
+	}
+	up, ok := parseOverlay(upper[0])
+	if !ok || up.upper == "" {
+		return pair{}, fmt.Errorf("upper is a %s mount, not an overlay with an upperdir: %w", upper[0].Type, errdefs.ErrNotImplemented)
+	}
+	lowers, userxattr, ok := layersOf(lower)
+	if !ok {
+		return pair{}, fmt.Errorf("lower is not a read-only view of layers: %w", errdefs.ErrNotImplemented)
+	}
+	if userxattr != up.userxattr || !sameDirs(lowers, up.lowers) {
+		return pair{}, fmt.Errorf("lower view's layers are not the upper's lowerdirs: %w", errdefs.ErrNotImplemented)
+	}
+	for _, dir := range append([]string{up.upper}, up.lowers...) {
+		if !d.owns(dir) {
+			return pair{}, fmt.Errorf("layer %s is not under %s: %w", dir, d.root, errdefs.ErrNotImplemented)
+		}
+	}
+	var opts []fileops.StackOpt
+	if up.userxattr {
+		opts = append(opts, fileops.WithUserXattr())
+	}
+	merged, err := fileops.NewStack(up.upper, up.lowers, opts...)
+	if err != nil {
+		return pair{}, fmt.Errorf("open upper stack: %w", err)
+	}
+	lowerStack, err := fileops.NewStack("", up.lowers, opts...)
+	if err != nil {
+		return pair{}, fmt.Errorf("open lower stack: %w", err)
+	}
+	return pair{merged: merged, lower: lowerStack}, nil
+}
+
+// owns reports a layer path inside overclone's root. Only overclone's own
+// layers are read: the daemon serves whoever reaches its socket and must
+// not turn a Diff call into a read of any directory on the host.
+func (d *Differ) owns(dir string) bool {
+	if !filepath.IsAbs(dir) {
+		return false
+	}
+	c := filepath.Clean(dir)
+	return c != d.root && strings.HasPrefix(c, d.root+string(filepath.Separator)) && !strings.Contains(c, "/../")
+}
+
+func sameDirs(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if filepath.Clean(a[i]) != filepath.Clean(b[i]) {
+			return false
+		}
+	}
+	return true
+}
