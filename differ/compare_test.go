@@ -70,8 +70,14 @@ func TestCompareMatchesWalking(t *testing.T) {
 					t.Fatal(err)
 				}
 				got := readBlob(t, store, desc)
-				if d.Served() != 1 {
-					t.Errorf("Served() = %d, want 1", d.Served())
+				// A committed snapshot is compared through a view of it:
+				// the same layer, from the view's top lowerdir.
+				cdesc, err := d.Compare(ctx, st.parentView(), st.committedView(), diff.WithMediaType(ocispec.MediaTypeImageLayer))
+				if err != nil {
+					t.Fatal(err)
+				}
+				if cdesc.Digest != desc.Digest {
+					t.Errorf("layer of the committed view %s, of the active snapshot %s", cdesc.Digest, desc.Digest)
 				}
 				entries, quirks := compareTars(t, want, got)
 				if len(quirks) == 0 && desc.Digest != wantDesc.Digest {
@@ -150,6 +156,8 @@ func TestCompareNotImplemented(t *testing.T) {
 		{"rw lower", d, []mount.Mount{{Type: "bind", Source: st.layers[0], Options: []string{"rw", "rbind"}}}, st.activeMounts()},
 		{"no lowerdir", d, st.parentView(), upperOnly},
 		{"two mounts", d, st.parentView(), append(st.activeMounts(), st.activeMounts()...)},
+		{"view of one layer", d, nil, []mount.Mount{{Type: "bind", Source: st.layers[1], Options: []string{"ro", "rbind"}}}},
+		{"committed view on other layers", d, []mount.Mount{{Type: "bind", Source: st.layers[1], Options: []string{"ro", "rbind"}}}, st.committedView()},
 	}
 	for _, c := range cases {
 		if _, err := c.d.Compare(ctx, c.lower, c.upper); !errdefs.IsNotImplemented(err) {

@@ -66,18 +66,29 @@ func layersOf(ms []mount.Mount) ([]string, bool, bool) {
 }
 
 // open checks that lower and upper are mounts overclone handed out for a
-// snapshot and its parent's view, and opens both as stacks. Anything else
-// (another snapshotter's mounts, a snapshot without parent, a view whose
-// layers are not the active snapshot's lowers, a deep stack the two
-// flattened differently) is errdefs.ErrNotImplemented: the diff service
-// then asks its next differ, containerd's walking one.
+// snapshot and a view of its parent, and opens both as stacks. The
+// snapshot is an active one (an overlay with an upperdir: its upperdir is
+// the layer of changes) or a view of a committed one (an overlay of lowers
+// only, whose top lowerdir is the layer of changes and whose other
+// lowerdirs are the parent's). Anything else (another snapshotter's
+// mounts, a snapshot without parent, a view whose layers are not the
+// snapshot's parents, a deep stack the two flattened differently) is
+// errdefs.ErrNotImplemented: the diff service then asks its next differ,
+// containerd's walking one.
 func (d *Differ) open(lower, upper []mount.Mount) (pair, error) {
 	if len(upper) != 1 {
 		return pair{}, fmt.Errorf("upper is %d mounts, not one overlay: %w", len(upper), errdefs.ErrNotImplemented)
 	}
 	up, ok := parseOverlay(upper[0])
-	if !ok || up.upper == "" {
-		return pair{}, fmt.Errorf("upper is a %s mount, not an overlay with an upperdir: %w", upper[0].Type, errdefs.ErrNotImplemented)
+	if !ok {
+		return pair{}, fmt.Errorf("upper is a %s mount, not an overlay: %w", upper[0].Type, errdefs.ErrNotImplemented)
+	}
+	if up.upper == "" {
+		// A view of a committed snapshot: its own layer on top.
+		if len(up.lowers) < 2 {
+			return pair{}, fmt.Errorf("upper is a view of one layer: %w", errdefs.ErrNotImplemented)
+		}
+		up.upper, up.lowers = up.lowers[0], up.lowers[1:]
 	}
 	lowers, userxattr, ok := layersOf(lower)
 	if !ok {
@@ -95,6 +106,9 @@ func (d *Differ) open(lower, upper []mount.Mount) (pair, error) {
 	if up.userxattr {
 		opts = append(opts, fileops.WithUserXattr())
 	}
+	// The stacks are only read: the layer of changes stands as the
+	// stack's upper so that fileops reads its whiteouts and redirects
+	// as the kernel reads an upperdir's.
 	merged, err := fileops.NewStack(up.upper, up.lowers, opts...)
 	if err != nil {
 		return pair{}, fmt.Errorf("open upper stack: %w", err)

@@ -64,6 +64,12 @@ func (st *testStack) activeMounts() []mount.Mount {
 	return []mount.Mount{{Type: "overlay", Source: "overlay", Options: o}}
 }
 
+// committedView are the mounts of a view of the top layer once committed.
+func (st *testStack) committedView() []mount.Mount {
+	o := append(append([]string(nil), st.opts...), "lowerdir="+strings.Join(st.lowersOf(len(st.layers)), ":"))
+	return []mount.Mount{{Type: "overlay", Source: "overlay", Options: o}}
+}
+
 // parentView are the mounts of a view of the top layer's parent.
 func (st *testStack) parentView() []mount.Mount {
 	n := len(st.layers) - 1
