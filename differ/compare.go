@@ -29,8 +29,9 @@ import (
 // Differ is a diff.Comparer for overclone's snapshots. Apply it leaves to
 // containerd's own appliers.
 type Differ struct {
-	root  string
-	store content.Store
+	root     string
+	realRoot string // root with its links resolved, against which layers are checked
+	store    content.Store
 	// callCtx, when set, readies a call's context for the store: the
 	// daemon's store is containerd's, reached over its socket, which
 	// wants the caller's namespace and a lease on what is written.
@@ -55,7 +56,11 @@ func New(root string, store content.Store, opts ...Opt) (*Differ, error) {
 	if err != nil {
 		return nil, fmt.Errorf("differ root %s: %w", root, err)
 	}
-	d := &Differ{root: filepath.Clean(abs), store: store}
+	real, err := filepath.EvalSymlinks(abs)
+	if err != nil {
+		return nil, fmt.Errorf("differ root %s: %w", root, err)
+	}
+	d := &Differ{root: filepath.Clean(abs), realRoot: real, store: store}
 	for _, o := range opts {
 		o(d)
 	}
@@ -116,9 +121,14 @@ func (d *Differ) Compare(ctx context.Context, lower, upper []mount.Mount, opts .
 		return ocispec.Descriptor{}, err
 	}
 	if d.callCtx != nil {
-		if ctx, err = d.callCtx(ctx); err != nil {
-			return ocispec.Descriptor{}, err
+		cctx, err := d.callCtx(ctx)
+		if err != nil {
+			// Without containerd's content store overclone cannot write
+			// the layer; the walking differ, inside containerd, can.
+			log.G(ctx).WithError(err).Warn("overclone differ: cannot reach containerd's content store, passing the diff on")
+			return ocispec.Descriptor{}, fmt.Errorf("%v: %w", err, errdefs.ErrNotImplemented)
 		}
+		ctx = cctx
 	}
 	start := time.Now()
 	desc, err := d.write(ctx, pr, config, compressionType)

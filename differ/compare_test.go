@@ -142,7 +142,22 @@ func TestCompareNotImplemented(t *testing.T) {
 	ctx := context.Background()
 	st := genStack(t, mnt, variants[0].opts, 7, 2)
 	d, _ := newTestDiffer(t, st.root)
+	must(t, os.Mkdir(filepath.Join(mnt, "elsewhere"), 0o700))
 	other, _ := newTestDiffer(t, filepath.Join(mnt, "elsewhere"))
+	// A container can leave a symlink in its upper; named as a layer, it
+	// must not lead the differ to the host's files.
+	evil := filepath.Join(st.layers[len(st.layers)-1], "evil")
+	must(t, os.Symlink("/etc", evil))
+	withUpper := func(upper string) []mount.Mount {
+		ms := st.activeMounts()
+		for i, o := range ms[0].Options {
+			if strings.HasPrefix(o, "upperdir=") {
+				ms[0].Options[i] = "upperdir=" + upper
+			}
+		}
+		return ms
+	}
+	must(t, os.Mkdir(filepath.Join(st.layers[len(st.layers)-1], "sub"), 0o755))
 	upperOnly := st.activeMounts()
 	upperOnly[0].Options = upperOnly[0].Options[:len(upperOnly[0].Options)-1]
 	cases := []struct {
@@ -157,12 +172,23 @@ func TestCompareNotImplemented(t *testing.T) {
 		{"no lowerdir", d, st.parentView(), upperOnly},
 		{"two mounts", d, st.parentView(), append(st.activeMounts(), st.activeMounts()...)},
 		{"view of one layer", d, nil, []mount.Mount{{Type: "bind", Source: st.layers[1], Options: []string{"ro", "rbind"}}}},
+		{"symlink in an upper as the upper", d, st.parentView(), withUpper(evil)},
+		{"dir in an upper as the upper", d, st.parentView(), withUpper(filepath.Join(st.layers[len(st.layers)-1], "sub"))},
 		{"committed view on other layers", d, []mount.Mount{{Type: "bind", Source: st.layers[1], Options: []string{"ro", "rbind"}}}, st.committedView()},
 	}
 	for _, c := range cases {
 		if _, err := c.d.Compare(ctx, c.lower, c.upper); !errdefs.IsNotImplemented(err) {
 			t.Errorf("%s: Compare err %v, want NotImplemented", c.name, err)
 		}
+	}
+	// Without containerd's content store the walking differ, inside
+	// containerd, still can.
+	unreachable, err := New(st.root, newStore(t), WithCallContext(func(context.Context) (context.Context, error) {
+		return nil, errors.New("dial containerd: connection refused")
+	}))
+	must(t, err)
+	if _, err := unreachable.Compare(ctx, st.parentView(), st.activeMounts()); !errdefs.IsNotImplemented(err) {
+		t.Errorf("Compare with containerd unreachable: err %v, want NotImplemented", err)
 	}
 	if _, err := d.Apply(ctx, ocispec.Descriptor{}, st.activeMounts()); !errdefs.IsNotImplemented(err) {
 		t.Errorf("Apply err %v, want NotImplemented", err)

@@ -97,9 +97,14 @@ func (d *Differ) open(lower, upper []mount.Mount) (pair, error) {
 	if userxattr != up.userxattr || !sameDirs(lowers, up.lowers) {
 		return pair{}, fmt.Errorf("lower view's layers are not the upper's lowerdirs: %w", errdefs.ErrNotImplemented)
 	}
-	for _, dir := range append([]string{up.upper}, up.lowers...) {
-		if !d.owns(dir) {
-			return pair{}, fmt.Errorf("layer %s is not under %s: %w", dir, d.root, errdefs.ErrNotImplemented)
+	upperDir, err := d.layerDir(up.upper)
+	if err != nil {
+		return pair{}, err
+	}
+	lowerDirs := make([]string, len(up.lowers))
+	for i, dir := range up.lowers {
+		if lowerDirs[i], err = d.layerDir(dir); err != nil {
+			return pair{}, err
 		}
 	}
 	var opts []fileops.StackOpt
@@ -109,26 +114,52 @@ func (d *Differ) open(lower, upper []mount.Mount) (pair, error) {
 	// The stacks are only read: the layer of changes stands as the
 	// stack's upper so that fileops reads its whiteouts and redirects
 	// as the kernel reads an upperdir's.
-	merged, err := fileops.NewStack(up.upper, up.lowers, opts...)
+	merged, err := fileops.NewStack(upperDir, lowerDirs, opts...)
 	if err != nil {
 		return pair{}, fmt.Errorf("open upper stack: %w", err)
 	}
-	lowerStack, err := fileops.NewStack("", up.lowers, opts...)
+	lowerStack, err := fileops.NewStack("", lowerDirs, opts...)
 	if err != nil {
 		return pair{}, fmt.Errorf("open lower stack: %w", err)
 	}
 	return pair{merged: merged, lower: lowerStack}, nil
 }
 
-// owns reports a layer path inside overclone's root. Only overclone's own
-// layers are read: the daemon serves whoever reaches its socket and must
-// not turn a Diff call into a read of any directory on the host.
-func (d *Differ) owns(dir string) bool {
-	if !filepath.IsAbs(dir) {
-		return false
+// layerDir returns the layer dir a mount names, with its links resolved,
+// when it is one of overclone's: snapshots/<id>/fs, flat/<id> or the empty
+// lower of a layer being unpacked, under the root (short links l/<id>
+// resolve to the first). Only overclone's own layers are read: the daemon
+// serves whoever reaches its socket, and a Diff call must not become a read
+// of any directory on the host, such as a symlink a container left in its
+// upper, named as a layer.
+func (d *Differ) layerDir(dir string) (string, error) {
+	notOurs := func(why string) (string, error) {
+		return "", fmt.Errorf("layer %s %s: %w", dir, why, errdefs.ErrNotImplemented)
 	}
-	c := filepath.Clean(dir)
-	return c != d.root && strings.HasPrefix(c, d.root+string(filepath.Separator)) && !strings.Contains(c, "/../")
+	if !filepath.IsAbs(dir) {
+		return notOurs("is not an absolute path")
+	}
+	resolved, err := filepath.EvalSymlinks(dir)
+	if err != nil {
+		return notOurs(fmt.Sprintf("does not resolve (%v)", err))
+	}
+	rel, err := filepath.Rel(d.realRoot, resolved)
+	if err != nil {
+		return notOurs("is not under " + d.root)
+	}
+	parts := strings.Split(rel, string(filepath.Separator))
+	switch {
+	case len(parts) == 3 && parts[0] == "snapshots" && parts[2] == "fs" && plainName(parts[1]):
+	case len(parts) == 2 && parts[0] == "flat" && plainName(parts[1]):
+	case len(parts) == 1 && parts[0] == "empty":
+	default:
+		return notOurs("is not a layer of " + d.root)
+	}
+	return resolved, nil
+}
+
+func plainName(s string) bool {
+	return s != "" && s != "." && s != ".."
 }
 
 func sameDirs(a, b []string) bool {
