@@ -1,6 +1,7 @@
 package differ
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -25,6 +26,11 @@ import (
 
 	"github.com/overclone/overclone/fileops"
 )
+
+// writeBuffer is how much of a layer is handed to the content writer at
+// once: 1 MiB makes a GiB 1024 round trips to containerd, well within
+// its 16 MiB message limit.
+const writeBuffer = 1 << 20
 
 // Differ is a diff.Comparer for overclone's snapshots. Apply it leaves to
 // containerd's own appliers.
@@ -176,13 +182,16 @@ func (d *Differ) write(ctx context.Context, pr pair, config diff.Config, ct comp
 		}
 	}
 
+	// The daemon's content writer is containerd's, over its socket: one
+	// round trip per Write, and the tar writer writes in 32 KiB pieces.
+	bw := bufio.NewWriterSize(cw, writeBuffer)
 	if ct != compression.Uncompressed {
 		dgstr := digest.SHA256.Digester()
 		var compressed io.WriteCloser
 		if config.Compressor != nil {
-			compressed, err = config.Compressor(cw, config.MediaType)
+			compressed, err = config.Compressor(bw, config.MediaType)
 		} else {
-			compressed, err = compression.CompressStream(cw, ct)
+			compressed, err = compression.CompressStream(bw, ct)
 		}
 		if err != nil {
 			return desc, fmt.Errorf("failed to get compressed stream: %w", err)
@@ -198,7 +207,10 @@ func (d *Differ) write(ctx context.Context, pr pair, config diff.Config, ct comp
 			config.Labels = map[string]string{}
 		}
 		config.Labels[labels.LabelUncompressed] = dgstr.Digest().String()
-	} else if err := d.writeTar(ctx, cw, pr, config.SourceDateEpoch); err != nil {
+	} else if err := d.writeTar(ctx, bw, pr, config.SourceDateEpoch); err != nil {
+		return desc, fmt.Errorf("failed to write diff: %w", err)
+	}
+	if err := bw.Flush(); err != nil {
 		return desc, fmt.Errorf("failed to write diff: %w", err)
 	}
 
