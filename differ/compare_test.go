@@ -47,6 +47,7 @@ var variants = []struct {
 }{
 	{"redirect", []string{"index=off", "redirect_dir=on"}},
 	{"metacopy", []string{"index=off", "redirect_dir=on", "metacopy=on"}},
+	{"userxattr", []string{"index=off", "userxattr"}},
 }
 
 // TestCompareMatchesWalking builds stacks whose every layer the kernel

@@ -45,10 +45,10 @@ func parseOverlay(m mount.Mount) (overlayParts, bool) {
 }
 
 // layersOf names the layer dirs a read-only view shows: a read-only bind of
-// one layer, or an overlay of lowers without an upper.
-func layersOf(ms []mount.Mount) ([]string, bool, bool) {
+// one layer, or an overlay of lowers without an upper (p.upper "").
+func layersOf(ms []mount.Mount) (p overlayParts, bind, ok bool) {
 	if len(ms) != 1 {
-		return nil, false, false
+		return p, false, false
 	}
 	m := ms[0]
 	if m.Type == "bind" || m.Type == "rbind" {
@@ -56,13 +56,10 @@ func layersOf(ms []mount.Mount) ([]string, bool, bool) {
 		for _, o := range m.Options {
 			ro = ro || o == "ro"
 		}
-		return []string{m.Source}, false, ro
+		return overlayParts{lowers: []string{m.Source}}, true, ro
 	}
-	p, ok := parseOverlay(m)
-	if !ok || p.upper != "" {
-		return nil, false, false
-	}
-	return p.lowers, p.userxattr, true
+	p, ok = parseOverlay(m)
+	return p, false, ok && p.upper == ""
 }
 
 // open checks that lower and upper are mounts overclone handed out for a
@@ -90,11 +87,12 @@ func (d *Differ) open(lower, upper []mount.Mount) (pair, error) {
 		}
 		up.upper, up.lowers = up.lowers[0], up.lowers[1:]
 	}
-	lowers, userxattr, ok := layersOf(lower)
+	view, bind, ok := layersOf(lower)
 	if !ok {
 		return pair{}, fmt.Errorf("lower is not a read-only view of layers: %w", errdefs.ErrNotImplemented)
 	}
-	if userxattr != up.userxattr || !sameDirs(lowers, up.lowers) {
+	// A bind of one layer says nothing of how overlay reads it.
+	if (!bind && view.userxattr != up.userxattr) || !sameDirs(view.lowers, up.lowers) {
 		return pair{}, fmt.Errorf("lower view's layers are not the upper's lowerdirs: %w", errdefs.ErrNotImplemented)
 	}
 	upperDir, err := d.layerDir(up.upper)
