@@ -28,9 +28,13 @@ type changeFunc func(k fs.ChangeKind, p string, e fileops.Entry) error
 // One report of the walking differ has no counterpart: Unmodified, which
 // it gives for every unchanged file with more than one link anywhere in
 // the image, only so that a changed file sharing that inode number on the
-// mount can be written as a link of it. Without index=on the kernel breaks
-// hard links at copy-up, so such a pair is two files and linking them
-// would be wrong; overclone writes only the changed file.
+// mount can be written as a link of it. Finding those names takes the
+// walk of the whole image this package exists to avoid, so overclone
+// writes only the changed name. For a file copied up and linked anew that
+// is right (without index=on the kernel broke the old links at copy-up;
+// overlayfs only shows the old inode number); for a file of a renamed
+// directory that is also linked from outside it, the layer holds a copy
+// where the merged view has a link.
 func (pr pair) changes(ctx context.Context, fn changeFunc) error {
 	m, err := pr.merged.Resolve("")
 	if err != nil {
