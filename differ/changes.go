@@ -6,6 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	iofs "io/fs"
+	"path"
+	"sort"
 
 	"github.com/containerd/continuity/fs"
 
@@ -51,6 +54,9 @@ func (pr pair) changes(ctx context.Context, fn changeFunc) error {
 func (pr pair) walkDir(ctx context.Context, m, l fileops.Entry, fn changeFunc) error {
 	if err := ctx.Err(); err != nil {
 		return err
+	}
+	if inUpper(m) && sameLowerDirs(m, l) {
+		return pr.walkUpperNames(ctx, m, fn)
 	}
 	ms, err := pr.merged.ReadDir(m.Path)
 	if err != nil {
@@ -99,6 +105,59 @@ func (pr pair) walkDir(ctx context.Context, m, l fileops.Entry, fn changeFunc) e
 		}
 	}
 	return nil
+}
+
+// walkUpperNames compares the children of a directory whose lower parts
+// are the lower view's: only a name the upper holds (a file, a directory,
+// a whiteout) can show differently, so only those are looked up, and a
+// directory of thousands of image files costs what the container wrote in
+// it, not a listing of them all.
+func (pr pair) walkUpperNames(ctx context.Context, m fileops.Entry, fn changeFunc) error {
+	names, err := pr.merged.Names(m.Dirs[0])
+	if err != nil {
+		return err
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		p := path.Join(m.Path, n)
+		mc, mok, err := resolve(pr.merged, p)
+		if err != nil {
+			return err
+		}
+		lc, lok, err := resolve(pr.lower, p)
+		if err != nil {
+			return err
+		}
+		switch {
+		case !mok && !lok:
+			// A whiteout of nothing, or a name fileops hides.
+		case !mok:
+			if err := fn(fs.ChangeKindDelete, p, fileops.Entry{}); err != nil {
+				return err
+			}
+		case !lok:
+			if err := pr.addTree(ctx, mc, fn); err != nil {
+				return err
+			}
+		default:
+			if err := pr.compare(ctx, mc, lc, fn); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// resolve looks p up in s; absent is (_, false, nil).
+func resolve(s *fileops.Stack, p string) (fileops.Entry, bool, error) {
+	e, err := s.Resolve(p)
+	if errors.Is(err, iofs.ErrNotExist) {
+		return fileops.Entry{}, false, nil
+	}
+	return e, err == nil, err
 }
 
 // compare handles a name both views show.

@@ -63,3 +63,25 @@ func (s *Stack) Xattr(e Entry, name string) ([]byte, bool, error) {
 	}
 	return val, ok, nil
 }
+
+// Names lists the names one layer holds in its part of a directory (a
+// Location of Entry.Dirs) as they are on disk: whiteouts, and names the
+// layers below hide or show, included. A caller that knows the layers
+// below are unchanged learns from it what this layer can have changed.
+func (s *Stack) Names(loc Location) ([]string, error) {
+	if loc.Layer < 0 || loc.Layer >= len(s.layers) {
+		return nil, fmt.Errorf("names of %s: no layer %d: %w", loc.Path, loc.Layer, os.ErrInvalid)
+	}
+	v := s.newView()
+	defer v.close()
+	dirs, err := v.openDirs([]Location{loc})
+	if err != nil {
+		return nil, err
+	}
+	defer closeDirs(dirs)
+	names, err := readNames(dirs[0].fd)
+	if err != nil {
+		return nil, fmt.Errorf("read dir %s in layer %s: %w", loc.Path, s.layers[loc.Layer], err)
+	}
+	return names, nil
+}
