@@ -44,7 +44,6 @@ type layerWriter struct {
 	upperBound *time.Time
 	linkSrc    map[inode]string
 	addedDirs  map[string]struct{}
-	buf        []byte
 }
 
 type inode struct{ dev, ino uint64 }
@@ -56,7 +55,6 @@ func newLayerWriter(w io.Writer, merged *fileops.Stack, upperBound *time.Time) *
 		upperBound: upperBound,
 		linkSrc:    map[inode]string{},
 		addedDirs:  map[string]struct{}{},
-		buf:        make([]byte, 1<<20),
 	}
 }
 
@@ -144,7 +142,7 @@ func (lw *layerWriter) handle(ctx context.Context, k cfs.ChangeKind, p string, e
 		return err
 	}
 	defer f.Close()
-	n, err := io.CopyBuffer(lw.tw, io.LimitReader(f, hdr.Size), lw.buf)
+	n, err := io.Copy(lw.tw, io.LimitReader(f, hdr.Size))
 	if err != nil {
 		return fmt.Errorf("copy %s: %w", p, err)
 	}
