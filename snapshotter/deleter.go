@@ -35,6 +35,7 @@ type deleter struct {
 type queued struct {
 	seq  uint64
 	path string
+	from string // if set, renamed to path first (a Remove's directory)
 }
 
 func newDeleter() *deleter {
@@ -52,13 +53,33 @@ func (d *deleter) add(paths ...string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, p := range paths {
-		if _, ok := d.pending[p]; ok {
-			continue
-		}
-		d.pending[p] = struct{}{}
-		d.seq++
-		d.queue = append(d.queue, queued{d.seq, p})
+		d.queueLocked(queued{path: p})
 	}
+	d.startLocked()
+}
+
+// move queues dir to be renamed to trashed, a name of its own in the
+// trash, and deleted there. Whoever renames dir first (this or a Cleanup
+// that finds it without metadata) takes it to the trash; the other finds
+// nothing.
+func (d *deleter) move(dir, trashed string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.queueLocked(queued{path: trashed, from: dir})
+	d.startLocked()
+}
+
+func (d *deleter) queueLocked(q queued) {
+	if _, ok := d.pending[q.path]; ok {
+		return
+	}
+	d.pending[q.path] = struct{}{}
+	d.seq++
+	q.seq = d.seq
+	d.queue = append(d.queue, q)
+}
+
+func (d *deleter) startLocked() {
 	for d.workers < deleteWorkers && d.workers < len(d.queue) {
 		d.workers++
 		go d.work()
@@ -73,9 +94,7 @@ func (d *deleter) work() {
 		d.queue = d.queue[1:]
 		d.running[q.seq] = struct{}{}
 		d.mu.Unlock()
-		if err := os.RemoveAll(q.path); err != nil {
-			log.L.WithError(err).WithField("path", q.path).Warn("failed to delete from the trash")
-		}
+		q.delete()
 		d.mu.Lock()
 		delete(d.running, q.seq)
 		delete(d.pending, q.path)
@@ -107,4 +126,20 @@ func (d *deleter) oldest() uint64 {
 		lowest = min(lowest, s)
 	}
 	return lowest
+}
+
+func (q queued) delete() {
+	if q.from != "" {
+		if err := os.Rename(q.from, q.path); err != nil {
+			if !os.IsNotExist(err) {
+				// Left in place: Cleanup finds it without
+				// metadata and takes it to the trash.
+				log.L.WithError(err).WithField("path", q.from).Warn("failed to move removed snapshot to the trash")
+			}
+			return
+		}
+	}
+	if err := os.RemoveAll(q.path); err != nil {
+		log.L.WithError(err).WithField("path", q.path).Warn("failed to delete from the trash")
+	}
 }

@@ -10,37 +10,41 @@ import (
 // layer, cut at a multiple of step counted from the bottom (see
 // flattenedMount). A container on a 1000-layer image, with max_stack 500,
 // stands on flat(750): 250 layers above the merged view of the bottom 750.
-// Nothing during the image's unpack needs that cut (the unpack's mounts
-// get by with flat(500)), so the container's first Prepare used to build
-// it: 1.2 s of the image's first run. Yet its content is known as soon as
-// layer 750 is committed, while the image's remaining layers are still
-// being unpacked.
+// The unpack's own mounts get by with flat(500) up to layer 999, so the
+// container's first Prepare used to build flat(750): 1.2 s of the image's
+// first run. Yet that layer's content is known once layer 750 is committed,
+// while the rest of the image still unpacks.
 //
-// So a Commit that ends a stack at a cut past max_stack + step builds that
-// cut's flattened layer in the background. It is a guess that the stack
-// grows on, and a cheap one: only a stack already that deep pays for it,
-// once per cut, and flat(d) is what every deeper stack on the same layers
-// uses for its next step of layers. Shallower cuts are left to the
-// mounts that need them, as an image of 500 to 750 layers would not.
+// So a Commit half a step before the depth where mounts need a new cut
+// builds that cut in the background: at layer 875 of that image, the cut
+// at 750, which the next 125 layers' unpack hides. It is a guess that the
+// stack grows on: wasted if the image ends in those 125 layers, once per
+// image that deep, and used by every deeper stack on the same layers.
 
-// preflattenDepth says whether a committed stack of depth layers is a cut
-// worth building before any mount asks for it.
-func (s *Snapshotter) preflattenDepth(depth int) bool {
+// preflattenCut returns the cut to build ahead once a stack of depth
+// layers is committed, or 0.
+func (s *Snapshotter) preflattenCut(depth int) int {
 	step := max(s.maxStack/2, 1)
-	return s.mode == ModeOverlay && depth%step == 0 && depth >= s.maxStack+step
+	ahead := depth + step/2 // the depth whose mounts need a new cut
+	if s.mode != ModeOverlay || step < 2 || ahead <= s.maxStack || ahead%step != 0 {
+		return 0
+	}
+	// What flattenedMount cuts for a stack of that depth, keeping at
+	// most max_stack - 1 layers above the flattened one.
+	return roundUp(ahead-(s.maxStack-1), step)
 }
 
-// deepActive notes an active snapshot whose Commit will end a stack at
-// such a cut, with its chain (top first): Prepare knows the chain, Commit
-// would have to walk the metadata for it. Only those few are held, and a
-// restart forgets them (their mounts build the cut when they need it).
+// deepActive notes an active snapshot whose Commit will build a cut ahead,
+// with its chain (top first): Prepare knows the chain, Commit would have to
+// walk the metadata for it. Only those few are held, and a restart forgets
+// them (their mounts build the cut when they need it).
 func (s *Snapshotter) deepActive(id string, parents []string) {
-	if s.preflattenDepth(len(parents) + 1) {
+	if s.preflattenCut(len(parents)+1) > 0 {
 		s.deepActives.Store(id, append([]string{id}, parents...))
 	}
 }
 
-// preflatten builds, in the background, the flattened layer of the stack
+// preflatten builds, in the background, the cut ahead of the stack that
 // active snapshot id ends, now committed, if deepActive noted it. A mount
 // that needs it meanwhile waits for the same build (flatten's
 // singleflight).
@@ -50,9 +54,11 @@ func (s *Snapshotter) preflatten(ctx context.Context, id string) {
 		return
 	}
 	chain := v.([]string)
+	cut := s.preflattenCut(len(chain))
+	layers := chain[len(chain)-cut:] // the bottom cut layers, top first
 	s.goBackground(func(life context.Context) {
-		if err := s.flatten(life, chain); err != nil {
-			log.G(ctx).WithError(err).WithField("id", chain[0]).Warn("failed to flatten a deep stack ahead of its mounts; the first mount that needs it builds it")
+		if err := s.flatten(life, layers); err != nil {
+			log.G(ctx).WithError(err).WithField("id", layers[0]).Warn("failed to flatten a deep stack ahead of its mounts; the first mount that needs it builds it")
 		}
 	})
 }

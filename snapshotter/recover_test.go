@@ -128,8 +128,9 @@ func TestOrphansRemoved(t *testing.T) {
 	}
 }
 
-// TestRemoveRenamesThenDeletes: after Remove the directory is gone from
-// snapshots/ at once, and the trash is emptied.
+// TestRemoveRenamesThenDeletes: after Remove the layer link is gone at
+// once; the directory goes from snapshots/ to the trash in the background,
+// and the trash is emptied.
 func TestRemoveRenamesThenDeletes(t *testing.T) {
 	root := t.TempDir()
 	ctx, s := openTest(t, root)
@@ -145,8 +146,9 @@ func TestRemoveRenamesThenDeletes(t *testing.T) {
 	if err := s.Remove(ctx, "c"); err != nil {
 		t.Fatal(err)
 	}
-	gone(t, filepath.Join(root, "snapshots", "1"), filepath.Join(root, "l", "1"))
+	gone(t, filepath.Join(root, "l", "1"))
 	s.deletions.wait()
+	gone(t, filepath.Join(root, "snapshots", "1"))
 	entries, err := os.ReadDir(filepath.Join(root, "trash"))
 	if err != nil || len(entries) != 0 {
 		t.Fatalf("trash not emptied: %v %v", entries, err)

@@ -16,7 +16,8 @@ import (
 )
 
 // Remove drops a snapshot. The metadata goes first, in one transaction; the
-// directory is then renamed into the trash and deleted in the background.
+// directory is then moved into the trash and deleted there, both in the
+// background.
 //
 // The order is what keeps a crash harmless: after the transaction the
 // directory has no metadata and Cleanup (or the next start) removes it;
@@ -59,21 +60,13 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
 	}
 	// The snapshot's flattened layer, if a deep stack made one, is used
-	// only by snapshots standing on it, and there are none left.
-	var trashed []string
+	// only by snapshots standing on it, and there are none left. Both go
+	// to the trash from the deleter's workers: the metadata is gone, so
+	// the caller need not wait for a rename (the built-in's asynchronous
+	// Remove touches nothing but the metadata either).
 	for _, dir := range []string{s.snapshotDir(id), s.flatPath(id)} {
-		to, err := s.trash(dir)
-		if err != nil {
-			// The metadata is gone, so this is no longer the
-			// caller's problem: Cleanup will find the directory.
-			log.G(ctx).WithError(err).WithField("id", id).Warn("failed to move removed snapshot to the trash")
-			continue
-		}
-		if to != "" {
-			trashed = append(trashed, to)
-		}
+		s.deletions.move(dir, s.trashPath(dir))
 	}
-	s.deleteLater(trashed...)
 	return nil
 }
 
@@ -247,11 +240,16 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, ids map[string]string, f
 
 var trashSeq atomic.Uint64
 
+// trashPath names a place in the trash for dir that nothing else uses.
+func (s *Snapshotter) trashPath(dir string) string {
+	name := filepath.Base(dir) + "-" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(trashSeq.Add(1), 36)
+	return filepath.Join(s.root, trashDir, name)
+}
+
 // trash renames dir into ROOT/trash under a name nothing else uses and
 // returns where it went, or "" if dir did not exist.
 func (s *Snapshotter) trash(dir string) (string, error) {
-	name := filepath.Base(dir) + "-" + strconv.FormatInt(time.Now().UnixNano(), 36) + "-" + strconv.FormatUint(trashSeq.Add(1), 36)
-	to := filepath.Join(s.root, trashDir, name)
+	to := s.trashPath(dir)
 	if err := os.Rename(dir, to); err != nil {
 		if os.IsNotExist(err) {
 			return "", nil
