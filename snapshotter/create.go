@@ -38,6 +38,10 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	if err != nil {
 		return nil, err
 	}
+	idmap, err := s.remapping(kind, parent, base.Labels)
+	if err != nil {
+		return nil, fmt.Errorf("create snapshot %q: %w", key, err)
+	}
 
 	// The directory is built before the write transaction, so that the
 	// transaction (which blocks every other writer) holds only a rename.
@@ -66,6 +70,11 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}
+	if idmap != nil {
+		if err := s.remapPrepared(ctx, td, idmap, materialized != ""); err != nil {
+			return nil, fmt.Errorf("create snapshot %q: %w", key, err)
+		}
+	}
 	if err := s.syncPrepared(td); err != nil {
 		return nil, err
 	}
@@ -91,7 +100,7 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		// sure to exist: once the transaction commits, a Remove of the
 		// new snapshot and then of its parent may run before the
 		// directory is placed (TestStorm saw it).
-		if s.mode == ModeOverlay && len(snap.ParentIDs) > 0 {
+		if s.mode == ModeOverlay && len(snap.ParentIDs) > 0 && idmap == nil {
 			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
 				return err
 			}

@@ -116,6 +116,11 @@ type Snapshotter struct {
 	placing  placingSet // snapshots created whose directory is on its way
 	batch    batcher    // group commit of the calls' write transactions
 
+	// idmapped: containerd's idmapped lowers work on this root (the
+	// idmapped-mounts probe); remap.go needs them for mapped stacks.
+	idmapped       bool
+	idmappedReason string
+
 	flat flatCache
 	// linked remembers the layers whose short link exists (linkLayers),
 	// so that mounting a deep stack costs no symlink calls after the
@@ -209,6 +214,9 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		health:   healthState{reuse: healthReuse},
 
 		deletions: newDeleter(),
+
+		idmapped:       features.OK(overlayutil.CheckIDMapped),
+		idmappedReason: features.Get(overlayutil.CheckIDMapped).Reason,
 	}
 	s.batch.ms = ms
 	if s.maxStack == 0 || s.maxStack > overlay.MaxLowers {

@@ -1,0 +1,91 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"path/filepath"
+
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+)
+
+// capabilityXattr holds a file's capabilities; chown drops it.
+const capabilityXattr = "security.capability"
+
+// shiftOwners gives every inode under dir the host ids its owner maps to,
+// as containerd's client does for a snapshotter without remap-ids, keeping
+// what chown takes away: the set-id bits and file capabilities.
+//
+// dir is a copy this process has just made under snapshots/new-*, in the
+// 0700 root and mounted nowhere: no container can change a name under it
+// while it is walked, and nothing in it is followed (Lchown, and a
+// symlink is never chmod'ed).
+//
+// An id the mapping does not hold is FailedPrecondition, as in containerd's
+// client: the container would see the file as owned by nobody.
+func shiftOwners(ctx context.Context, dir string, m *idMapping) error {
+	return filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		var st unix.Stat_t
+		if err := unix.Lstat(path, &st); err != nil {
+			return fmt.Errorf("shift owner of %s: %w", path, err)
+		}
+		uid, uok := toHost(st.Uid, m.uids)
+		gid, gok := toHost(st.Gid, m.gids)
+		if !uok || !gok {
+			return fmt.Errorf("shift owner of %s: %d:%d is outside the mapping uid %q gid %q: %w",
+				path, st.Uid, st.Gid, m.uidLabel, m.gidLabel, errdefs.ErrFailedPrecondition)
+		}
+		if uid == st.Uid && gid == st.Gid {
+			return nil
+		}
+		isLink := st.Mode&unix.S_IFMT == unix.S_IFLNK
+		var caps []byte
+		if st.Mode&unix.S_IFMT == unix.S_IFREG {
+			if caps, err = getXattr(path, capabilityXattr); err != nil {
+				return fmt.Errorf("shift owner of %s: %w", path, err)
+			}
+		}
+		if err := unix.Lchown(path, int(uid), int(gid)); err != nil {
+			return fmt.Errorf("shift owner of %s to %d:%d: %w", path, uid, gid, err)
+		}
+		// Capabilities before mode: setting them clears set-id bits too.
+		if caps != nil {
+			if err := unix.Lsetxattr(path, capabilityXattr, caps, 0); err != nil {
+				return fmt.Errorf("shift owner of %s: keep %s: %w", path, capabilityXattr, err)
+			}
+		}
+		if !isLink && st.Mode&(unix.S_ISUID|unix.S_ISGID) != 0 {
+			if err := unix.Chmod(path, st.Mode&0o7777); err != nil {
+				return fmt.Errorf("shift owner of %s: keep mode %o: %w", path, st.Mode&0o7777, err)
+			}
+		}
+		return nil
+	})
+}
+
+// getXattr reads one xattr of path, not following a symlink; nil when the
+// file has none.
+func getXattr(path, name string) ([]byte, error) {
+	buf := make([]byte, 256)
+	for {
+		n, err := unix.Lgetxattr(path, name, buf)
+		switch {
+		case err == nil:
+			return buf[:n], nil
+		case errors.Is(err, unix.ENODATA), errors.Is(err, unix.ENOTSUP):
+			return nil, nil
+		case errors.Is(err, unix.ERANGE):
+			buf = make([]byte, len(buf)*4)
+		default:
+			return nil, fmt.Errorf("get %s: %w", name, err)
+		}
+	}
+}

@@ -1,0 +1,235 @@
+package snapshotter
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
+	"github.com/containerd/errdefs"
+	"golang.org/x/sys/unix"
+
+	"github.com/overclone/overclone/overlayutil"
+	"github.com/overclone/overclone/test/loopfs"
+	"github.com/overclone/overclone/test/remap"
+	"github.com/overclone/overclone/test/require"
+)
+
+// remapPaths are the files of remap.Layers, and what a container mapped at
+// remap.HostRoot must see them owned by (as host root sees them through
+// its mounts: the host ids its own ids stand for).
+var remapPaths = map[string]string{
+	".":   remap.Mapped(0, 0),
+	"f":   remap.Mapped(0, 0),
+	"d":   remap.Mapped(1000, 1000),
+	"d/g": remap.Mapped(1000, 1000),
+	"s":   remap.Mapped(0, 0),
+}
+
+func pathsOf(m map[string]string) []string {
+	var out []string
+	for p := range m {
+		out = append(out, p)
+	}
+	return out
+}
+
+// TestRemapIDs: a container prepared with containerd's uid/gid mapping
+// labels, mounted by containerd's mount code, shows every file owned by the
+// mapped ids, its upper's root is the mapped root's, and a file the
+// container's root writes lands in the upper as the mapped host ids, in
+// overlay mode (idmapped lowers) and in userspace mode (a copy with the
+// owners shifted); views of one layer and of two are mapped too, and a
+// commit keeps the ids written.
+func TestRemapIDs(t *testing.T) {
+	require.Root(t, "mounts and chowns")
+	base := loopfs.Mount(t, loopfs.XFS)
+	f, err := overlayutil.Probe(context.Background(), filepath.Join(base, "probe"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !f.OK(overlayutil.CheckIDMapped) {
+		require.Skipf(t, "the kernel has no idmapped overlay layers on xfs: %s", f.Get(overlayutil.CheckIDMapped).Reason)
+	}
+	for _, mode := range []Mode{ModeOverlay, ModeUserspace} {
+		t.Run(string(mode), func(t *testing.T) {
+			ctx, s := openTest(t, filepath.Join(base, string(mode)), WithMode(mode))
+			remap.Layers(ctx, t, s, "")
+
+			ms, err := s.Prepare(ctx, "c", "l2", snapshots.WithLabels(remap.Labels()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[string]string{"h": remap.Mapped(0, 0), "new": remap.Mapped(0, 0)}
+			for p, o := range remapPaths {
+				want[p] = o
+			}
+			seen, upper := remap.Container(t, ms, "new", "f", "d", "d/g", "s", "h", ".")
+			checkOwners(t, "container", seen, want)
+			if upper != s.upperPath(mustID(ctx, t, s, "c")) {
+				t.Errorf("container writes into %s, not its own fs dir", upper)
+			}
+			for _, p := range []string{".", "new"} {
+				if got := remap.Owner(filepath.Join(upper, p)); got != remap.Mapped(0, 0) {
+					t.Errorf("upper %s owned by %s, want the mapped root %s", p, got, remap.Mapped(0, 0))
+				}
+			}
+			if mode == ModeUserspace {
+				// The shifted copy keeps what chown drops.
+				st, err := os.Stat(filepath.Join(upper, "s"))
+				if err != nil || st.Mode()&os.ModeSetuid == 0 {
+					t.Errorf("s lost its setuid bit in the shifted copy: %v %v", st.Mode(), err)
+				}
+				caps := make([]byte, 64)
+				n, err := unix.Lgetxattr(filepath.Join(upper, "s"), "security.capability", caps)
+				if err != nil || !bytes.Equal(caps[:n], remap.CapNetRaw) {
+					t.Errorf("s lost its capabilities in the shifted copy: %x %v", caps[:max(n, 0)], err)
+				}
+			}
+
+			for _, parent := range []string{"l1", "l2"} {
+				vms, err := s.View(ctx, "v-"+parent, parent, snapshots.WithLabels(remap.Labels()))
+				if err != nil {
+					t.Fatal(err)
+				}
+				checkOwners(t, "view of "+parent, remap.Owners(t, vms, "f", "d/g"), map[string]string{"f": remap.Mapped(0, 0), "d/g": remap.Mapped(1000, 1000)})
+			}
+
+			// Commit stores what the container wrote, ids and all; Stat
+			// and Usage answer as for any snapshot.
+			if err := s.Commit(ctx, "c-committed", "c"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.Stat(ctx, "c-committed"); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := s.Usage(ctx, "c-committed"); err != nil {
+				t.Fatal(err)
+			}
+			ms, err = s.View(ctx, "after", "c-committed")
+			if err != nil {
+				t.Fatal(err)
+			}
+			checkOwners(t, "view of the committed container", remap.Owners(t, ms, "new"), map[string]string{"new": remap.Mapped(0, 0)})
+		})
+	}
+}
+
+// TestRemapIDsLikeBuiltin runs the container of TestRemapIDs on
+// containerd's built-in overlayfs snapshotter (as its plugin opens it) and
+// on overclone side by side: both show the same owners through the mount
+// and in the upper.
+func TestRemapIDsLikeBuiltin(t *testing.T) {
+	require.Root(t, "mounts and chowns")
+	base := loopfs.Mount(t, loopfs.XFS)
+	f, err := overlayutil.Probe(context.Background(), filepath.Join(base, "probe"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !f.OK(overlayutil.CheckIDMapped) {
+		require.Skipf(t, "the kernel has no idmapped overlay layers on xfs: %s", f.Get(overlayutil.CheckIDMapped).Reason)
+	}
+	ctx, ours := openTest(t, filepath.Join(base, "ours"), WithMode(ModeOverlay))
+	// As containerd's plugin opens it where the kernel has idmapped
+	// layers (test/builtin.Overlay, which imports this package).
+	theirs, err := overlay.NewSnapshotter(filepath.Join(base, "builtin"), overlay.AsynchronousRemove, overlay.WithRemapIDs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { theirs.Close() })
+	seen := map[string]map[string]string{}
+	for name, sn := range map[string]snapshots.Snapshotter{"overclone": ours, "built-in": theirs} {
+		remap.Layers(ctx, t, sn, "")
+		ms, err := sn.Prepare(ctx, "c", "l2", snapshots.WithLabels(remap.Labels()))
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		got, upper := remap.Container(t, ms, "new", pathsOf(remapPaths)...)
+		got["upper/."], got["upper/new"] = remap.Owner(upper), remap.Owner(filepath.Join(upper, "new"))
+		seen[name] = got
+	}
+	checkOwners(t, "overclone against the built-in", seen["overclone"], seen["built-in"])
+	if seen["built-in"]["f"] != remap.Mapped(0, 0) {
+		t.Errorf("the built-in shows f as %s: the comparison proves nothing", seen["built-in"]["f"])
+	}
+}
+
+// TestRemapIDsRefused: labels containerd's code would fail on are
+// InvalidArgument, a stack where the kernel cannot idmap layers is
+// FailedPrecondition, and neither leaves a snapshot behind; a container
+// with no parent needs no idmapped mount and is served anyway.
+func TestRemapIDsRefused(t *testing.T) {
+	require.Root(t, "mounts")
+	root := t.TempDir()
+	real, err := overlayutil.Probe(context.Background(), root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	noIDMap := *real
+	noIDMap.Checks = nil
+	for _, c := range real.Checks {
+		if c.Name == overlayutil.CheckIDMapped {
+			c.OK, c.Reason = false, "test: pretend the kernel has none"
+		}
+		noIDMap.Checks = append(noIDMap.Checks, c)
+	}
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithFeatures(&noIDMap))
+	remap.Layers(ctx, t, s, "")
+
+	const uidL, gidL = snapshots.LabelSnapshotUIDMapping, snapshots.LabelSnapshotGIDMapping
+	for name, labels := range map[string]map[string]string{
+		"uid only":        {uidL: "0:100000:65536"},
+		"not a range":     {uidL: "0:100000", gidL: "0:100000:65536"},
+		"empty range":     {uidL: "0:100000:0", gidL: "0:100000:65536"},
+		"past the end":    {uidL: "0:4294967000:65536", gidL: "0:100000:65536"},
+		"root not mapped": {uidL: "1:100000:65536", gidL: "0:100000:65536"},
+	} {
+		if _, err := s.Prepare(ctx, "bad", "l2", snapshots.WithLabels(labels)); !errdefs.IsInvalidArgument(err) {
+			t.Errorf("%s: %v, want InvalidArgument", name, err)
+		}
+	}
+	if _, err := s.Prepare(ctx, "bad", "l2", snapshots.WithLabels(remap.Labels())); !errdefs.IsFailedPrecondition(err) {
+		t.Errorf("a mapped stack without idmapped layers: %v, want FailedPrecondition", err)
+	}
+	if _, err := s.Stat(ctx, "bad"); !errdefs.IsNotFound(err) {
+		t.Errorf("a refused Prepare left a snapshot: %v", err)
+	}
+	// Several ranges, as containerd 2.1+ writes them.
+	multi := map[string]string{uidL: "0:100000:1000,1000:200000:64536", gidL: "0:100000:65536"}
+	ms, err := s.Prepare(ctx, "alone", "", snapshots.WithLabels(multi))
+	if err != nil {
+		t.Fatal(err)
+	}
+	seen, upper := remap.Container(t, ms, "new")
+	checkOwners(t, "parentless container", seen, map[string]string{"new": remap.Mapped(0, 0)})
+	if got := remap.Owner(upper); got != remap.Mapped(0, 0) {
+		t.Errorf("parentless container's root owned by %s, want %s", got, remap.Mapped(0, 0))
+	}
+}
+
+func checkOwners(t *testing.T, what string, got, want map[string]string) {
+	t.Helper()
+	for p, w := range want {
+		if got[p] != w {
+			t.Errorf("%s: %s owned by %s, want %s", what, p, got[p], w)
+		}
+	}
+}
+
+func mustID(ctx context.Context, t *testing.T, s *Snapshotter, key string) string {
+	t.Helper()
+	var id string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		var err error
+		id, _, _, err = storage.GetInfo(ctx, key)
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
