@@ -5,6 +5,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -232,4 +233,41 @@ func mustID(ctx context.Context, t *testing.T, s *Snapshotter, key string) strin
 		t.Fatal(err)
 	}
 	return id
+}
+
+// TestRemapIDsDeepStack: a stack too long for its layers' own paths is
+// named by its short links, relative symlinks into snapshots/; the mapped
+// mount gets the empty dir as its bottom layer, so that the common
+// directory containerd idmaps is the root, from where the links resolve.
+func TestRemapIDsDeepStack(t *testing.T) {
+	require.Root(t, "mounts")
+	const depth = 150
+	root := t.TempDir()
+	f, err := overlayutil.Probe(context.Background(), root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !f.OK(overlayutil.CheckIDMapped) {
+		require.Skipf(t, "the kernel has no idmapped overlay layers: %s", f.Get(overlayutil.CheckIDMapped).Reason)
+	}
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	// Short links are taken where the compacted plain paths pass a page,
+	// near 450 layers; a quarter page brings that to fewer than 150.
+	s.overlay.PageSize = 1024
+	top := buildChain(ctx, t, s, "deep", depth)
+	ms, err := s.Prepare(ctx, "c", top, snapshots.WithLabels(remap.Labels()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lowers string
+	for _, o := range ms[0].Options {
+		if v, ok := strings.CutPrefix(o, "lowerdir="); ok {
+			lowers = v
+		}
+	}
+	if !strings.Contains(lowers, filepath.Join(root, linksDir)+"/") || false {
+		t.Fatalf("lowerdir of a %d-layer mapped stack is not short links over the empty dir: %.200s...", depth, lowers)
+	}
+	seen, _ := remap.Container(t, ms, "new", "top", "layer-0")
+	checkOwners(t, "deep container", seen, map[string]string{"top": remap.Mapped(0, 0), "layer-0": remap.Mapped(0, 0), "new": remap.Mapped(0, 0)})
 }
