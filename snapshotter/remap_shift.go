@@ -2,6 +2,7 @@ package snapshotter
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -52,6 +53,9 @@ func shiftOwners(ctx context.Context, dir string, m *idMapping) error {
 			if caps, err = getXattr(path, capabilityXattr); err != nil {
 				return fmt.Errorf("shift owner of %s: %w", path, err)
 			}
+			if caps, err = shiftCaps(caps, m); err != nil {
+				return fmt.Errorf("shift owner of %s: %w", path, err)
+			}
 		}
 		if err := unix.Lchown(path, int(uid), int(gid)); err != nil {
 			return fmt.Errorf("shift owner of %s to %d:%d: %w", path, uid, gid, err)
@@ -69,6 +73,52 @@ func shiftOwners(ctx context.Context, dir string, m *idMapping) error {
 		}
 		return nil
 	})
+}
+
+// File capability xattr layouts (linux/capability.h): a little-endian
+// magic with the revision in its top byte, two {permitted, inheritable}
+// pairs, and in version 3 the host uid of the user namespace root they
+// belong to.
+const (
+	capRevisionMask = 0xff000000
+	capRevision2    = 0x02000000
+	capRevision3    = 0x03000000
+	capSize2        = 4 + 2*8
+	capSize3        = capSize2 + 4
+)
+
+// shiftCaps rewrites file capabilities for the mapped container: the
+// kernel honours them only for the user namespace whose root owns them, a
+// version 2 value (no owner) meaning the initial namespace's root. Shifted,
+// they are version 3 with the mapped id of their root, what the kernel
+// itself stores when the container's root sets them. Seen from inside the
+// container they read back as the version 2 value of the image.
+func shiftCaps(caps []byte, m *idMapping) ([]byte, error) {
+	if caps == nil {
+		return nil, nil
+	}
+	if len(caps) < 4 {
+		return nil, fmt.Errorf("%s of %d bytes: %w", capabilityXattr, len(caps), errdefs.ErrFailedPrecondition)
+	}
+	magic := binary.LittleEndian.Uint32(caps)
+	var root uint32
+	switch {
+	case magic&capRevisionMask == capRevision2 && len(caps) == capSize2:
+	case magic&capRevisionMask == capRevision3 && len(caps) == capSize3:
+		root = binary.LittleEndian.Uint32(caps[capSize2:])
+	default:
+		// Version 1 (32-bit sets) no kernel writes today: kept as it is.
+		return caps, nil
+	}
+	host, ok := toHost(root, m.uids)
+	if !ok {
+		return nil, fmt.Errorf("%s owned by uid %d, outside the mapping %q: %w", capabilityXattr, root, m.uidLabel, errdefs.ErrFailedPrecondition)
+	}
+	out := make([]byte, capSize3)
+	copy(out, caps[:capSize2])
+	binary.LittleEndian.PutUint32(out, magic&^capRevisionMask|capRevision3)
+	binary.LittleEndian.PutUint32(out[capSize2:], host)
+	return out, nil
 }
 
 // getXattr reads one xattr of path, not following a symlink; nil when the
