@@ -38,7 +38,8 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	if err != nil {
 		return nil, err
 	}
-	idmap, err := s.remapping(kind, parent, base.Labels)
+	base.Parent = parent // for mounts, which looks at the parent of a mapped snapshot
+	idmap, err := s.remapping(ctx, kind, parent, base.Labels)
 	if err != nil {
 		return nil, fmt.Errorf("create snapshot %q: %w", key, err)
 	}

@@ -1,11 +1,15 @@
 package snapshotter
 
 import (
+	"cmp"
 	"context"
+	"crypto/sha256"
+	"encoding/json"
 	"fmt"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -153,7 +157,7 @@ func (m *idMapping) options() []string {
 // served here: nil when the labels ask for none. A mapping that needs
 // idmapped layers where the kernel cannot make them is FailedPrecondition
 // before anything is created, naming the probe that says so.
-func (s *Snapshotter) remapping(kind snapshots.Kind, parent string, labels map[string]string) (*idMapping, error) {
+func (s *Snapshotter) remapping(ctx context.Context, kind snapshots.Kind, parent string, labels map[string]string) (*idMapping, error) {
 	m, err := remapOf(labels)
 	if err != nil || m == nil {
 		return nil, err
@@ -161,6 +165,9 @@ func (s *Snapshotter) remapping(kind snapshots.Kind, parent string, labels map[s
 	if parent == "" {
 		// Nothing but the snapshot's own dir: its root is chowned.
 		return m, nil
+	}
+	if s.remappedByClient(ctx, parent, m) {
+		return nil, nil
 	}
 	if s.mode == ModeUserspace && kind == snapshots.KindActive {
 		// The copy of the parent gets the mapped owners.
@@ -199,7 +206,7 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 		return nil, err
 	}
 	m, err := remapOf(info.Labels)
-	if err != nil || m == nil || len(snap.ParentIDs) == 0 {
+	if err != nil || m == nil || len(snap.ParentIDs) == 0 || s.remappedByClient(ctx, info.Parent, m) {
 		return ms, err
 	}
 	if s.mode == ModeUserspace && snap.Kind == snapshots.KindActive {
@@ -232,4 +239,71 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 	}
 	out.Options = append(out.Options, m.options()...)
 	return []mount.Mount{out}, nil
+}
+
+// remappedByClient reports whether parent is the copy containerd's client
+// chowned for this mapping, which it makes when the snapshotter does not
+// advertise remap-ids and then prepares the container on with the
+// mapping labels all the same (client.resolveSnapshotOptions): mapped
+// again, every id would be shifted twice. Its name is containerd's digest
+// of its own parent's name and the mapping (remappedSnapshot.ID), so the
+// copy is known exactly, whether or not containerd's config lists the
+// capability.
+func (s *Snapshotter) remappedByClient(ctx context.Context, parent string, m *idMapping) bool {
+	var grandparent string
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		_, info, _, err := storage.GetInfo(ctx, parent)
+		grandparent = info.Parent
+		return err
+	})
+	if err != nil || grandparent == "" {
+		return false
+	}
+	return userKey(parent) == clientRemapName(userKey(grandparent), m)
+}
+
+// userKey is the name a client gave a snapshot: containerd's metadata
+// store hands snapshotters "<namespace>/<seq>/<name>", and namespaces
+// hold no slash.
+func userKey(key string) string {
+	if parts := strings.SplitN(key, "/", 3); len(parts) == 3 {
+		if _, err := strconv.ParseUint(parts[1], 10, 64); err == nil {
+			return parts[2]
+		}
+	}
+	return key
+}
+
+// clientRemapName is the name containerd's client gives its chowned copy of
+// parent: the sha256 digest of {"Parent", "IDMap": {"UidMap", "GidMap"}}
+// in JSON, the ranges sorted by container id, as in
+// client/snapshotter_opts_unix.go.
+func clientRemapName(parent string, m *idMapping) string {
+	type spec struct {
+		ContainerID uint32 `json:"containerID"`
+		HostID      uint32 `json:"hostID"`
+		Size        uint32 `json:"size"`
+	}
+	specs := func(rs []idRange) []spec {
+		out := make([]spec, len(rs))
+		for i, r := range rs {
+			out[i] = spec{r.ctr, r.host, r.size}
+		}
+		slices.SortStableFunc(out, func(a, b spec) int { return cmp.Compare(a.ContainerID, b.ContainerID) })
+		return out
+	}
+	var v struct {
+		Parent string `json:"Parent"`
+		IDMap  struct {
+			UidMap []spec `json:"UidMap"`
+			GidMap []spec `json:"GidMap"`
+		} `json:"IDMap"`
+	}
+	v.Parent = parent
+	v.IDMap.UidMap, v.IDMap.GidMap = specs(m.uids), specs(m.gids)
+	buf, err := json.Marshal(v)
+	if err != nil {
+		return ""
+	}
+	return fmt.Sprintf("sha256:%x", sha256.Sum256(buf))
 }

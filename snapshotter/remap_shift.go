@@ -27,6 +27,9 @@ const capabilityXattr = "security.capability"
 // An id the mapping does not hold is FailedPrecondition, as in containerd's
 // client: the container would see the file as owned by nobody.
 func shiftOwners(ctx context.Context, dir string, m *idMapping) error {
+	// A hard link's inode is shifted once, at its first name.
+	type inode struct{ dev, ino uint64 }
+	shifted := map[inode]bool{}
 	return filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -37,6 +40,13 @@ func shiftOwners(ctx context.Context, dir string, m *idMapping) error {
 		var st unix.Stat_t
 		if err := unix.Lstat(path, &st); err != nil {
 			return fmt.Errorf("shift owner of %s: %w", path, err)
+		}
+		if st.Nlink > 1 && st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			key := inode{uint64(st.Dev), st.Ino}
+			if shifted[key] {
+				return nil
+			}
+			shifted[key] = true
 		}
 		uid, uok := toHost(st.Uid, m.uids)
 		gid, gok := toHost(st.Gid, m.gids)

@@ -3,12 +3,16 @@ package snapshotter
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/binary"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
@@ -275,4 +279,53 @@ func TestRemapIDsDeepStack(t *testing.T) {
 	}
 	seen, _ := remap.Container(t, ms, "new", "top", "layer-0")
 	checkOwners(t, "deep container", seen, map[string]string{"top": remap.Mapped(0, 0), "layer-0": remap.Mapped(0, 0), "new": remap.Mapped(0, 0)})
+}
+
+// TestRemapIDsClientCopy: where containerd's config does not list
+// remap-ids, containerd's client chowns a copy of the image itself, names
+// it by a digest of its parent and the mapping, and prepares the container
+// on it with the mapping labels all the same. The copy must not be mapped
+// a second time.
+func TestRemapIDsClientCopy(t *testing.T) {
+	require.Root(t, "mounts and chowns")
+	for _, mode := range []Mode{ModeOverlay, ModeUserspace} {
+		t.Run(string(mode), func(t *testing.T) {
+			ctx, s := openTest(t, t.TempDir(), WithMode(mode))
+			remap.Layers(ctx, t, s, "")
+			// What client.resolveSnapshotOptions does, with the
+			// name's JSON written out as containerd marshals it.
+			rsn := `{"Parent":"l2","IDMap":{"UidMap":[{"containerID":0,"hostID":100000,"size":65536}],"GidMap":[{"containerID":0,"hostID":100000,"size":65536}]}}`
+			name := fmt.Sprintf("sha256:%x", sha256.Sum256([]byte(rsn)))
+			ms, err := s.Prepare(ctx, name+"-remap", "l2")
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = mount.WithTempMount(ctx, ms, func(root string) error {
+				return filepath.Walk(root, func(p string, fi os.FileInfo, err error) error {
+					if err != nil {
+						return err
+					}
+					st := fi.Sys().(*syscall.Stat_t)
+					return os.Lchown(p, remap.HostRoot+int(st.Uid), remap.HostRoot+int(st.Gid))
+				})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := s.Commit(ctx, name, name+"-remap"); err != nil {
+				t.Fatal(err)
+			}
+			ms, err = s.Prepare(ctx, "c", name, snapshots.WithLabels(remap.Labels()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen, upper := remap.Container(t, ms, "new", "f", "d/g", ".")
+			checkOwners(t, "container on the client's copy", seen, map[string]string{
+				".": remap.Mapped(0, 0), "f": remap.Mapped(0, 0), "d/g": remap.Mapped(1000, 1000), "new": remap.Mapped(0, 0),
+			})
+			if got := remap.Owner(filepath.Join(upper, "new")); got != remap.Mapped(0, 0) {
+				t.Errorf("new in the upper owned by %s, want %s", got, remap.Mapped(0, 0))
+			}
+		})
+	}
 }
