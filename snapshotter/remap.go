@@ -63,6 +63,30 @@ import (
 // code passes them to the kernel, and overlay refuses them): leave the
 // capability out there, and its client makes the chowned copy.
 
+// How mapped snapshots are served, as RemapMechanism names them.
+const (
+	RemapIdmapped    = "idmapped layers"
+	RemapChownedCopy = "chowned copy"
+	RemapNone        = "none"
+)
+
+// RemapMechanism says how a snapshotter serving in mode on a root with
+// features f honours containerd's uid/gid mapping labels, and what that
+// means for containerd's config: for `overclone check` and the start-up
+// log.
+func RemapMechanism(mode Mode, f *overlayutil.Features) (mechanism, why string) {
+	idmapped := f.OK(overlayutil.CheckIDMapped)
+	switch {
+	case mode == ModeUserspace && idmapped:
+		return RemapChownedCopy, "containers get a copy of their image with the owners shifted, views idmapped layers; advertise capabilities = [\"remap-ids\"] (containerd 2.0+)"
+	case mode == ModeUserspace:
+		return RemapChownedCopy, "containers get a copy of their image with the owners shifted; views of an image with a mapping are refused (no idmapped mounts: " + f.Get(overlayutil.CheckIDMapped).Reason + "), so leave remap-ids out unless only containers are mapped"
+	case idmapped:
+		return RemapIdmapped, "mounts carry uidmap= and gidmap=, which containerd 2.0+ turns into idmapped lower layers; advertise capabilities = [\"remap-ids\"] (not on containerd 1.7, whose mounts do not know these options)"
+	}
+	return RemapNone, "mapped snapshots on a parent are refused (no idmapped overlay layers: " + f.Get(overlayutil.CheckIDMapped).Reason + "); leave remap-ids out, and containerd's client chowns a copy of the image itself"
+}
+
 // idRange is one container-to-host range of a mapping label,
 // "container:host:size" as containerd writes it.
 type idRange struct{ ctr, host, size uint32 }

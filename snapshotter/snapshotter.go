@@ -239,8 +239,9 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		ms.Close()
 		return nil, err
 	}
+	remap, _ := RemapMechanism(mode, features)
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
-		WithField("max_stack", s.maxStack).Info("overclone snapshotter ready")
+		WithField("max_stack", s.maxStack).WithField("remap_ids", remap).Info("overclone snapshotter ready")
 	return s, nil
 }
 
