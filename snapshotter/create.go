@@ -39,7 +39,7 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		return nil, err
 	}
 	base.Parent = parent // for mounts, which looks at the parent of a mapped snapshot
-	idmap, err := s.remapping(ctx, kind, parent, base.Labels)
+	idmap, err := s.remapping(ctx, parent, base.Labels)
 	if err != nil {
 		return nil, fmt.Errorf("create snapshot %q: %w", key, err)
 	}

@@ -67,7 +67,6 @@ import (
 const (
 	RemapIdmapped    = "idmapped layers"
 	RemapChownedCopy = "chowned copy"
-	RemapNone        = "none"
 )
 
 // RemapMechanism says how a snapshotter serving in mode on a root with
@@ -80,11 +79,11 @@ func RemapMechanism(mode Mode, f *overlayutil.Features) (mechanism, why string) 
 	case mode == ModeUserspace && idmapped:
 		return RemapChownedCopy, "containers get a copy of their image with the owners shifted, views idmapped layers; advertise capabilities = [\"remap-ids\"] (containerd 2.0+)"
 	case mode == ModeUserspace:
-		return RemapChownedCopy, "containers get a copy of their image with the owners shifted; views of an image with a mapping are refused (no idmapped mounts: " + f.Get(overlayutil.CheckIDMapped).Reason + "), so leave remap-ids out unless only containers are mapped"
+		return RemapChownedCopy, "containers and views get a copy of their image with the owners shifted (no idmapped mounts: " + f.Get(overlayutil.CheckIDMapped).Reason + "); advertise capabilities = [\"remap-ids\"]"
 	case idmapped:
 		return RemapIdmapped, "mounts carry uidmap= and gidmap=, which containerd 2.0+ turns into idmapped lower layers; advertise capabilities = [\"remap-ids\"] (not on containerd 1.7, whose mounts do not know these options)"
 	}
-	return RemapNone, "mapped snapshots on a parent are refused (no idmapped overlay layers: " + f.Get(overlayutil.CheckIDMapped).Reason + "); leave remap-ids out, and containerd's client chowns a copy of the image itself"
+	return RemapChownedCopy, "each mapped snapshot stands on a reflinked copy of its image with the owners shifted (no idmapped overlay layers: " + f.Get(overlayutil.CheckIDMapped).Reason + "); advertise capabilities = [\"remap-ids\"]"
 }
 
 // idRange is one container-to-host range of a mapping label,
@@ -177,11 +176,10 @@ func (m *idMapping) options() []string {
 	return []string{"uidmap=" + m.uidLabel, "gidmap=" + m.gidLabel}
 }
 
-// remapping reads a new snapshot's mapping and says whether it can be
-// served here: nil when the labels ask for none. A mapping that needs
-// idmapped layers where the kernel cannot make them is FailedPrecondition
-// before anything is created, naming the probe that says so.
-func (s *Snapshotter) remapping(ctx context.Context, kind snapshots.Kind, parent string, labels map[string]string) (*idMapping, error) {
+// remapping reads a new snapshot's mapping: nil when the labels ask for
+// none, or when the parent is containerd's client-side copy, mapped
+// already.
+func (s *Snapshotter) remapping(ctx context.Context, parent string, labels map[string]string) (*idMapping, error) {
 	m, err := remapOf(labels)
 	if err != nil || m == nil {
 		return nil, err
@@ -193,14 +191,9 @@ func (s *Snapshotter) remapping(ctx context.Context, kind snapshots.Kind, parent
 	if s.remappedByClient(ctx, parent, m) {
 		return nil, nil
 	}
-	if s.mode == ModeUserspace && kind == snapshots.KindActive {
-		// The copy of the parent gets the mapped owners.
-		return m, nil
-	}
-	if !s.idmapped {
-		return nil, fmt.Errorf("user namespace mapping needs idmapped layers, which the kernel cannot make on %s (see `overclone check`, %s: %s); leave the remap-ids capability out of containerd's config for this snapshotter: %w",
-			s.root, overlayutil.CheckIDMapped, s.idmappedReason, errdefs.ErrFailedPrecondition)
-	}
+	// Served by idmapped layers, by the shifted copy userspace mode
+	// makes of a container's parent anyway, or else by a shifted copy
+	// of the parent's view (remap_copy.go).
 	return m, nil
 }
 
@@ -235,6 +228,9 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 	}
 	if s.mode == ModeUserspace && snap.Kind == snapshots.KindActive {
 		return ms, nil // a copy already owned by the mapped ids
+	}
+	if s.needsRemapCopy(snap) {
+		return s.remapCopyMounts(ctx, snap, m)
 	}
 	if len(ms) != 1 {
 		return nil, fmt.Errorf("remap mounts of %s: %d mounts, want one", snap.ID, len(ms))

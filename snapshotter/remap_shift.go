@@ -19,10 +19,10 @@ const capabilityXattr = "security.capability"
 // as containerd's client does for a snapshotter without remap-ids, keeping
 // what chown takes away: the set-id bits and file capabilities.
 //
-// dir is a copy this process has just made under snapshots/new-*, in the
-// 0700 root and mounted nowhere: no container can change a name under it
-// while it is walked, and nothing in it is followed (Lchown, and a
-// symlink is never chmod'ed).
+// dir is a copy this process has just made (snapshots/new-*/fs, or
+// snapshots/<id>/remap-new-*), in the 0700 root and mounted nowhere: no
+// container can change a name under it while it is walked, and nothing in
+// it is followed (Lchown, and a symlink is never chmod'ed).
 //
 // An id the mapping does not hold is FailedPrecondition, as in containerd's
 // client: the container would see the file as owned by nobody.

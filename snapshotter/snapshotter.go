@@ -15,6 +15,7 @@ import (
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/log"
 	bolt "go.etcd.io/bbolt"
+	"golang.org/x/sync/singleflight"
 
 	"github.com/overclone/overclone/overlayutil"
 )
@@ -118,8 +119,10 @@ type Snapshotter struct {
 
 	// idmapped: containerd's idmapped lowers work on this root (the
 	// idmapped-mounts probe); remap.go needs them for mapped stacks.
-	idmapped       bool
-	idmappedReason string
+	idmapped bool
+	// remapBuilds makes concurrent Mounts of one mapped snapshot build its
+	// shifted copy once, where idmapped is false (remap_copy.go).
+	remapBuilds singleflight.Group
 
 	flat flatCache
 	// linked remembers the layers whose short link exists (linkLayers),
@@ -215,8 +218,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 
 		deletions: newDeleter(),
 
-		idmapped:       features.OK(overlayutil.CheckIDMapped),
-		idmappedReason: features.Get(overlayutil.CheckIDMapped).Reason,
+		idmapped: features.OK(overlayutil.CheckIDMapped),
 	}
 	s.batch.ms = ms
 	if s.maxStack == 0 || s.maxStack > overlay.MaxLowers {

@@ -106,11 +106,8 @@ func TestCheckJSON(t *testing.T) {
 			idmapped = c.OK
 		}
 	}
-	want := snapshotter.RemapNone
-	switch {
-	case remap.Mode == string(snapshotter.ModeUserspace):
-		want = snapshotter.RemapChownedCopy
-	case idmapped:
+	want := snapshotter.RemapChownedCopy
+	if remap.Mode == string(snapshotter.ModeOverlay) && idmapped {
 		want = snapshotter.RemapIdmapped
 	}
 	if remap.Mode == "" || remap.RemapIDs != want || remap.Why == "" {
