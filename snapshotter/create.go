@@ -101,8 +101,8 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		// sure to exist: once the transaction commits, a Remove of the
 		// new snapshot and then of its parent may run before the
 		// directory is placed (TestStorm saw it).
-		if s.mode == ModeOverlay && len(snap.ParentIDs) > 0 && idmap == nil {
-			if err := copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs")); err != nil {
+		if idmap == nil { // a mapped upper's root is the mapped root's (remapPrepared)
+			if err := s.ownUpper(snap, td); err != nil {
 				return err
 			}
 		}
@@ -198,8 +198,16 @@ func (s *Snapshotter) placeDirectory(ctx context.Context, td string, snap storag
 	return nil
 }
 
-// copyOwner gives the upper's root the owner of the parent's root, as the
-// kernel gives the merged root on copy-up.
+// ownUpper gives the upper's root in td the owner of the parent's root, in
+// overlay mode, as the kernel gives the merged root on copy-up. The parent
+// must be there: call it where the metadata still names the parent.
+func (s *Snapshotter) ownUpper(snap storage.Snapshot, td string) error {
+	if s.mode != ModeOverlay || len(snap.ParentIDs) == 0 {
+		return nil
+	}
+	return copyOwner(s.upperPath(snap.ParentIDs[0]), filepath.Join(td, "fs"))
+}
+
 func copyOwner(from, to string) error {
 	var st syscall.Stat_t
 	if err := syscall.Stat(from, &st); err != nil {

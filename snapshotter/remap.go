@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"os"
@@ -214,6 +215,21 @@ func (s *Snapshotter) remapPrepared(ctx context.Context, td string, m *idMapping
 	return nil
 }
 
+// ownRecreated gives a directory recreate made again the owners its create
+// gave it: the mapped ones for a mapped snapshot (its userspace copy
+// shifted again), the parent's root owner otherwise (ownUpper).
+func (s *Snapshotter) ownRecreated(ctx context.Context, snap storage.Snapshot, info snapshots.Info, td string) error {
+	m, err := remapOf(info.Labels)
+	if err != nil {
+		return err
+	}
+	if m == nil || (len(snap.ParentIDs) > 0 && s.remappedByClient(ctx, info.Parent, m)) {
+		return s.ownUpper(snap, td)
+	}
+	materialized := s.mode == ModeUserspace && snap.Kind == snapshots.KindActive && len(snap.ParentIDs) > 0
+	return s.remapPrepared(ctx, td, m, materialized)
+}
+
 // mounts builds a snapshot's mounts (plainMounts) and, for a snapshot
 // created with a mapping, shapes them so that containerd idmaps the
 // layers (see the top of this file).
@@ -271,11 +287,17 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 // capability.
 func (s *Snapshotter) remappedByClient(ctx context.Context, parent string, m *idMapping) bool {
 	var grandparent string
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+	lookup := func(ctx context.Context) error {
 		_, info, _, err := storage.GetInfo(ctx, parent)
 		grandparent = info.Parent
 		return err
-	})
+	}
+	// recreate asks inside its transaction; calls outside one open their
+	// own.
+	err := lookup(ctx)
+	if errors.Is(err, storage.ErrNoTransaction) {
+		err = s.ms.WithTransaction(ctx, false, lookup)
+	}
 	if err != nil || grandparent == "" {
 		return false
 	}

@@ -364,3 +364,40 @@ func checkNoIDMapOptions(t *testing.T, ms []mount.Mount) {
 		}
 	}
 }
+
+// TestRemapIDsRecreated: a mapped container whose directory a power cut
+// took is made again at start with its mapped owners: the upper's root in
+// overlay mode, the whole shifted copy in userspace mode.
+func TestRemapIDsRecreated(t *testing.T) {
+	require.Root(t, "mounts and chowns")
+	for _, mode := range []Mode{ModeOverlay, ModeUserspace} {
+		t.Run(string(mode), func(t *testing.T) {
+			root := t.TempDir()
+			ctx, s := openTest(t, root, WithMode(mode))
+			remap.Layers(ctx, t, s, "")
+			if _, err := s.Prepare(ctx, "c", "l2", snapshots.WithLabels(remap.Labels())); err != nil {
+				t.Fatal(err)
+			}
+			id := mustID(ctx, t, s, "c")
+			s.Close()
+			if err := os.Rename(filepath.Join(root, "snapshots", id), filepath.Join(root, "snapshots", "new-"+id)); err != nil {
+				t.Fatal(err)
+			}
+			ctx, s = openTest(t, root, WithMode(mode))
+			if got := remap.Owner(s.upperPath(id)); got != remap.Mapped(0, 0) {
+				t.Errorf("the upper made again is owned by %s, want the mapped root %s", got, remap.Mapped(0, 0))
+			}
+			if mode == ModeUserspace {
+				if got := remap.Owner(filepath.Join(s.upperPath(id), "d", "g")); got != remap.Mapped(1000, 1000) {
+					t.Errorf("d/g in the copy made again is owned by %s, want %s", got, remap.Mapped(1000, 1000))
+				}
+			}
+			ms, err := s.Mounts(ctx, "c")
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen, _ := remap.Container(t, ms, "new", "f", "d/g")
+			checkOwners(t, "container made again", seen, map[string]string{"f": remap.Mapped(0, 0), "d/g": remap.Mapped(1000, 1000), "new": remap.Mapped(0, 0)})
+		})
+	}
+}

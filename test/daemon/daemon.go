@@ -88,8 +88,16 @@ type Daemon struct {
 }
 
 // Start runs a daemon on root with a socket in a temporary directory and an
-// optional TOML config text. It is stopped when the test ends.
+// optional TOML config text, logging at debug level for the test's
+// failures to show. It is stopped when the test ends.
 func Start(t testing.TB, root, configText string) *Daemon {
+	t.Helper()
+	return StartLogging(t, root, configText, "debug")
+}
+
+// StartLogging is Start at the given log level; "" is the daemon's own
+// default, what ships, which is what a measurement must run.
+func StartLogging(t testing.TB, root, configText, level string) *Daemon {
 	t.Helper()
 	dir := t.TempDir()
 	d := &Daemon{
@@ -102,7 +110,10 @@ func Start(t testing.TB, root, configText string) *Daemon {
 	if err := os.WriteFile(d.Config, []byte(configText), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d.Args = []string{"--root", d.Root, "--address", d.Address, "--config", d.Config, "--log-level", "debug"}
+	d.Args = []string{"--root", d.Root, "--address", d.Address, "--config", d.Config}
+	if level != "" {
+		d.Args = append(d.Args, "--log-level", level)
+	}
 	if err := d.Restart(); err != nil {
 		t.Fatal(err)
 	}

@@ -139,8 +139,10 @@ func benchTargets(ctx context.Context, b *testing.B) []benchTarget {
 		b.Cleanup(func() { s.Close() })
 		return s
 	}
-	// The daemon as it ships: no config, so sync_on_commit on.
-	d := daemon.Start(b, b.TempDir(), "")
+	// The daemon as it ships: no config, so sync_on_commit on, and its
+	// default log level. Its like is the built-in in a process of its own.
+	d := daemon.StartLogging(b, b.TempDir(), "", "")
+	bp := builtin.Start(b, b.TempDir())
 	return []benchTarget{
 		{"overclone-inproc", open()},
 		{"overclone-nosync-inproc", open(snapshotter.WithSyncOnCommit(false))},
@@ -148,6 +150,7 @@ func benchTargets(ctx context.Context, b *testing.B) []benchTarget {
 		{"overclone-grpc", serveInProcess(b, open())},
 		{"builtin-grpc", serveInProcess(b, openBuiltin())},
 		{"overclone-daemon", d.Client()},
+		{"builtin-daemon", dial(b, bp.Address)},
 	}
 }
 
@@ -163,12 +166,17 @@ func serveInProcess(b *testing.B, sn snapshots.Snapshotter) snapshots.Snapshotte
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotter.NewService(sn))
 	go srv.Serve(l)
 	b.Cleanup(srv.Stop)
+	return dial(b, sock)
+}
+
+// dial returns containerd's proxy client for the snapshotter served on sock.
+func dial(b *testing.B, sock string) snapshots.Snapshotter {
 	conn, err := grpc.NewClient("unix://"+sock, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { conn.Close() })
-	return proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "builtin")
+	return proxy.NewSnapshotter(snapshotsapi.NewSnapshotsClient(conn), "snapshotter")
 }
 
 func prepareCommitted(ctx context.Context, b *testing.B, sn snapshots.Snapshotter, name string) {
