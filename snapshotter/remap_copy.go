@@ -2,9 +2,12 @@ package snapshotter
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
@@ -24,16 +27,17 @@ import (
 // itself for a snapshotter without remap-ids, through an overlay mount, so
 // every file is copied up whole; the built-in's slow_chown is that.
 //
-// The copy is snapshots/<id>/remap, the snapshot's own: it goes with the
-// snapshot, to the trash, and nothing else needs to know of it. It is the
-// only lower of an active snapshot (whose fs dir stays its upper, so a
-// Commit is a diff as usual) and the whole of a view. Mounts builds it the
-// first time it is asked, and again if a crash lost it.
-//
-// Each mapped snapshot has its own copy: Kubernetes gives every pod a
-// mapping of its own, so a copy shared per (parent, mapping) would serve
-// only a pod's restarts.
-const remapCopyDir = "remap"
+// The copy is ROOT/remap/<parent id>-<mapping digest>: every snapshot on
+// the same parent with the same mapping (a pod's containers, a restarted
+// container) stands on the one copy, built by the first Mounts that needs
+// it. It is the only lower of an active snapshot (whose fs dir stays its
+// upper, so a Commit is a diff as usual) and the whole of a view. It goes
+// when the last snapshot with that parent and mapping is removed; a crash
+// in between leaves it for the next start, which removes every copy no
+// snapshot needs. A lock per copy orders the build, the use by Mounts and
+// the check at removal, so a copy is never removed under a snapshot that
+// was being created meanwhile: that one's Mounts builds it again.
+const remapCopiesDir = "remap"
 
 // needsRemapCopy tells a mapped snapshot whose view needs its ids shifted
 // where no idmapped layer can do it.
@@ -61,23 +65,39 @@ func (s *Snapshotter) remapCopyMounts(ctx context.Context, snap storage.Snapshot
 	return []mount.Mount{om}, nil
 }
 
-// remapCopy makes sure snapshots/<id>/remap holds the shifted copy of the
-// snapshot's parent view, and returns it. Concurrent calls for one snapshot
-// build it once.
+// remapCopyKey names the copy of parent id's view under mapping m.
+func remapCopyKey(parentID string, m *idMapping) string {
+	sum := sha256.Sum256([]byte(m.uidLabel + "\n" + m.gidLabel))
+	return parentID + "-" + hex.EncodeToString(sum[:8])
+}
+
+func (s *Snapshotter) remapCopyPath(key string) string {
+	return filepath.Join(s.root, remapCopiesDir, key)
+}
+
+// remapLock returns the lock of one copy.
+func (s *Snapshotter) remapLock(key string) *sync.Mutex {
+	mu, _ := s.remapLocks.LoadOrStore(key, new(sync.Mutex))
+	return mu.(*sync.Mutex)
+}
+
+// remapCopy makes sure the shifted copy a snapshot stands on exists, and
+// returns it. Concurrent calls for one copy build it once; calls for other
+// copies do not wait.
 func (s *Snapshotter) remapCopy(ctx context.Context, snap storage.Snapshot, m *idMapping) (string, error) {
-	dir := filepath.Join(s.snapshotDir(snap.ID), remapCopyDir)
+	key := remapCopyKey(snap.ParentIDs[0], m)
+	dir := s.remapCopyPath(key)
+	mu := s.remapLock(key)
+	mu.Lock()
+	defer mu.Unlock()
 	if _, err := os.Lstat(dir); err == nil {
 		return dir, nil
 	}
-	_, err, _ := s.remapBuilds.Do(snap.ID, func() (any, error) {
-		if _, err := os.Lstat(dir); err == nil {
-			return nil, nil // built while we queued
-		}
-		ctx, cancel := s.shared(ctx)
-		defer cancel()
-		return nil, s.buildRemapCopy(ctx, snap, m, dir)
-	})
-	if err != nil {
+	// The build is shared: one caller's cancellation must not leave the
+	// others without it, but the daemon stopping ends it.
+	ctx, cancel := s.shared(ctx)
+	defer cancel()
+	if err := s.buildRemapCopy(ctx, snap, m, dir); err != nil {
 		return "", err
 	}
 	return dir, nil
@@ -85,9 +105,12 @@ func (s *Snapshotter) remapCopy(ctx context.Context, snap storage.Snapshot, m *i
 
 func (s *Snapshotter) buildRemapCopy(ctx context.Context, snap storage.Snapshot, m *idMapping, dir string) error {
 	start := time.Now()
-	tmp, err := os.MkdirTemp(s.snapshotDir(snap.ID), remapCopyDir+"-new-")
+	if err := os.Mkdir(filepath.Dir(dir), 0o700); err != nil && !os.IsExist(err) {
+		return fmt.Errorf("shifted copy of %s: %w", snap.ParentIDs[0], err)
+	}
+	tmp, err := os.MkdirTemp(filepath.Dir(dir), "new-")
 	if err != nil {
-		return fmt.Errorf("shifted copy of %s: %w", snap.ID, err)
+		return fmt.Errorf("shifted copy of %s: %w", snap.ParentIDs[0], err)
 	}
 	defer os.RemoveAll(tmp) // gone after the rename, unless it failed
 	var (
@@ -105,14 +128,14 @@ func (s *Snapshotter) buildRemapCopy(ctx context.Context, snap storage.Snapshot,
 	}
 	stack, err := fileops.NewStack("", layers, opts...)
 	if err != nil {
-		return fmt.Errorf("shifted copy of %s: %w", snap.ID, err)
+		return fmt.Errorf("shifted copy of %s: %w", snap.ParentIDs[0], err)
 	}
 	stats, err := fileops.Flatten(ctx, stack, tmp)
 	if err != nil {
-		return fmt.Errorf("shifted copy of %s: %w", snap.ID, err)
+		return fmt.Errorf("shifted copy of %s: %w", snap.ParentIDs[0], err)
 	}
 	if err := shiftOwners(ctx, tmp, m); err != nil {
-		return fmt.Errorf("shifted copy of %s: %w", snap.ID, err)
+		return fmt.Errorf("shifted copy of %s: %w", snap.ParentIDs[0], err)
 	}
 	// The copy is a lower trusted for the snapshot's life, as a flattened
 	// layer is: it must not come back empty after a power cut.
@@ -122,10 +145,112 @@ func (s *Snapshotter) buildRemapCopy(ctx context.Context, snap storage.Snapshot,
 		}
 	}
 	if err := os.Rename(tmp, dir); err != nil {
-		return fmt.Errorf("move shifted copy of %s into place: %w", snap.ID, err)
+		return fmt.Errorf("move shifted copy of %s into place: %w", snap.ParentIDs[0], err)
 	}
 	s.countCopied("remap", stats)
-	log.G(ctx).WithField("id", snap.ID).WithField("layers", len(layers)).WithField("files", stats.Files).
+	log.G(ctx).WithField("copy", filepath.Base(dir)).WithField("layers", len(layers)).WithField("files", stats.Files).
 		WithField("reflinked", stats.Reflinked).WithField("took", time.Since(start)).Info("shifted copy built for a user-namespaced snapshot")
+	return nil
+}
+
+// remapRelease is what Remove needs to release a removed snapshot's copy.
+type remapRelease struct {
+	parentID string
+	m        *idMapping
+}
+
+// remapReleaseOf reads, inside Remove's transaction, whether key stands on
+// a shifted copy: nil where copies are not made, or key has no mapping or
+// no parent.
+func (s *Snapshotter) remapReleaseOf(ctx context.Context, key string) *remapRelease {
+	if s.idmapped {
+		return nil
+	}
+	_, info, _, err := storage.GetInfo(ctx, key)
+	if err != nil || info.Parent == "" {
+		return nil
+	}
+	m, err := remapOf(info.Labels)
+	if err != nil || m == nil {
+		return nil
+	}
+	pid, _, _, err := storage.GetInfo(ctx, info.Parent)
+	if err != nil {
+		return nil
+	}
+	return &remapRelease{parentID: pid, m: m}
+}
+
+// releaseRemapCopy removes the copy a removed snapshot stood on, unless
+// another snapshot with the same parent and mapping still does.
+func (s *Snapshotter) releaseRemapCopy(ctx context.Context, parentID string, m *idMapping) {
+	key := remapCopyKey(parentID, m)
+	mu := s.remapLock(key)
+	mu.Lock()
+	defer mu.Unlock()
+	used, err := s.remapCopiesInUse(ctx)
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("copy", key).Warn("failed to tell whether a shifted copy is still used; the next start decides")
+		return
+	}
+	if used[key] {
+		return
+	}
+	s.trashRemapCopy(ctx, key)
+}
+
+// remapCopiesInUse names the copies some snapshot stands on, or may: every
+// snapshot with a mapping and a parent, whichever its kind (a committed one
+// no longer needs its copy, but keeping it until then costs one scan less
+// per Commit).
+func (s *Snapshotter) remapCopiesInUse(ctx context.Context) (map[string]bool, error) {
+	used := map[string]bool{}
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		return storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
+			m, err := remapOf(info.Labels)
+			if err != nil || m == nil || info.Parent == "" {
+				return nil
+			}
+			pid, _, _, err := storage.GetInfo(ctx, info.Parent)
+			if err != nil {
+				return err
+			}
+			used[remapCopyKey(pid, m)] = true
+			return nil
+		})
+	})
+	return used, err
+}
+
+func (s *Snapshotter) trashRemapCopy(ctx context.Context, key string) {
+	to, err := s.trash(s.remapCopyPath(key))
+	if err != nil {
+		log.G(ctx).WithError(err).WithField("copy", key).Warn("failed to move an unused shifted copy to the trash")
+		return
+	}
+	if to != "" {
+		s.deleteLater(to)
+	}
+}
+
+// sweepRemapCopies removes, at start, the copies no snapshot needs (a crash
+// between a Remove and its release) and builds left unfinished.
+func (s *Snapshotter) sweepRemapCopies(ctx context.Context) error {
+	entries, err := os.ReadDir(filepath.Join(s.root, remapCopiesDir))
+	if os.IsNotExist(err) || (err == nil && len(entries) == 0) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("list shifted copies: %w", err)
+	}
+	used, err := s.remapCopiesInUse(ctx)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if !used[e.Name()] {
+			s.trashRemapCopy(ctx, e.Name())
+		}
+	}
 	return nil
 }

@@ -25,9 +25,9 @@ import (
 // slow_chown, where containerd's client prepares a snapshot on the image,
 // chowns every file through its overlay mount (a copy-up of each: the
 // data is copied) and commits it, then prepares the container on that.
-// A second container with the same mapping finds the built-in's copy
-// committed; overclone copies again, each snapshot owning its copy. Both
-// are set against a container without a mapping on the same snapshotter.
+// A second container with the same mapping finds the copy made on both
+// sides (the built-in's committed, overclone's in ROOT/remap); both are set
+// against a container without a mapping on the same snapshotter.
 // OVERCLONE_MEASURE=1 runs it (about a minute); it asserts nothing but
 // that every path works, and logs the medians and ratios.
 func TestRemapCopyCost(t *testing.T) {

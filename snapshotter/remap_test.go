@@ -401,3 +401,90 @@ func TestRemapIDsRecreated(t *testing.T) {
 		})
 	}
 }
+
+// TestRemapCopyShared: where the kernel has no idmapped layers, snapshots
+// on one parent with one mapping stand on one shifted copy, built once; a
+// mapping of its own gets a copy of its own; a copy goes with the last
+// snapshot that stands on it, and a start removes copies no snapshot needs.
+func TestRemapCopyShared(t *testing.T) {
+	require.Root(t, "mounts and chowns")
+	root := t.TempDir()
+	real, err := overlayutil.Probe(context.Background(), root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithFeatures(withoutIDMap(real)))
+	remap.Layers(ctx, t, s, "")
+	other := map[string]string{snapshots.LabelSnapshotUIDMapping: "0:300000:65536", snapshots.LabelSnapshotGIDMapping: "0:300000:65536"}
+	copies := func() []string {
+		t.Helper()
+		entries, err := os.ReadDir(filepath.Join(root, remapCopiesDir))
+		if err != nil && !os.IsNotExist(err) {
+			t.Fatal(err)
+		}
+		var names []string
+		for _, e := range entries {
+			names = append(names, e.Name())
+		}
+		// The trash is emptied in the background: wait for it, so that
+		// a copy trashed is a copy gone.
+		s.deletions.wait()
+		return names
+	}
+	lower := func(ms []mount.Mount) string {
+		for _, o := range ms[0].Options {
+			if v, ok := strings.CutPrefix(o, "lowerdir="); ok {
+				return v
+			}
+		}
+		return ""
+	}
+	a1, err := s.Prepare(ctx, "a1", "l2", snapshots.WithLabels(remap.Labels()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2, err := s.Prepare(ctx, "a2", "l2", snapshots.WithLabels(remap.Labels()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := copies(); len(got) != 1 || lower(a1) != lower(a2) {
+		t.Fatalf("two containers with one mapping: copies %v, lowers %q and %q, want one shared", got, lower(a1), lower(a2))
+	}
+	b, err := s.Prepare(ctx, "b", "l2", snapshots.WithLabels(other))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := copies(); len(got) != 2 || lower(b) == lower(a1) {
+		t.Fatalf("a mapping of its own: copies %v, lower %q", got, lower(b))
+	}
+	checkOwners(t, "container mapped at 300000", remap.Owners(t, b, ".", "f"), map[string]string{".": "300000:300000", "f": "300000:300000"})
+
+	if err := s.Remove(ctx, "a1"); err != nil {
+		t.Fatal(err)
+	}
+	if got := copies(); len(got) != 2 {
+		t.Fatalf("a copy went while a2 still stands on it: %v", got)
+	}
+	checkOwners(t, "a2 after a1 went", remap.Owners(t, a2, "f"), map[string]string{"f": remap.Mapped(0, 0)})
+	if err := s.Remove(ctx, "a2"); err != nil {
+		t.Fatal(err)
+	}
+	if got := copies(); len(got) != 1 {
+		t.Fatalf("the copy of a1 and a2 outlived them: %v", got)
+	}
+	// A copy left by a crash between a Remove and its release.
+	if err := os.Mkdir(filepath.Join(root, remapCopiesDir, "9999-0000000000000000"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	ctx, s = openTest(t, root, WithMode(ModeOverlay), WithFeatures(withoutIDMap(real)))
+	if got := copies(); len(got) != 1 {
+		t.Fatalf("after a start: copies %v, want only b's", got)
+	}
+	if err := s.Remove(ctx, "b"); err != nil {
+		t.Fatal(err)
+	}
+	if got := copies(); len(got) != 0 {
+		t.Fatalf("copies left with no snapshot: %v", got)
+	}
+}

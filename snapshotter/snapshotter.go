@@ -15,7 +15,6 @@ import (
 	"github.com/containerd/continuity/fs"
 	"github.com/containerd/log"
 	bolt "go.etcd.io/bbolt"
-	"golang.org/x/sync/singleflight"
 
 	"github.com/overclone/overclone/overlayutil"
 )
@@ -120,9 +119,9 @@ type Snapshotter struct {
 	// idmapped: containerd's idmapped lowers work on this root (the
 	// idmapped-mounts probe); remap.go needs them for mapped stacks.
 	idmapped bool
-	// remapBuilds makes concurrent Mounts of one mapped snapshot build its
-	// shifted copy once, where idmapped is false (remap_copy.go).
-	remapBuilds singleflight.Group
+	// remapLocks holds a *sync.Mutex per shifted copy, where idmapped is
+	// false (remap_copy.go).
+	remapLocks sync.Map
 
 	flat flatCache
 	// linked remembers the layers whose short link exists (linkLayers),
@@ -240,6 +239,9 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		abort()
 		ms.Close()
 		return nil, err
+	}
+	if err := s.sweepRemapCopies(ctx); err != nil {
+		log.G(ctx).WithError(err).Warn("failed to remove unused shifted copies")
 	}
 	remap, _ := RemapMechanism(mode, features)
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
