@@ -27,10 +27,11 @@ const criUsernsRounds = 1
 // (userns_options in the pod and container configs, as a kubelet sets them
 // for hostUsers: false) through containerd 2.4's CRI, on overclone
 // configured from the shipped version 3 snippet with capabilities =
-// ["remap-ids"] and runc 1.5 as the runc runtime. The container sees the
+// ["remap-ids"] and runc 1.5 as the runc runtime, and on the built-in
+// overlayfs (idmapped layers too), the reference. The container sees the
 // image as built, what it writes lands in its upper owned by the mapped
 // host ids, and ten such pods, each with a mapping of its own, start at once
-// in a time set against ten pods without a user namespace.
+// in a time set against ten pods without a user namespace on the same node.
 func TestCRIUserNamespace(t *testing.T) {
 	f, crictlDir, pause := criSetup(t)
 	runc := filepath.Join(harness.RuncBinDir(), "runc")
@@ -49,10 +50,12 @@ func TestCRIUserNamespace(t *testing.T) {
 	}
 	config := strings.Replace(string(snippet), noCaps, `capabilities = ["remap-ids"]`, 1)
 	var tm harness.Timings
-	n := &criNode{sn: harness.SnapshotterName, cli: f.cliBin, img: f.img, tm: &tm, dir: filepath.Join(dir, "ctd")}
+	var nodes []*criNode
 	var oc *harness.Overclone
 	t.Cleanup(func() {
-		n.close(t)
+		for _, n := range nodes {
+			n.close(t)
+		}
 		stopOverclone(t, oc)
 		if err := harness.UnmountUnder(dir); err != nil {
 			t.Error(err)
@@ -65,7 +68,7 @@ func TestCRIUserNamespace(t *testing.T) {
 	if err := os.Chmod(dir, 0o711); err != nil {
 		t.Fatal(err)
 	}
-	for _, sub := range []string{"oc", "ctd"} {
+	for _, sub := range []string{"oc", "ctd-oc", "ctd-builtin"} {
 		if err := os.Mkdir(filepath.Join(dir, sub), 0o711); err != nil {
 			t.Fatal(err)
 		}
@@ -79,53 +82,68 @@ func TestCRIUserNamespace(t *testing.T) {
 	if err := oc.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	n.oc = oc
-	opts := harness.ContainerdOptions{BinDir: binDir, CRI: cri, Snippet: config,
-		Proxies: []harness.Proxy{{Name: n.sn, Overclone: oc}}}
-	if n.c, err = harness.StartContainerd(ctx, n.dir, opts, t.Logf); err != nil {
-		t.Fatal(err)
-	}
-	if n.crictl, err = harness.NewCrictl(crictlDir, n.dir, n.c); err != nil {
-		t.Fatal(err)
-	}
-	n.waitCRI(t)
-	n.ctrCRI(t, "images", "import", "--snapshotter", n.sn, pause)
-	ref := fmt.Sprintf("%s/overclone/cri-userns:1", f.registry.Host)
-	n.push(t, f.archive, ref)
-	n.run(t, "pull", ref)
-
-	t.Run("pod", func(t *testing.T) {
-		podCfg, ctrCfg := n.writeUsernsConfigs(t, "userns", ref, usernsHostRoot)
-		pod := n.run(t, "runp", podCfg)
-		id := n.run(t, "create", pod, ctrCfg, podCfg)
-		n.run(t, "start", id)
-		compareView(t, "user-namespaced pod's view", n.exec(t, id, "view", "/"+image.DataDir), f.img.Expected)
-		compareView(t, "user-namespaced pod's view after its writes", n.exec(t, id, "write", "/"+image.DataDir), expectedAfterWrite(t, f.img.Expected))
-		upper := upperOf(t, n.ctrCRI(t, "snapshots", "--snapshotter", n.sn, "mounts", "/mnt", id))
-		mapped := fmt.Sprintf("%d:%d", usernsHostRoot, usernsHostRoot)
-		for _, p := range []string{".", image.DataDir + "/" + view.CreatedFile} {
-			if got := ownerOf(filepath.Join(upper, p)); got != mapped {
-				t.Errorf("%s in the upper %s owned by %s, want the mapped %s", p, upper, got, mapped)
-			}
+	// The built-in overlayfs, the reference: what a user namespace costs
+	// containerd and runc whatever the snapshotter.
+	for _, sn := range []string{"overlayfs", harness.SnapshotterName} {
+		n := &criNode{sn: sn, cli: f.cliBin, img: f.img, tm: &tm, dir: filepath.Join(dir, "ctd-builtin")}
+		opts := harness.ContainerdOptions{BinDir: binDir, CRI: cri}
+		if sn == harness.SnapshotterName {
+			n.oc, n.dir = oc, filepath.Join(dir, "ctd-oc")
+			opts.Snippet = config
+			opts.Proxies = []harness.Proxy{{Name: sn, Overclone: oc}}
 		}
-		n.run(t, "rmp", "-fa")
-	})
+		if n.c, err = harness.StartContainerd(ctx, n.dir, opts, t.Logf); err != nil {
+			t.Fatal(err)
+		}
+		nodes = append(nodes, n)
+		if n.crictl, err = harness.NewCrictl(crictlDir, n.dir, n.c); err != nil {
+			t.Fatal(err)
+		}
+		n.waitCRI(t)
+		n.ctrCRI(t, "images", "import", "--snapshotter", sn, pause)
+	}
+	ref := fmt.Sprintf("%s/overclone/cri-userns:1", f.registry.Host)
+	nodes[0].push(t, f.archive, ref)
+
+	for _, n := range nodes {
+		n.run(t, "pull", ref)
+		t.Run(n.sn+"-pod", func(t *testing.T) {
+			podCfg, ctrCfg := n.writeUsernsConfigs(t, "userns", ref, usernsHostRoot)
+			pod := n.run(t, "runp", podCfg)
+			id := n.run(t, "create", pod, ctrCfg, podCfg)
+			n.run(t, "start", id)
+			compareView(t, "user-namespaced pod's view", n.exec(t, id, "view", "/"+image.DataDir), f.img.Expected)
+			compareView(t, "user-namespaced pod's view after its writes", n.exec(t, id, "write", "/"+image.DataDir), expectedAfterWrite(t, f.img.Expected))
+			upper := upperOf(t, n.ctrCRI(t, "snapshots", "--snapshotter", n.sn, "mounts", "/mnt", id))
+			mapped := fmt.Sprintf("%d:%d", usernsHostRoot, usernsHostRoot)
+			for _, p := range []string{".", image.DataDir + "/" + view.CreatedFile} {
+				if got := ownerOf(filepath.Join(upper, p)); got != mapped {
+					t.Errorf("%s in the upper %s owned by %s, want the mapped %s", p, upper, got, mapped)
+				}
+			}
+			n.run(t, "rmp", "-fa")
+		})
+	}
 
 	// Ten pods at once, each with a mapping of its own as a kubelet
-	// gives them, against ten without.
+	// gives them, against ten without, on each node.
 	for round := 0; round < criUsernsRounds; round++ {
-		for i, userns := range []bool{round%2 == 1, round%2 == 0} {
-			name := "plain"
-			if userns {
-				name = "userns"
+		for _, n := range alternateNodes(nodes, round) {
+			for i, userns := range []bool{round%2 == 1, round%2 == 0} {
+				name := "plain"
+				if userns {
+					name = "userns"
+				}
+				t.Run(fmt.Sprintf("%s-%s-pods-%d", n.sn, name, round), func(t *testing.T) {
+					n.startPods(t, ref, fmt.Sprintf("%s-%d-%d", name, round, i), userns)
+				})
 			}
-			t.Run(fmt.Sprintf("%s-pods-%d", name, round), func(t *testing.T) {
-				n.startPods(t, ref, fmt.Sprintf("%s-%d-%d", name, round, i), userns)
-			})
 		}
 	}
-	n.run(t, "rmi", ref)
-	n.checkClean(t)
+	for _, n := range nodes {
+		n.run(t, "rmi", ref)
+		n.checkClean(t)
+	}
 	t.Logf("CRI timings with and without a user namespace (crictl wall time):\n%s", tm.Table())
 }
 
