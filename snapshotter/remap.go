@@ -58,7 +58,11 @@ import (
 //     of it cannot reach the layers the links point at;
 //   - in userspace mode an active snapshot is a copy made by this process,
 //     so the copy itself is given the mapped owners (shiftOwners): no
-//     idmapped mount is needed, and it works where the kernel has none.
+//     idmapped mount is needed, and it works where the kernel has none;
+//   - where the kernel cannot idmap layers, the other mapped snapshots
+//     stand on a shifted copy of their parent's view (remap_copy.go),
+//     where the built-in refuses them unless slow_chown lets containerd's
+//     client copy the image itself.
 //
 // containerd 1.7 does not know the uidmap= and gidmap= options (its mount
 // code passes them to the kernel, and overlay refuses them): leave the
@@ -84,7 +88,7 @@ func RemapMechanism(mode Mode, f *overlayutil.Features) (mechanism, why string) 
 	case idmapped:
 		return RemapIdmapped, "mounts carry uidmap= and gidmap=, which containerd 2.0+ turns into idmapped lower layers; advertise capabilities = [\"remap-ids\"] (not on containerd 1.7, whose mounts do not know these options)"
 	}
-	return RemapChownedCopy, "each mapped snapshot stands on a reflinked copy of its image with the owners shifted (no idmapped overlay layers: " + f.Get(overlayutil.CheckIDMapped).Reason + "); advertise capabilities = [\"remap-ids\"]"
+	return RemapChownedCopy, "mapped snapshots stand on a reflinked copy of their image with the owners shifted, one per parent and mapping (no idmapped overlay layers: " + f.Get(overlayutil.CheckIDMapped).Reason + "); advertise capabilities = [\"remap-ids\"]"
 }
 
 // idRange is one container-to-host range of a mapping label,
