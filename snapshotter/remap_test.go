@@ -9,6 +9,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -486,5 +488,45 @@ func TestRemapCopyShared(t *testing.T) {
 	}
 	if got := copies(); len(got) != 0 {
 		t.Fatalf("copies left with no snapshot: %v", got)
+	}
+}
+
+// TestRemapCopyConcurrently: containers on one parent with one mapping
+// prepared at once build their shifted copy once, and each mounts it.
+func TestRemapCopyConcurrently(t *testing.T) {
+	require.Root(t, "mounts and chowns")
+	root := t.TempDir()
+	real, err := overlayutil.Probe(context.Background(), root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithFeatures(withoutIDMap(real)))
+	remap.Layers(ctx, t, s, "")
+	var builds atomic.Int32
+	s.OnCopy(func(reason, _ string, _ int64) {
+		if reason == "remap" {
+			builds.Add(1)
+		}
+	})
+	const n = 6
+	mounts := make([][]mount.Mount, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			mounts[i], errs[i] = s.Prepare(ctx, fmt.Sprintf("c%d", i), "l2", snapshots.WithLabels(remap.Labels()))
+		}()
+	}
+	wg.Wait()
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatal(errs[i])
+		}
+		checkOwners(t, fmt.Sprintf("container %d", i), remap.Owners(t, mounts[i], "f"), map[string]string{"f": remap.Mapped(0, 0)})
+	}
+	if got := builds.Load(); got != 1 {
+		t.Errorf("%d containers on one parent with one mapping built the shifted copy %d times, want once", n, got)
 	}
 }
