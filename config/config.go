@@ -31,6 +31,10 @@ const (
 	// DefaultShutdownTimeout bounds how long SIGTERM waits for calls in
 	// flight; kubelet's default grace period is 30 s, so stay under it.
 	DefaultShutdownTimeout = Duration(10 * time.Second)
+	// DefaultContainerdAddress is containerd's own default socket: the
+	// diff service writes the layers it makes to containerd's content
+	// store through it.
+	DefaultContainerdAddress = "/run/containerd/containerd.sock"
 )
 
 // Config is the whole configuration file.
@@ -80,17 +84,29 @@ type Config struct {
 	// ("unix:///path") or a loopback "127.0.0.1:PORT" only. Default ""
 	// (off).
 	DebugAddress string `toml:"debug_address"`
+	// DiffService serves containerd's diff API on Address too, for
+	// [proxy_plugins.overclone-diff] type = "diff": a Compare of an
+	// overclone snapshot writes its layer from the overlay upper instead
+	// of walking the image twice. It costs nothing until containerd
+	// calls it. Default true.
+	DiffService bool `toml:"diff_service"`
+	// ContainerdAddress is the socket of the containerd the diff service
+	// writes layers to (its content store, in the caller's namespace).
+	// Default "/run/containerd/containerd.sock".
+	ContainerdAddress string `toml:"containerd_address"`
 }
 
 // Default returns the configuration used when no file is given.
 func Default() Config {
 	return Config{
-		Root:            DefaultRoot,
-		Address:         DefaultAddress,
-		LogLevel:        DefaultLogLevel,
-		Mode:            DefaultMode,
-		SyncOnCommit:    true,
-		ShutdownTimeout: DefaultShutdownTimeout,
+		Root:              DefaultRoot,
+		Address:           DefaultAddress,
+		LogLevel:          DefaultLogLevel,
+		Mode:              DefaultMode,
+		SyncOnCommit:      true,
+		ShutdownTimeout:   DefaultShutdownTimeout,
+		DiffService:       true,
+		ContainerdAddress: DefaultContainerdAddress,
 	}
 }
 
@@ -164,6 +180,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxStack < 0 || c.MaxStack == 1 {
 		return fmt.Errorf("max_stack %d: want 0 (as deep as the kernel allows) or at least 2", c.MaxStack)
+	}
+	if c.DiffService && c.ContainerdAddress == "" {
+		return errors.New("containerd_address must not be empty when diff_service is on")
 	}
 	if c.ShutdownTimeout < 0 {
 		return fmt.Errorf("shutdown_timeout %s must not be negative", c.ShutdownTimeout)

@@ -2,6 +2,7 @@ package fileops
 
 import (
 	"fmt"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -60,9 +61,9 @@ func (v *view) lookup(dirs []dirRef, name string) (found, error) {
 			loc = Location{absFrom, abs}
 			absFrom++
 			var own int
-			st, state, own, stop, err = v.probeAbs(loc.Layer, abs)
+			st, state, own, abs, stop, err = v.probeAbs(loc.Layer, abs)
 			defer closeFD(own)
-			_, pname = parentName(abs)
+			_, pname = parentName(loc.Path)
 			pfd = own
 		}
 		if err != nil {
@@ -87,13 +88,16 @@ func (v *view) lookup(dirs []dirRef, name string) (found, error) {
 			if err != nil {
 				return found{}, fmt.Errorf("look up %s in layer %s: %w", loc.Path, v.s.layers[loc.Layer], err)
 			}
-			if mc {
-				continue
+			if !mc {
+				f.data = &hit{loc, st}
+				break
 			}
-			f.data = &hit{loc, st}
-			break
-		}
-		if !isDir {
+			// Another metacopy file on the way to the data: it may have
+			// been renamed in its own layer, and then its redirect says
+			// where the lookup goes on (a file chmod'ed, renamed, then
+			// chmod'ed and renamed again in a later layer; the kernel
+			// follows the chain, measured on 6.18).
+		} else if !isDir {
 			if len(f.hits) > 0 {
 				break
 			}
@@ -160,51 +164,71 @@ func (v *view) lookup(dirs []dirRef, name string) (found, error) {
 // probeAbs looks an absolute redirect target up below one layer root,
 // component by component: a whiteout or non-directory on the way ends the
 // whole lookup, an opaque directory on the way ends it after this layer.
-// It returns the open parent of the last component for dirMeta.
-func (v *view) probeAbs(layer int, abs string) (st unix.Stat_t, state probeState, pfd int, stop bool, err error) {
+// It returns the open parent of the last component for dirMeta, and the
+// path the layers below look up: a directory on the way that was itself
+// renamed in this layer (it has a redirect) renames the rest of the path
+// below, as the kernel's ovl_lookup_layer does (a file renamed into a
+// renamed directory, measured on 6.18); an absolute one also undoes an
+// opaque directory met before it.
+func (v *view) probeAbs(layer int, abs string) (st unix.Stat_t, state probeState, pfd int, next string, stop bool, err error) {
+	next = abs
 	r, err := v.root(layer)
 	if err != nil {
-		return st, absent, -1, false, err
+		return st, absent, -1, next, false, err
 	}
 	comps := splitPath(abs)
 	cur, err := unix.Dup(r)
 	if err != nil {
-		return st, absent, -1, false, err
+		return st, absent, -1, next, false, err
 	}
+	var name []string // the components of next before the current one
 	for i, c := range comps {
+		rest := func() []string { return append(append([]string(nil), name...), comps[i:]...) }
 		st, state, err = v.probe(cur, c)
 		if err != nil || state == absent {
 			closeFD(cur)
-			return st, absent, -1, false, err
+			return st, absent, -1, strings.Join(rest(), "/"), false, err
 		}
 		if state == whitedOut {
 			closeFD(cur)
-			return st, absent, -1, true, nil
+			return st, absent, -1, strings.Join(rest(), "/"), true, nil
 		}
 		if i == len(comps)-1 {
-			return st, present, cur, stop, nil
+			return st, present, cur, strings.Join(rest(), "/"), stop, nil
 		}
 		if st.Mode&unix.S_IFMT != unix.S_IFDIR {
 			closeFD(cur)
-			return st, absent, -1, true, nil
+			return st, absent, -1, strings.Join(rest(), "/"), true, nil
 		}
-		opq, _, err := v.dirMeta(cur, c)
+		opq, redirect, err := v.dirMeta(cur, c)
 		if err != nil {
 			closeFD(cur)
-			return st, absent, -1, false, err
+			return st, absent, -1, next, false, err
 		}
 		stop = stop || opq
+		switch red, rerr := validRedirect(redirect); {
+		case redirect == "":
+			name = append(name, c)
+		case rerr != nil:
+			closeFD(cur)
+			return st, absent, -1, next, false, fmt.Errorf("look up %s in layer %s: %w", joinRel(strings.Join(comps[:i], "/"), c), v.s.layers[layer], rerr)
+		case red[0] == '/':
+			name = splitPath(red[1:])
+			stop = false
+		default:
+			name = append(name, red)
+		}
 		child, err := openBeneath(cur, c, unix.O_PATH|unix.O_DIRECTORY|unix.O_NOFOLLOW, 0)
 		closeFD(cur)
 		if err != nil {
-			return st, absent, -1, false, err
+			return st, absent, -1, next, false, err
 		}
 		cur = child
 	}
 	// An empty absolute redirect ("/") names the root itself.
 	if err := unix.Fstat(cur, &st); err != nil {
 		closeFD(cur)
-		return st, absent, -1, false, err
+		return st, absent, -1, next, false, err
 	}
-	return st, present, cur, stop, nil
+	return st, present, cur, next, stop, nil
 }

@@ -99,3 +99,94 @@ func TestMetacopy(t *testing.T) {
 		t.Errorf("sparse data copy-up filled holes")
 	}
 }
+
+// TestMetacopyRenamedTwice follows a chain of renamed metacopy files: a
+// file chmod'ed and renamed in one layer, chmod'ed and renamed again in
+// the next. Each metacopy file carries its own redirect, and the kernel
+// follows them all to the data (the differ met this in a container's
+// upper).
+func TestMetacopyRenamedTwice(t *testing.T) {
+	needRoot(t)
+	mnt := loopfs.Mount(t, loopfs.XFS)
+	l1, l2, upper := filepath.Join(mnt, "l1"), filepath.Join(mnt, "l2"), filepath.Join(mnt, "upper")
+	mustMkdir(t, l2)
+	mustMkdir(t, upper)
+	mustWrite(t, filepath.Join(l1, "f"), bytes.Repeat([]byte("D"), 7000), 0o644)
+	mustMkdir(t, filepath.Join(l1, "d"))
+	const opts = "metacopy=on,redirect_dir=on,index=off"
+	merged := mountOverlay(t, l2, []string{l1}, opts)
+	if err := os.Chmod(filepath.Join(merged, "f"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(merged, "f"), filepath.Join(merged, "f2")); err != nil {
+		t.Fatal(err)
+	}
+	unmountOverlay(t, merged)
+	merged = mountOverlay(t, upper, []string{l2, l1}, opts)
+	if err := os.Chmod(filepath.Join(merged, "f2"), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(merged, "f2"), filepath.Join(merged, "d/f3")); err != nil {
+		t.Fatal(err)
+	}
+	unmountOverlay(t, merged)
+	if _, ok, _ := getXattr(filepath.Join(upper, "d/f3"), "trusted.overlay.metacopy"); !ok {
+		require.Skip(t, "the kernel made no metacopy file")
+	}
+	merged = mountOverlay(t, upper, []string{l2, l1}, opts)
+	want, _ := walkTree(t, merged, skipOverlayXattrs)
+	s, err := NewStack(upper, []string{l2, l1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	compareTrees(t, "renamed metacopy chain: Resolve/ReadDir vs kernel", want, stackTree(t, s), true, nil)
+	e, err := s.Resolve("d/f3")
+	if err != nil || !e.Metacopy || e.DataLayer != 2 || e.DataPath != "f" {
+		t.Errorf("Resolve(d/f3) = %+v, %v; want data in layer 2 at f", e, err)
+	}
+}
+
+// TestRedirectThroughRenamedDir renames, in a later layer, entries that
+// live inside a directory an earlier layer renamed: a subdirectory and a
+// metacopy file. Their absolute redirects name the renamed directory's
+// new path, and the lookup below must turn at that directory's own
+// redirect to find them, as the kernel does.
+func TestRedirectThroughRenamedDir(t *testing.T) {
+	needRoot(t)
+	mnt := loopfs.Mount(t, loopfs.XFS)
+	l1, l2, upper := filepath.Join(mnt, "l1"), filepath.Join(mnt, "l2"), filepath.Join(mnt, "upper")
+	mustMkdir(t, l2)
+	mustMkdir(t, upper)
+	mustWrite(t, filepath.Join(l1, "x/sub/data"), []byte("in sub"), 0o644)
+	mustWrite(t, filepath.Join(l1, "x/file"), bytes.Repeat([]byte("E"), 9000), 0o644)
+	const opts = "metacopy=on,redirect_dir=on,index=off"
+	merged := mountOverlay(t, l2, []string{l1}, opts)
+	if err := os.Rename(filepath.Join(merged, "x"), filepath.Join(merged, "y")); err != nil {
+		t.Fatal(err)
+	}
+	unmountOverlay(t, merged)
+	merged = mountOverlay(t, upper, []string{l2, l1}, opts)
+	if err := os.Rename(filepath.Join(merged, "y/sub"), filepath.Join(merged, "z")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(filepath.Join(merged, "y/file"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(filepath.Join(merged, "y/file"), filepath.Join(merged, "moved")); err != nil {
+		t.Fatal(err)
+	}
+	unmountOverlay(t, merged)
+	if r, _, _ := getXattr(filepath.Join(upper, "z"), "trusted.overlay.redirect"); string(r) != "/y/sub" {
+		t.Logf("redirect of z: %q", r)
+	}
+	merged = mountOverlay(t, upper, []string{l2, l1}, opts)
+	want, _ := walkTree(t, merged, skipOverlayXattrs)
+	if _, ok := want["z/data"]; !ok {
+		t.Fatalf("the kernel shows no z/data: %v", sortedKeys(want))
+	}
+	s, err := NewStack(upper, []string{l2, l1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	compareTrees(t, "redirects through a renamed dir: Resolve/ReadDir vs kernel", want, stackTree(t, s), true, nil)
+}

@@ -124,6 +124,9 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	if err != nil {
 		return nil, s.undoCreate(ctx, key, snap.ID, err)
 	}
+	if kind == snapshots.KindActive {
+		s.deepActive(snap.ID, snap.ParentIDs)
+	}
 	td = ""                                  // renamed into place: the deferred clean-up must not touch it
 	mounts, err := s.mounts(ctx, snap, base) // the labels given are the labels stored
 	if err != nil {

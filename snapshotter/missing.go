@@ -84,15 +84,19 @@ func (s *Snapshotter) Missing() map[string]string {
 // are not missing. ids is the metadata's, placed the ids whose directory
 // is in snapshots/ or on its way there: Cleanup goes by that listing,
 // which costs no call per snapshot on a node with thousands; the start
-// looks into each for its fs dir too. It must run inside a write
-// transaction.
+// looks into each for its fs dir too. At start it must run inside a write
+// transaction; Cleanup runs it in none, and looks again at what it would
+// call missing, as the listing is older than the metadata it read.
 func (s *Snapshotter) checkLayers(ctx context.Context, ids map[string]string, placed map[string]bool, starting bool) error {
 	var lost []string
 	for id := range ids {
 		there := placed[id]
-		if there && starting {
+		switch {
+		case there && starting:
 			_, err := os.Stat(s.upperPath(id))
 			there = err == nil
+		case !there && !starting:
+			there = s.notMissing(ctx, id, ids[id])
 		}
 		if !there {
 			lost = append(lost, id)
@@ -119,6 +123,23 @@ func (s *Snapshotter) checkLayers(ctx context.Context, ids map[string]string, pl
 		s.missing.add(id, key)
 	}
 	return nil
+}
+
+// notMissing says whether snapshot id, which Cleanup's listing did not
+// find, is there after all (placed since the listing) or gone from the
+// metadata since it was read (removed: its directory went after its
+// metadata).
+func (s *Snapshotter) notMissing(ctx context.Context, id, key string) bool {
+	if _, err := os.Lstat(s.snapshotDir(id)); err == nil {
+		return true
+	}
+	var still bool
+	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		now, _, _, err := storage.GetInfo(ctx, key)
+		still = err == nil && now == id
+		return nil
+	})
+	return err != nil || !still // unsure: the next Cleanup looks again
 }
 
 // cmpID orders snapshot ids as the numbers they are, so that a parent

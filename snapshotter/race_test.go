@@ -297,3 +297,84 @@ func deleting() int {
 		buf = make([]byte, 2*len(buf))
 	}
 }
+
+// TestCleanupCreatesConcurrently: Cleanup reads the metadata in a read
+// transaction, so creates commit and place their directories while it runs,
+// and commits make links for the next layer's mounts. Nothing a snapshot
+// owns may be taken for an orphan, and no snapshot may be called missing:
+// after the storm every snapshot has its directory, each layer its link,
+// and every active one mounts with its parents.
+func TestCleanupCreatesConcurrently(t *testing.T) {
+	root := t.TempDir()
+	ctx, s := openTest(t, root)
+	stop := time.Now().Add(2 * time.Second)
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			parent := ""
+			for i := 0; time.Now().Before(stop); i++ {
+				key := fmt.Sprintf("w%d-%d", w, i)
+				if _, err := s.Prepare(ctx, key, parent); err != nil {
+					t.Error(err)
+					return
+				}
+				if i%2 == 1 { // every other one stays active
+					continue
+				}
+				if err := s.Commit(ctx, key+"-c", key); err != nil {
+					t.Error(err)
+					return
+				}
+				parent = key + "-c"
+				if _, err := s.View(ctx, key+"-v", parent); err != nil {
+					t.Error(err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for time.Now().Before(stop) {
+			if err := s.Cleanup(ctx); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
+	wg.Wait()
+	if m := s.Missing(); len(m) != 0 {
+		t.Fatalf("snapshots called missing while they were made: %v", m)
+	}
+	var keys []string
+	if err := s.Walk(ctx, func(ctx context.Context, info snapshots.Info) error {
+		keys = append(keys, info.Name)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for _, key := range keys {
+		info, err := s.Stat(ctx, key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if info.Kind == snapshots.KindCommitted {
+			continue
+		}
+		m, err := s.Mounts(ctx, key)
+		if err != nil {
+			t.Fatalf("mounts of %s: %v", key, err)
+		}
+		target := t.TempDir()
+		if err := m[0].Mount(target); err != nil {
+			t.Fatalf("mount %s: %v", key, err)
+		}
+		unmount(target)
+	}
+	if len(keys) < 20 {
+		t.Fatalf("only %d snapshots made: the test did not race anything", len(keys))
+	}
+}

@@ -58,6 +58,7 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 	s.placing.wait(id)
 	s.missing.drop(id)
 	s.linked.Delete(id)
+	s.deepActives.Delete(id)
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
 	}
@@ -86,13 +87,11 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 // Cleanup takes what the metadata does not name out of the snapshotter's
 // directories and returns without waiting for the disk.
 //
-// It holds the write transaction while it lists, so that no snapshot being
-// created (its directory placed, its metadata not yet committed) is taken
-// for an orphan, and renames each orphan directory into ROOT/trash and
-// removes each stale link before the transaction ends. So once Cleanup
-// returns, nothing under snapshots/, flat/ or l/ lacks metadata but the
-// new-* of creates still in flight; everything else it found is in the
-// trash.
+// It renames each orphan directory into ROOT/trash and removes each stale
+// link. So once Cleanup returns, nothing that was under snapshots/, flat/
+// or l/ when it was called lacks metadata but the new-* of creates still
+// in flight; everything else it found is in the trash. It holds no write
+// transaction: see the order in the code.
 //
 // Deleting the trash's contents is what it defers, to the background
 // deleter, and that is safe: no metadata can name anything in the trash
@@ -111,9 +110,37 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 // returns; the used bytes CRI reports are summed from the remaining
 // snapshots' Usage, the same on both.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
-	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		return s.sweep(ctx, false)
+	// The directories are listed before the metadata is read, and the
+	// metadata in a read transaction, as the built-in does: no writer
+	// waits for a Cleanup and it costs no fdatasync. That order is what
+	// keeps it safe. A snapshot's directory and its layer link are only
+	// ever made after its metadata is committed (creates place theirs
+	// after their transaction, links are made for committed parents), so
+	// whatever the listing found, a later read of the metadata names, or
+	// the snapshot was removed since.
+	found, err := s.listRoot()
+	if err != nil {
+		return err
+	}
+	var ids map[string]string
+	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+		ids, err = idMap(ctx)
+		return err
 	}); err != nil {
+		return err
+	}
+	// Taken after the metadata is read: a create the read saw is being
+	// placed now, or was placed, and then it is either in the listing
+	// or looked at again before it is called missing.
+	inFlight := s.placing.all()
+	placed, err := s.trashOrphans(ctx, ids, found, false)
+	if err != nil {
+		return err
+	}
+	for id := range inFlight {
+		placed[id] = true
+	}
+	if err := s.checkLayers(ctx, ids, placed, false); err != nil {
 		return err
 	}
 	// Anything a failed deletion left in the trash is queued again;
@@ -124,10 +151,22 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 
 // recover runs at start, before any call is served: it also removes the
 // temporary directories of creates that were cut short and reports
-// snapshots whose directories are gone.
+// snapshots whose directories are gone, or makes them again.
 func (s *Snapshotter) recover(ctx context.Context) error {
 	err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
-		return s.sweep(ctx, true)
+		found, err := s.listRoot()
+		if err != nil {
+			return err
+		}
+		ids, err := idMap(ctx)
+		if err != nil {
+			return err
+		}
+		placed, err := s.trashOrphans(ctx, ids, found, true)
+		if err != nil {
+			return err
+		}
+		return s.checkLayers(ctx, ids, placed, true)
 	})
 	if err != nil {
 		return fmt.Errorf("recover %s: %w", s.root, err)
@@ -137,39 +176,41 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 	return nil
 }
 
-// sweep is what Cleanup and the start do inside their write transaction:
-// orphans to the trash, then the snapshots without a directory found. One
-// list of the ids and one of snapshots/ serve both.
-func (s *Snapshotter) sweep(ctx context.Context, starting bool) error {
-	ids, err := idMap(ctx)
-	if err != nil {
-		return err
-	}
-	// Taken before the directories are listed: a create whose metadata
-	// this transaction sees was being placed by then, or was placed.
-	inFlight := s.placing.all()
-	placed, err := s.trashOrphans(ctx, ids, starting)
-	if err != nil {
-		return err
-	}
-	for id := range inFlight {
-		placed[id] = true
-	}
-	return s.checkLayers(ctx, ids, placed, starting)
+// rootListing is what Cleanup and the start find in the directories that
+// hold one entry per snapshot.
+type rootListing struct {
+	dirs  map[string][]string // snapshots/ and flat/: entry names
+	links []string            // l/
 }
 
-// trashOrphans moves to the trash what no snapshot in the metadata owns,
-// and returns the ids whose directory it found in snapshots/.
-// It must run inside a write transaction.
-func (s *Snapshotter) trashOrphans(ctx context.Context, ids map[string]string, starting bool) (placed map[string]bool, err error) {
+func (s *Snapshotter) listRoot() (rootListing, error) {
+	found := rootListing{dirs: map[string][]string{}}
+	for _, dir := range []string{snapshotsDir, flatDir, linksDir} {
+		f, err := os.Open(filepath.Join(s.root, dir))
+		if err != nil {
+			return found, fmt.Errorf("list %s: %w", dir, err)
+		}
+		names, err := f.Readdirnames(-1)
+		f.Close()
+		if err != nil {
+			return found, fmt.Errorf("list %s: %w", dir, err)
+		}
+		if dir == linksDir {
+			found.links = names
+		} else {
+			found.dirs[dir] = names
+		}
+	}
+	return found, nil
+}
+
+// trashOrphans moves to the trash what found holds that no snapshot in ids
+// owns, and returns the ids whose directory found holds in snapshots/. ids
+// must be read after found was listed (see Cleanup).
+func (s *Snapshotter) trashOrphans(ctx context.Context, ids map[string]string, found rootListing, starting bool) (placed map[string]bool, err error) {
 	placed = map[string]bool{}
 	for _, dir := range []string{snapshotsDir, flatDir} {
-		entries, err := os.ReadDir(filepath.Join(s.root, dir))
-		if err != nil {
-			return nil, fmt.Errorf("list %s: %w", dir, err)
-		}
-		for _, e := range entries {
-			name := e.Name()
+		for _, name := range found.dirs[dir] {
 			if _, ok := ids[name]; ok {
 				if dir == snapshotsDir {
 					placed[name] = true
@@ -192,24 +233,20 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, ids map[string]string, s
 	for id := range ids {
 		short[shortName(id)] = id
 	}
-	links, err := os.ReadDir(filepath.Join(s.root, linksDir))
-	if err != nil {
-		return nil, fmt.Errorf("list layer links: %w", err)
-	}
-	for _, l := range links {
-		if _, ok := short[l.Name()]; ok {
+	for _, name := range found.links {
+		if _, ok := short[name]; ok {
 			continue
 		}
 		// *.new-* are links being made by ensureLink, unless nothing
 		// is running yet.
-		if strings.Contains(l.Name(), ".new-") && !starting {
+		if strings.Contains(name, ".new-") && !starting {
 			continue
 		}
-		if n, err := strconv.ParseUint(l.Name(), 36, 64); err == nil {
+		if n, err := strconv.ParseUint(name, 36, 64); err == nil {
 			s.linked.Delete(strconv.FormatUint(n, 10))
 		}
-		if err := os.Remove(filepath.Join(s.root, linksDir, l.Name())); err != nil && !os.IsNotExist(err) {
-			return nil, fmt.Errorf("remove stale layer link %s: %w", l.Name(), err)
+		if err := os.Remove(filepath.Join(s.root, linksDir, name)); err != nil && !os.IsNotExist(err) {
+			return nil, fmt.Errorf("remove stale layer link %s: %w", name, err)
 		}
 	}
 	return placed, nil

@@ -145,8 +145,13 @@ type Snapshotter struct {
 	// (cleanStaging). Add is called only in New, before any call is
 	// served, so Close may Wait at any time.
 	startup sync.WaitGroup
-	closeMu sync.Mutex
-	closed  bool
+	// deepActives holds the chains of active snapshots whose Commit
+	// flattens ahead (preflatten.go).
+	deepActives sync.Map
+	// background counts work calls leave running (goBackground).
+	background sync.WaitGroup
+	closeMu    sync.Mutex
+	closed     bool
 }
 
 var (
@@ -324,6 +329,7 @@ func (s *Snapshotter) Close() error {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
 	s.startup.Wait()
+	s.background.Wait()
 	s.deletions.wait()
 	if s.closed {
 		return nil

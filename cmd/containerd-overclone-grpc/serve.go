@@ -18,6 +18,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/overclone/overclone/config"
+	"github.com/overclone/overclone/differ"
 	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/snapshotter/metrics"
 )
@@ -81,6 +82,16 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 	srv := grpc.NewServer(grpc.MaxRecvMsgSize(maxRecvMsgSize))
 	snapshotsapi.RegisterSnapshotsServer(srv, snapshotter.NewService(measured))
 	snapshotter.RegisterAdmin(srv, sn)
+	if cfg.DiffService {
+		// containerd's diff service calls it as a proxy diff plugin; it
+		// dials containerd only on the first Compare it serves.
+		rd, err := differ.NewRemote(cfg.Root, cfg.ContainerdAddress)
+		if err != nil {
+			return err
+		}
+		defer rd.Close()
+		rd.Register(srv)
+	}
 	// The standard health service lets a DaemonSet probe or
 	// grpc-health-probe ask the socket itself whether overclone serves.
 	hs := health.NewServer()
@@ -96,7 +107,7 @@ func serve(ctx context.Context, cfg config.Config, sn *snapshotter.Snapshotter) 
 	if _, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
 		log.G(ctx).WithError(err).Warn("failed to notify systemd of readiness")
 	}
-	log.G(ctx).WithField("address", cfg.Address).WithField("root", cfg.Root).Info("serving snapshots API")
+	log.G(ctx).WithField("address", cfg.Address).WithField("root", cfg.Root).WithField("diff_service", cfg.DiffService).Info("serving snapshots API")
 
 	select {
 	case err := <-served:

@@ -178,3 +178,21 @@ disabled_plugins = ["io.containerd.internal.v1.opt"]
   address = %s
 %s`, version, q(c.Root), q(c.State), q(c.Address), q(c.Address+".ttrpc"), body), nil
 }
+
+// extraTables is a snippet's tables for ContainerdOptions.Extra: its
+// version line dropped and overclone's default socket replaced by the
+// first proxy's.
+func extraTables(snippet string, proxies []Proxy) string {
+	var kept []string
+	for _, line := range strings.Split(snippet, "\n") {
+		if strings.HasPrefix(strings.TrimSpace(line), "version") {
+			continue
+		}
+		kept = append(kept, line)
+	}
+	body := strings.Join(kept, "\n")
+	if len(proxies) > 0 {
+		body = strings.ReplaceAll(body, DefaultSocket, proxies[0].Overclone.Socket)
+	}
+	return body
+}

@@ -37,6 +37,11 @@ type ContainerdOptions struct {
 	// A snippet of only its version line is the same node before anything
 	// of overclone's was merged in (no Proxies then).
 	Snippet string
+	// Extra is a deploy/containerd snippet merged into the config after
+	// everything else (its version line dropped, overclone's default
+	// socket replaced by the first proxy's): tables the generated
+	// config does not have, such as the diff proxy plugin.
+	Extra string
 }
 
 // Proxy is one overclone daemon as a containerd proxy snapshotter.
@@ -138,6 +143,9 @@ func (c *Containerd) writeConfig() error {
 	}
 	if opts.CRI != nil {
 		text = mergeTables(text, opts.CRI.tables(c.Major))
+	}
+	if opts.Extra != "" {
+		text += "\n" + extraTables(opts.Extra, opts.Proxies)
 	}
 	if opts.LinkImageFS {
 		if err := os.MkdirAll(c.Root, 0o700); err != nil {
