@@ -29,6 +29,7 @@ help:
 	@echo "              ($(IMAGE); reproducible: same source and Go, same digest)"
 	@echo "make containerd2  build containerd 2.x once into $(CONTAINERD2_CACHE)"
 	@echo "make crictl   build crictl once into $(CRICTL_CACHE) (the CRI e2e test)"
+	@echo "make runc     build runc >= 1.2 once into $(RUNC_CACHE) (the user-namespace e2e test)"
 	@echo "make bench    overclone against containerd's built-in snapshotters (root, ~10 min;"
 	@echo "              BENCHFLAGS=-quick for ~1 min); writes results/results.{md,json,svg}"
 
@@ -115,6 +116,26 @@ $(CRICTL_BIN)/crictl:
 	cd /tmp && GOBIN=$(CRICTL_BIN) GOFLAGS=-buildvcs=false $(GO) install \
 		sigs.k8s.io/cri-tools/cmd/crictl@$(CRICTL_VERSION)
 
+# --- runc >= 1.2 for the user-namespace end-to-end test ----------------------
+# Debian 12 ships runc 1.1.5; containerd 2.x wants runc 1.2 or later for
+# user-namespaced containers (idmapped mounts inside them). Built like
+# containerd 2.x above, with cgo and libseccomp (Debian's libseccomp-dev,
+# found through pkg-config), into a cache outside the tree; the test
+# (test/e2e TestUserNamespace) finds it through OVERCLONE_RUNC_BIN (default:
+# this directory).
+RUNC_VERSION ?= v1.5.3
+RUNC_CACHE   ?= /var/cache/overclone/runc-$(RUNC_VERSION)
+RUNC_BIN     := $(RUNC_CACHE)/bin
+DEB_PKGS     += libseccomp-dev pkg-config gcc libc6-dev
+
+.PHONY: runc
+runc: $(RUNC_BIN)/runc
+
+$(RUNC_BIN)/runc:
+	@mkdir -p $(RUNC_BIN)
+	cd /tmp && GOBIN=$(RUNC_BIN) GOFLAGS=-buildvcs=false CGO_ENABLED=1 $(GO) install \
+		-tags seccomp github.com/opencontainers/runc@$(RUNC_VERSION)
+
 # --- end-to-end tests, demo, deploy files ------------------------------------
 # The e2e suite (test/e2e) runs real containerd 1.6 (Debian) and 2.x (the
 # cached build above) with runc, and a local docker-registry for pulls.
@@ -124,16 +145,16 @@ CONFDIR    ?= /etc/containerd-overclone
 
 .PHONY: e2e demo install-deploy
 
-# `make test` runs the e2e suite with the rest; it needs containerd 2.x and
-# crictl.
-test: containerd2 crictl
+# `make test` runs the e2e suite with the rest; it needs containerd 2.x,
+# crictl and runc >= 1.2.
+test: containerd2 crictl runc
 
 # e2e runs only the end-to-end suite, verbosely, and prints the timings of
 # overclone next to containerd's built-in overlayfs (also written to
 # results/e2e-timings.txt).
-e2e: deps build containerd2 crictl
+e2e: deps build containerd2 crictl runc
 	OVERCLONE_BIN=$(CURDIR)/bin/containerd-overclone-grpc OVERCLONE_CONTAINERD2_BIN=$(CONTAINERD2_BIN) \
-		OVERCLONE_CRICTL_BIN=$(CRICTL_BIN) \
+		OVERCLONE_CRICTL_BIN=$(CRICTL_BIN) OVERCLONE_RUNC_BIN=$(RUNC_BIN) \
 		$(GO) test -count=1 -timeout 15m -v ./test/e2e/
 
 # demo starts overclone and a private containerd 1.6, imports the test image

@@ -38,6 +38,11 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	if err != nil {
 		return nil, err
 	}
+	base.Parent = parent // for mounts, which looks at the parent of a mapped snapshot
+	idmap, err := s.remapping(ctx, parent, base.Labels)
+	if err != nil {
+		return nil, fmt.Errorf("create snapshot %q: %w", key, err)
+	}
 
 	// The directory is built before the write transaction, so that the
 	// transaction (which blocks every other writer) holds only a rename.
@@ -66,6 +71,11 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}
+	if idmap != nil {
+		if err := s.remapPrepared(ctx, td, idmap, materialized != ""); err != nil {
+			return nil, fmt.Errorf("create snapshot %q: %w", key, err)
+		}
+	}
 	if err := s.syncPrepared(td); err != nil {
 		return nil, err
 	}
@@ -91,8 +101,10 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		// sure to exist: once the transaction commits, a Remove of the
 		// new snapshot and then of its parent may run before the
 		// directory is placed (TestStorm saw it).
-		if err := s.ownUpper(snap, td); err != nil {
-			return err
+		if idmap == nil { // a mapped upper's root is the mapped root's (remapPrepared)
+			if err := s.ownUpper(snap, td); err != nil {
+				return err
+			}
 		}
 		placing.is(snap.ID)
 		return nil

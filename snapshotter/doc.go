@@ -15,6 +15,9 @@
 //	                           every layer below it, for stacks deeper than one
 //	                           overlay mount takes
 //	ROOT/empty/                the lower of a layer unpacked without a parent
+//	ROOT/remap/<id>-<digest>   the view of committed snapshot <id> with its
+//	                           owners shifted for one uid/gid mapping, where
+//	                           the kernel cannot idmap layers (remap_copy.go)
 //	ROOT/trash/                directories on their way out
 //
 // It differs from containerd's built-in overlayfs snapshotter where that one

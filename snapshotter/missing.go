@@ -175,11 +175,11 @@ func (s *Snapshotter) recreate(ctx context.Context, key string) (bool, error) {
 		if err := s.materialize(ctx, snap.ParentIDs[0], td); err != nil {
 			return false, err
 		}
-		if err := s.syncPrepared(td); err != nil {
-			return false, err
-		}
 	}
-	if err := s.ownUpper(snap, td); err != nil {
+	if err := s.ownRecreated(ctx, snap, info, td); err != nil {
+		return false, err
+	}
+	if err := s.syncPrepared(td); err != nil {
 		return false, err
 	}
 	if err := s.placeDirectory(ctx, td, snap); err != nil {

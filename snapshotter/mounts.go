@@ -39,7 +39,8 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 	return s.mounts(ctx, snap, info)
 }
 
-// mounts builds the mounts containerd expects for a snapshot.
+// plainMounts builds the mounts containerd expects for a snapshot, before
+// any user-namespace mapping (remap.go) shapes them.
 //
 // In overlay mode: an active snapshot with no parent is a rw bind of its fs
 // dir, a view of one committed layer a ro bind of that layer, anything else
@@ -49,7 +50,7 @@ func (s *Snapshotter) Mounts(ctx context.Context, key string) ([]mount.Mount, er
 //
 // In userspace mode every snapshot is a complete directory: an active
 // snapshot is a rw bind of its own, a view a ro bind of its parent's.
-func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info snapshots.Info) ([]mount.Mount, error) {
+func (s *Snapshotter) plainMounts(ctx context.Context, snap storage.Snapshot, info snapshots.Info) ([]mount.Mount, error) {
 	if wantsFlatView(snap, info) {
 		return s.flatView(ctx, snap)
 	}

@@ -30,7 +30,10 @@ func (s *Snapshotter) Remove(ctx context.Context, key string) error {
 // remove removes key, if it is snapshot want (any snapshot if want is "");
 // if key is another snapshot it returns NotFound.
 func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
-	var id string
+	var (
+		id      string
+		release *remapRelease // the shifted copy it stood on (remap_copy.go)
+	)
 	err := s.update(ctx, func(ctx context.Context) error {
 		if want != "" {
 			got, _, _, err := storage.GetInfo(ctx, key)
@@ -41,6 +44,7 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 				return fmt.Errorf("remove snapshot %q: not snapshot %s any more: %w", key, want, errdefs.ErrNotFound)
 			}
 		}
+		release = s.remapReleaseOf(ctx, key)
 		var err error
 		if id, _, err = storage.Remove(ctx, key); err != nil {
 			return fmt.Errorf("remove snapshot %q: %w", key, err)
@@ -66,6 +70,9 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 	// Remove touches nothing but the metadata either).
 	for _, dir := range []string{s.snapshotDir(id), s.flatPath(id)} {
 		s.deletions.move(dir, s.trashPath(dir))
+	}
+	if release != nil {
+		s.releaseRemapCopy(ctx, release.parentID, release.m)
 	}
 	return nil
 }

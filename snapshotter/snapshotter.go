@@ -116,6 +116,13 @@ type Snapshotter struct {
 	placing  placingSet // snapshots created whose directory is on its way
 	batch    batcher    // group commit of the calls' write transactions
 
+	// idmapped: containerd's idmapped lowers work on this root (the
+	// idmapped-mounts probe); remap.go needs them for mapped stacks.
+	idmapped bool
+	// remapLocks holds a *sync.Mutex per shifted copy, where idmapped is
+	// false (remap_copy.go).
+	remapLocks sync.Map
+
 	flat flatCache
 	// linked remembers the layers whose short link exists (linkLayers),
 	// so that mounting a deep stack costs no symlink calls after the
@@ -214,6 +221,8 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		health:   healthState{reuse: healthReuse},
 
 		deletions: newDeleter(),
+
+		idmapped: features.OK(overlayutil.CheckIDMapped),
 	}
 	s.batch.ms = ms
 	if s.maxStack == 0 || s.maxStack > overlay.MaxLowers {
@@ -236,8 +245,12 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		ms.Close()
 		return nil, err
 	}
+	if err := s.sweepRemapCopies(ctx); err != nil {
+		log.G(ctx).WithError(err).Warn("failed to remove unused shifted copies")
+	}
+	remap, _ := RemapMechanism(mode, features)
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
-		WithField("max_stack", s.maxStack).Info("overclone snapshotter ready")
+		WithField("max_stack", s.maxStack).WithField("remap_ids", remap).Info("overclone snapshotter ready")
 	return s, nil
 }
 

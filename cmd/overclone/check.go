@@ -20,6 +20,11 @@ type checkReport struct {
 	CanServe   bool `json:"can_serve"`
 	Intercepts bool `json:"intercepts_file_ops"`
 	MaxLowers  int  `json:"max_lowers"`
+	// Mode is what --mode resolves to, and RemapIDs how that mode serves
+	// user-namespaced snapshots (empty when the mode cannot serve).
+	Mode        string `json:"mode,omitempty"`
+	RemapIDs    string `json:"remap_ids,omitempty"`
+	RemapIDsWhy string `json:"remap_ids_reason,omitempty"`
 }
 
 // runCheck probes overlayfs under --root and prints every check. It exits
@@ -46,20 +51,27 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintf(stderr, "overclone check: %v\n", err)
 		return exitFail
 	}
+	m, why, modeErr := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
 	if *asJSON {
+		r := checkReport{Features: f, CanServe: f.CanServe(), Intercepts: f.Intercepts(), MaxLowers: f.MaxLowers()}
+		if modeErr == nil {
+			r.Mode = string(m)
+			r.RemapIDs, r.RemapIDsWhy = snapshotter.RemapMechanism(m, f)
+		}
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(checkReport{f, f.CanServe(), f.Intercepts(), f.MaxLowers()}); err != nil {
+		if err := enc.Encode(r); err != nil {
 			fmt.Fprintf(stderr, "overclone check: %v\n", err)
 			return exitFail
 		}
 	} else {
 		printChecks(stdout, f)
-		m, why, err := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
-		if err != nil {
-			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, err)
+		if modeErr != nil {
+			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, modeErr)
 		} else {
 			fmt.Fprintf(stdout, "\nmode (%s): %s: %s\n", *mode, m, why)
+			remap, rwhy := snapshotter.RemapMechanism(m, f)
+			fmt.Fprintf(stdout, "remap-ids:   %s: %s\n", remap, rwhy)
 		}
 	}
 	if !f.CanServe() {

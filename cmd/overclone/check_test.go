@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/overclone/overclone/overlayutil"
+	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/loopfs"
 	"golang.org/x/sys/unix"
 )
@@ -48,7 +49,7 @@ func TestCheckTable(t *testing.T) {
 			if code != exitOK {
 				t.Fatalf("exit %d: %s", code, stderr)
 			}
-			for _, want := range []string{"backing fs:  " + string(k), "kernel:", "can serve:   yes", "CHECK", "RESULT", "REASON",
+			for _, want := range []string{"backing fs:  " + string(k), "kernel:", "can serve:   yes", "CHECK", "RESULT", "REASON", "remap-ids:",
 				overlayutil.CheckOverlay, overlayutil.CheckMaxLowers, overlayutil.CheckIntercepts, overlayutil.CheckReflink} {
 				if !strings.Contains(stdout, want) {
 					t.Errorf("output lacks %q", want)
@@ -89,6 +90,28 @@ func TestCheckJSON(t *testing.T) {
 	}
 	if r.Root != root || r.BackingFS != "tmpfs" || r.Kernel == "" || !r.CanServe || r.MaxLowers != 500 || len(r.Checks) != 12 {
 		t.Errorf("report = %+v", r)
+	}
+	// How user-namespaced snapshots are served follows the probe.
+	var remap struct {
+		Mode     string `json:"mode"`
+		RemapIDs string `json:"remap_ids"`
+		Why      string `json:"remap_ids_reason"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &remap); err != nil {
+		t.Fatal(err)
+	}
+	idmapped := false
+	for _, c := range r.Checks {
+		if c.Name == overlayutil.CheckIDMapped {
+			idmapped = c.OK
+		}
+	}
+	want := snapshotter.RemapChownedCopy
+	if remap.Mode == string(snapshotter.ModeOverlay) && idmapped {
+		want = snapshotter.RemapIdmapped
+	}
+	if remap.Mode == "" || remap.RemapIDs != want || remap.Why == "" {
+		t.Errorf("mode %q remap_ids %q (%q), want %q with idmapped-mounts %t", remap.Mode, remap.RemapIDs, remap.Why, want, idmapped)
 	}
 }
 

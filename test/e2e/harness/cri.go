@@ -17,6 +17,9 @@ type CRI struct {
 	// HostsDir is CRI's registry config_path: one dir per registry host
 	// holding a hosts.toml (see WriteRegistryHosts).
 	HostsDir string
+	// RuncBinary, when set, is the runc CRI's runc runtime runs (2.x):
+	// user-namespaced pods need runc 1.2 or later.
+	RuncBinary string
 }
 
 // CRINamespace is the containerd namespace CRI keeps its images,
@@ -51,12 +54,16 @@ func (c CRI) tables(major int) []tomlTable {
 			{`plugins."io.containerd.grpc.v1.cri".registry`, []string{"config_path = " + q(c.HostsDir)}},
 		}
 	}
-	return []tomlTable{
+	tables := []tomlTable{
 		{`plugins.'io.containerd.cri.v1.images'`, []string{period}},
 		{`plugins.'io.containerd.cri.v1.images'.pinned_images`, []string{"sandbox = " + q(c.SandboxImage)}},
 		{`plugins.'io.containerd.cri.v1.images'.registry`, []string{"config_path = " + q(c.HostsDir)}},
 		{`plugins.'io.containerd.cri.v1.runtime'`, []string{"restrict_oom_score_adj = true"}},
 	}
+	if c.RuncBinary != "" {
+		tables = append(tables, tomlTable{`plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc.options`, []string{"BinaryName = " + q(c.RuncBinary)}})
+	}
+	return tables
 }
 
 // tomlTable is a table header (without brackets) and key lines.

@@ -52,6 +52,18 @@ func Containerd2BinDir() string {
 	return Containerd2Bin
 }
 
+// RuncBin is where `make runc` caches runc >= 1.2, which user-namespaced
+// containers need (Debian's is 1.1.5); OVERCLONE_RUNC_BIN overrides the dir.
+const RuncBin = "/var/cache/overclone/runc-v1.5.3/bin"
+
+// RuncBinDir returns the dir of the runc to use for user namespaces.
+func RuncBinDir() string {
+	if d := os.Getenv("OVERCLONE_RUNC_BIN"); d != "" {
+		return d
+	}
+	return RuncBin
+}
+
 // Missing returns the first of the named binaries that dir lacks, or "".
 func Missing(dir string, names ...string) string {
 	for _, n := range names {

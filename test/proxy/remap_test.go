@@ -1,0 +1,73 @@
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+
+	"github.com/overclone/overclone/overlayutil"
+	"github.com/overclone/overclone/test/daemon"
+	"github.com/overclone/overclone/test/loopfs"
+	"github.com/overclone/overclone/test/remap"
+	"github.com/overclone/overclone/test/require"
+)
+
+// TestRemapIDsThroughProxy: the uid/gid mapping labels reach the daemon
+// through containerd's proxy client, and the mounts that come back, mounted
+// by containerd's mount code, show the mapped owners, in both modes; a file
+// the container's root writes lands in its upper as the mapped host ids.
+func TestRemapIDsThroughProxy(t *testing.T) {
+	require.Root(t, "mounts")
+	base := loopfs.Mount(t, loopfs.XFS)
+	f, err := overlayutil.Probe(context.Background(), filepath.Join(base, "probe"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !f.OK(overlayutil.CheckIDMapped) {
+		require.Skipf(t, "the kernel has no idmapped overlay layers on xfs: %s", f.Get(overlayutil.CheckIDMapped).Reason)
+	}
+	mapped := remap.Mapped(0, 0)
+	for _, mode := range []string{"overlay", "userspace"} {
+		t.Run(mode, func(t *testing.T) {
+			ctx := namespaces.WithNamespace(context.Background(), "test")
+			d := daemon.Start(t, filepath.Join(base, mode), fmt.Sprintf("mode = %q\n", mode))
+			sn := d.Client()
+			remap.Layers(ctx, t, sn, "")
+			ms, err := sn.Prepare(ctx, "c", "l2", snapshots.WithLabels(remap.Labels()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			seen, upper := remap.Container(t, ms, "new", ".", "f", "d/g", "h")
+			want := map[string]string{".": mapped, "f": mapped, "d/g": remap.Mapped(1000, 1000), "h": mapped, "new": mapped}
+			for p, w := range want {
+				if seen[p] != w {
+					t.Errorf("%s owned by %s through the mount, want %s", p, seen[p], w)
+				}
+			}
+			if got := remap.Owner(filepath.Join(upper, "new")); got != mapped {
+				t.Errorf("new in the upper %s owned by %s, want %s", upper, got, mapped)
+			}
+			vms, err := sn.View(ctx, "v", "l1", snapshots.WithLabels(remap.Labels()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := remap.Owners(t, vms, "d/g")["d/g"]; got != remap.Mapped(1000, 1000) {
+				t.Errorf("view of one layer: d/g owned by %s, want %s", got, remap.Mapped(1000, 1000))
+			}
+			// The labels are stored and come back as given.
+			info, err := sn.Stat(ctx, "c")
+			if err != nil {
+				t.Fatal(err)
+			}
+			for k, v := range remap.Labels() {
+				if info.Labels[k] != v {
+					t.Errorf("label %s = %q after the hop, want %q", k, info.Labels[k], v)
+				}
+			}
+		})
+	}
+}
