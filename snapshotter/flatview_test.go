@@ -1,6 +1,7 @@
 package snapshotter
 
 import (
+	"os"
 	"strings"
 	"testing"
 
@@ -25,8 +26,18 @@ func TestFlattenLabelBuildsWhatContainersUse(t *testing.T) {
 
 	// Cuts fall on multiples of max_stack/2 from the bottom: the unpack
 	// of 9 layers flattened the bottom 3, and a container on the ninth is
-	// the first to need the bottom 6 flattened.
+	// the first to need the bottom 6 flattened. The Commit of layer 8
+	// built those ahead (preflatten.go); they are taken away again, as
+	// for a stack committed by a daemon that did not flatten ahead.
 	top := buildChain(ctx, t, s, "deep", 9)
+	s.background.Wait()
+	ids, err := s.chain(ctx, top)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(s.flatPath(ids[9-6])); err != nil {
+		t.Fatal(err)
+	}
 	built := s.FlattenBuilds()
 	view, err := s.View(ctx, "deep-flat", top, flatten)
 	if err != nil {
