@@ -57,6 +57,11 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
 	}
+	// A size-limited snapshot's image is unmounted before its directory
+	// (the image file in it) can be renamed into the trash.
+	if err := detachImage(ctx, s.snapshotDir(id)); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to unmount removed snapshot's image: Cleanup will retry")
+	}
 	// The snapshot's flattened layer, if a deep stack made one, is used
 	// only by snapshots standing on it, and there are none left.
 	var trashed []string
@@ -141,6 +146,9 @@ func (s *Snapshotter) sweep(ctx context.Context, starting bool) error {
 	// Taken before the directories are listed: a create whose metadata
 	// this transaction sees was being placed by then, or was placed.
 	inFlight := s.placing.all()
+	if err := s.detachOrphanImages(ctx, ids); err != nil {
+		return err
+	}
 	placed, err := s.trashOrphans(ctx, ids, starting)
 	if err != nil {
 		return err
@@ -148,7 +156,10 @@ func (s *Snapshotter) sweep(ctx context.Context, starting bool) error {
 	for id := range inFlight {
 		placed[id] = true
 	}
-	return s.checkLayers(ctx, ids, placed, starting)
+	if err := s.checkLayers(ctx, ids, placed, starting); err != nil || !starting {
+		return err
+	}
+	return s.reattachImages(ctx)
 }
 
 // trashOrphans moves to the trash what no snapshot in the metadata owns,

@@ -42,6 +42,9 @@ type Config struct {
 	Features *overlayutil.Features
 	// ExistingRoot refuses a root that holds no metadata database.
 	ExistingRoot bool
+	// DefaultMaxSize limits containers' active snapshots that carry no
+	// max-size label, in bytes; 0 means no limit (see limit.go).
+	DefaultMaxSize int64
 }
 
 // Opt configures a snapshotter.
@@ -112,9 +115,12 @@ type Snapshotter struct {
 	overlay  overlayutil.Options // shape of every overlay mount
 	maxStack int
 	syncs    bool
-	missing  missingSet // snapshots whose directory is gone: refused
-	placing  placingSet // snapshots created whose directory is on its way
-	batch    batcher    // group commit of the calls' write transactions
+	// defaultMaxSize and limits: how size limits are applied (limit.go).
+	defaultMaxSize int64
+	limits         LimitMechanism
+	missing        missingSet // snapshots whose directory is gone: refused
+	placing        placingSet // snapshots created whose directory is on its way
+	batch          batcher    // group commit of the calls' write transactions
 
 	flat flatCache
 	// linked remembers the layers whose short link exists (linkLayers),
@@ -226,6 +232,13 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		return nil, err
 	}
 	s.mode = mode
+	s.defaultMaxSize = cfg.DefaultMaxSize
+	s.limits = ProbeLimits(mode)
+	if !s.limits.OK && s.defaultMaxSize > 0 {
+		abort()
+		ms.Close()
+		return nil, fmt.Errorf("default_max_size %d cannot be honoured: %s", s.defaultMaxSize, s.limits.How)
+	}
 	if err := s.recover(ctx); err != nil {
 		abort()
 		ms.Close()
@@ -233,6 +246,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	}
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
 		WithField("max_stack", s.maxStack).Info("overclone snapshotter ready")
+	logLimits(ctx, s.limits, s.defaultMaxSize)
 	return s, nil
 }
 
