@@ -31,6 +31,11 @@ const (
 	// DefaultShutdownTimeout bounds how long SIGTERM waits for calls in
 	// flight; kubelet's default grace period is 30 s, so stay under it.
 	DefaultShutdownTimeout = Duration(10 * time.Second)
+	// DefaultUsageMaxAge: see snapshotter.DefaultUsageMaxAge, which says
+	// why (the config package imports nothing of overclone's).
+	DefaultUsageMaxAge = Duration(30 * time.Second)
+	// MinMaxSize is the smallest default_max_size (snapshotter.MinMaxSize).
+	MinMaxSize = 32 << 20
 )
 
 // Config is the whole configuration file.
@@ -76,6 +81,20 @@ type Config struct {
 	// root writable): "127.0.0.1:PORT" or "unix:///path". Default ""
 	// (off), as containerd's own metrics are opt-in.
 	MetricsAddress string `toml:"metrics_address"`
+	// DefaultMaxSize limits the writable layer of every container whose
+	// active snapshot carries no containerd.io/snapshot/max-size label,
+	// in bytes: writes past it fail with ENOSPC inside the container.
+	// Layers being unpacked are never limited by it. A label of "0"
+	// opts a container out. Needs overlay mode, mkfs.ext4 and loop
+	// devices (`overclone check` says); the daemon refuses to start if it
+	// is set and cannot be honoured. Default 0 (no limit).
+	DefaultMaxSize int64 `toml:"default_max_size"`
+	// UsageMaxAge is how stale the Usage of an unlimited active snapshot
+	// may be when polled (CRI asks every 10 s; each answer is a walk of
+	// the container's upper). "0s" walks on every call, as containerd's
+	// built-in does. Size-limited snapshots answer from their image's
+	// counters and are never stale. Default "30s".
+	UsageMaxAge Duration `toml:"usage_max_age"`
 	// DebugAddress serves Go's pprof on /debug/pprof/: a unix socket
 	// ("unix:///path") or a loopback "127.0.0.1:PORT" only. Default ""
 	// (off).
@@ -91,6 +110,7 @@ func Default() Config {
 		Mode:            DefaultMode,
 		SyncOnCommit:    true,
 		ShutdownTimeout: DefaultShutdownTimeout,
+		UsageMaxAge:     DefaultUsageMaxAge,
 	}
 }
 
@@ -164,6 +184,12 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxStack < 0 || c.MaxStack == 1 {
 		return fmt.Errorf("max_stack %d: want 0 (as deep as the kernel allows) or at least 2", c.MaxStack)
+	}
+	if c.DefaultMaxSize != 0 && c.DefaultMaxSize < MinMaxSize {
+		return fmt.Errorf("default_max_size %d: want 0 (no limit) or at least %d bytes", c.DefaultMaxSize, MinMaxSize)
+	}
+	if c.UsageMaxAge < 0 {
+		return fmt.Errorf("usage_max_age %s must not be negative", c.UsageMaxAge)
 	}
 	if c.ShutdownTimeout < 0 {
 		return fmt.Errorf("shutdown_timeout %s must not be negative", c.ShutdownTimeout)

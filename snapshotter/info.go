@@ -57,7 +57,9 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 			// Its image's own counters: no walk (loopimage.go).
 			return imageUsage(s.snapshotDir(id))
 		}
-		return s.usage(ctx, s.snapshotDir(id), s.upperPath(id), info.Created)
+		return s.usages.get(ctx, id, func() (snapshots.Usage, error) {
+			return s.usage(ctx, s.snapshotDir(id), s.upperPath(id), info.Created)
+		})
 	}
 	return usage, nil
 }

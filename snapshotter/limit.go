@@ -30,10 +30,10 @@ const MinMaxSize = 32 << 20
 // they cannot be.
 type LimitMechanism struct {
 	// OK is false when a limit would be refused.
-	OK bool
+	OK bool `json:"ok"`
 	// How names the mechanism ("ext4 image per snapshot") or, when not
 	// OK, what is missing.
-	How string
+	How string `json:"how"`
 }
 
 // ProbeLimits finds how a root can enforce size limits: a loop-mounted

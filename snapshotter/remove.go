@@ -53,6 +53,7 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 	// yet: trash it once it is, or it would stay behind as an orphan.
 	s.placing.wait(id)
 	s.missing.drop(id)
+	s.usages.drop(id)
 	s.linked.Delete(id)
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")

@@ -45,6 +45,9 @@ type Config struct {
 	// DefaultMaxSize limits containers' active snapshots that carry no
 	// max-size label, in bytes; 0 means no limit (see limit.go).
 	DefaultMaxSize int64
+	// UsageMaxAge is how stale a polled Usage of an unlimited active
+	// snapshot may be; 0 walks on every call (see usagecache.go).
+	UsageMaxAge time.Duration
 }
 
 // Opt configures a snapshotter.
@@ -118,6 +121,7 @@ type Snapshotter struct {
 	// defaultMaxSize and limits: how size limits are applied (limit.go).
 	defaultMaxSize int64
 	limits         LimitMechanism
+	usages         usageCache
 	missing        missingSet // snapshots whose directory is gone: refused
 	placing        placingSet // snapshots created whose directory is on its way
 	batch          batcher    // group commit of the calls' write transactions
@@ -234,6 +238,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	s.mode = mode
 	s.defaultMaxSize = cfg.DefaultMaxSize
 	s.limits = ProbeLimits(mode)
+	s.usages.maxAge = cfg.UsageMaxAge
 	if !s.limits.OK && s.defaultMaxSize > 0 {
 		abort()
 		ms.Close()
@@ -247,6 +252,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
 		WithField("max_stack", s.maxStack).Info("overclone snapshotter ready")
 	logLimits(ctx, s.limits, s.defaultMaxSize)
+	log.G(ctx).WithField("usage_max_age", cfg.UsageMaxAge).WithField("how", UsageMechanism(s.limits, cfg.UsageMaxAge)).Info("usage of active snapshots")
 	return s, nil
 }
 

@@ -9,6 +9,9 @@ import (
 	"io"
 	"strings"
 	"text/tabwriter"
+	"time"
+
+	"github.com/overclone/overclone/config"
 
 	"github.com/overclone/overclone/overlayutil"
 	"github.com/overclone/overclone/snapshotter"
@@ -20,6 +23,10 @@ type checkReport struct {
 	CanServe   bool `json:"can_serve"`
 	Intercepts bool `json:"intercepts_file_ops"`
 	MaxLowers  int  `json:"max_lowers"`
+	// SizeLimits says whether containerd.io/snapshot/max-size can be
+	// honoured, and how or why not; Usage how Usage is answered.
+	SizeLimits snapshotter.LimitMechanism `json:"size_limits"`
+	Usage      string                     `json:"usage"`
 }
 
 // runCheck probes overlayfs under --root and prints every check. It exits
@@ -31,6 +38,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	root := fs.String("root", defaultRoot, "snapshotter root; probes run in a scratch dir under it")
 	asJSON := fs.Bool("json", false, "print the findings as JSON")
 	mode := fs.String("mode", "auto", "the daemon's configured mode, to show what it resolves to")
+	usageMaxAge := fs.Duration("usage-max-age", time.Duration(config.DefaultUsageMaxAge), "the daemon's usage_max_age, to show how Usage is answered")
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
 			return exitOK
@@ -46,21 +54,30 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintf(stderr, "overclone check: %v\n", err)
 		return exitFail
 	}
+	// Size limits depend on the mode the daemon would serve in; a mode
+	// that cannot serve has none to offer.
+	resolved, why, modeErr := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
+	limits := snapshotter.LimitMechanism{How: fmt.Sprint("no mode can serve: ", modeErr)}
+	if modeErr == nil {
+		limits = snapshotter.ProbeLimits(resolved)
+	}
+	usage := snapshotter.UsageMechanism(limits, *usageMaxAge)
 	if *asJSON {
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
-		if err := enc.Encode(checkReport{f, f.CanServe(), f.Intercepts(), f.MaxLowers()}); err != nil {
+		if err := enc.Encode(checkReport{f, f.CanServe(), f.Intercepts(), f.MaxLowers(), limits, usage}); err != nil {
 			fmt.Fprintf(stderr, "overclone check: %v\n", err)
 			return exitFail
 		}
 	} else {
 		printChecks(stdout, f)
-		m, why, err := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
-		if err != nil {
-			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, err)
+		if modeErr != nil {
+			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, modeErr)
 		} else {
-			fmt.Fprintf(stdout, "\nmode (%s): %s: %s\n", *mode, m, why)
+			fmt.Fprintf(stdout, "\nmode (%s): %s: %s\n", *mode, resolved, why)
 		}
+		fmt.Fprintf(stdout, "size limits: %s: %s\n", yesNo(limits.OK), limits.How)
+		fmt.Fprintf(stdout, "usage:       %s\n", usage)
 	}
 	if !f.CanServe() {
 		if !*asJSON {
