@@ -128,7 +128,7 @@ func (s *Snapshotter) prepareLimit(ctx context.Context, td string, size int64) (
 	if size == 0 {
 		return nil, nil
 	}
-	return makeImage(ctx, td, size)
+	return makeImage(ctx, &s.templates, td, size)
 }
 
 // detachOrphanImages runs before the orphans are trashed: it unmounts the
@@ -158,6 +158,7 @@ func (s *Snapshotter) detachOrphanImages(ctx context.Context, ids map[string]str
 // snapshot whose image cannot be mounted is unusable, not unlimited. It
 // runs after checkLayers, inside the same write transaction.
 func (s *Snapshotter) reattachImages(ctx context.Context) error {
+	s.templates.cleanLeftovers(ctx)
 	err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
 		if !limited(info) {
 			return nil

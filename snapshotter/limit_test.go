@@ -444,3 +444,42 @@ func TestLimitCrashAfterRemove(t *testing.T) {
 	gone(t, dirs...)
 	noImagesLeft(t, root)
 }
+
+// TestLimitTemplates: images of one size are copies of one template; past
+// maxTemplates sizes, an image is formatted for its Prepare and works
+// the same; a half-made template left by a crash goes at the next start.
+func TestLimitTemplates(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	for i := range maxTemplates + 2 {
+		size := int64(MinMaxSize + i*(1<<20))
+		for j := range 2 {
+			if _, err := s.Prepare(ctx, fmt.Sprintf("c%d-%d", i, j), "", withMaxSize(size)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if i == maxTemplates+1 {
+			// Formatted on the spot: the limit still holds.
+			if err := fillUp(filepath.Join(bindSource(ctx, t, s, fmt.Sprintf("c%d-1", i)), "big"), 2*size); !isFull(err) {
+				t.Fatalf("past %d templates, the limit: %v", maxTemplates, err)
+			}
+		}
+	}
+	templates, err := os.ReadDir(filepath.Join(root, templatesDir))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(templates) != maxTemplates {
+		t.Fatalf("%d templates for %d sizes, want %d", len(templates), maxTemplates+2, maxTemplates)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	half := filepath.Join(root, templatesDir, "ext4-"+templateVersion+"-1.new-123")
+	if err := os.WriteFile(half, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	openTest(t, root)
+	gone(t, half)
+}

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -73,23 +72,18 @@ type loopImage struct {
 	mnt int // the detached mount, from fsmount
 }
 
-// makeImage creates dir/image of size bytes, formats it and mounts it
-// detached, with work/ and fs/ made inside and the base usage recorded.
-func makeImage(ctx context.Context, dir string, size int64) (_ *loopImage, err error) {
+// makeImage creates dir/image of size bytes, formats it (from a
+// template) and mounts it detached, with work/ and fs/ made inside and the
+// base usage recorded.
+func makeImage(ctx context.Context, templates *imageTemplates, dir string, size int64) (_ *loopImage, err error) {
 	path := filepath.Join(dir, imageName)
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create image %s: %w", path, err)
 	}
-	err = f.Truncate(size)
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return nil, fmt.Errorf("size image %s: %w", path, err)
-	}
-	if out, err := exec.CommandContext(ctx, "mkfs.ext4", append(mkfsExt4, path)...).CombinedOutput(); err != nil {
-		return nil, fmt.Errorf("mkfs.ext4 %s: %w: %s", path, err, strings.TrimSpace(string(out)))
+	f.Close()
+	if err := templates.format(ctx, path, size); err != nil {
+		return nil, err
 	}
 	mnt, err := mountImage(path)
 	if err != nil {

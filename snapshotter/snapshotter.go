@@ -122,6 +122,7 @@ type Snapshotter struct {
 	defaultMaxSize int64
 	limits         LimitMechanism
 	usages         usageCache
+	templates      imageTemplates
 	missing        missingSet // snapshots whose directory is gone: refused
 	placing        placingSet // snapshots created whose directory is on its way
 	batch          batcher    // group commit of the calls' write transactions
@@ -239,6 +240,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	s.defaultMaxSize = cfg.DefaultMaxSize
 	s.limits = ProbeLimits(mode)
 	s.usages.maxAge = cfg.UsageMaxAge
+	s.templates.dir = filepath.Join(root, templatesDir)
 	if !s.limits.OK && s.defaultMaxSize > 0 {
 		abort()
 		ms.Close()
