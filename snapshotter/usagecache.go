@@ -8,14 +8,14 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 )
 
-// DefaultUsageMaxAge is how stale a polled Usage of an unlimited active
-// snapshot may be. CRI asks every container's usage every 10 s and the
-// answer is a walk of the whole upper (1.1-1.4 s of CPU for 100k files,
-// every call); answering three polls in four from the last walk cuts that
-// to a quarter, and the kubelet's eviction, which reads it, acts on
-// minutes-long trends. A limited snapshot needs no cache: its image's
-// counters cost two syscalls.
-const DefaultUsageMaxAge = 30 * time.Second
+// A polled Usage of an unlimited active snapshot is a walk of its whole
+// upper (1.1-1.4 s of CPU for 100k files, every call), and CRI asks for
+// every container's every 10 s. With usage_max_age a poll may be answered
+// from a walk at most that old: 30 s answers three polls in four from the
+// last walk. It is off by default, so that a figure is as fresh as the
+// built-in's unless the operator chooses otherwise (the kubelet's eviction
+// reads it). A limited snapshot needs no cache: its image's counters cost
+// two syscalls.
 
 // WithUsageMaxAge sets how stale a polled Usage of an unlimited active
 // snapshot may be; 0 walks on every call, as containerd's built-in does.
