@@ -483,3 +483,33 @@ func TestLimitTemplates(t *testing.T) {
 	openTest(t, root)
 	gone(t, half)
 }
+
+// TestLimitLostRename: a power cut that lost a limited snapshot's rename
+// (its directory, with the image in it, is gone; the metadata names it)
+// gets the directory made again at start with a new image, so the limit
+// still holds, rather than an unlimited upper.
+func TestLimitLostRename(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
+		t.Fatal(err)
+	}
+	dir := s.snapshotDir(s.idOf(ctx, t, "limited"))
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Unmount(dir, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.RemoveAll(dir); err != nil {
+		t.Fatal(err)
+	}
+	ctx, s = openTest(t, root)
+	if ok, err := isMountPoint(dir); err != nil || !ok {
+		t.Fatalf("the lost directory was not made again with its image: mounted %v, %v", ok, err)
+	}
+	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "limited"), "big"), 2*testLimit); !isFull(err) {
+		t.Fatalf("after the lost rename, the limit: %v", err)
+	}
+}
