@@ -128,7 +128,10 @@ func (s *Snapshotter) prepareLimit(ctx context.Context, td string, size int64) (
 	if size == 0 {
 		return nil, nil
 	}
-	return makeImage(ctx, &s.templates, td, size)
+	if img := s.pool.take(ctx, filepath.Join(td, imageName), size); img != nil {
+		return img, nil
+	}
+	return makeImage(ctx, &s.templates, filepath.Join(td, imageName), size)
 }
 
 // detachOrphanImages runs before the orphans are trashed: it unmounts the

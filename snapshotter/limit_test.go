@@ -513,3 +513,45 @@ func TestLimitLostRename(t *testing.T) {
 		t.Fatalf("after the lost rename, the limit: %v", err)
 	}
 }
+
+// TestLimitPool: with default_max_size, Prepares take images kept ready
+// (one after another, faster than the pool refills too), each holds the
+// limit and counts from zero; Close lets go of the ready ones (no mount,
+// no loop device, no file left), and pooled files a killed daemon left
+// go at the next start.
+func TestLimitPool(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	for i := range poolSize + 2 {
+		k := "c" + strconv.Itoa(i)
+		if _, err := s.Prepare(ctx, k, ""); err != nil {
+			t.Fatal(err)
+		}
+		if u, err := s.Usage(ctx, k); err != nil || u.Inodes != 1 {
+			t.Fatalf("a new limited snapshot's Usage: %+v, %v; want its fs dir alone", u, err)
+		}
+	}
+	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "c0"), "big"), 2*testLimit); !isFull(err) {
+		t.Fatalf("a pooled image's limit: %v", err)
+	}
+	for i := range poolSize + 2 {
+		if err := s.Remove(ctx, "c"+strconv.Itoa(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	noImagesLeft(t, root)
+	if pooled, _ := filepath.Glob(filepath.Join(root, templatesDir, "pool-*")); len(pooled) != 0 {
+		t.Fatalf("pooled images left after Close: %v", pooled)
+	}
+
+	left := filepath.Join(root, templatesDir, "pool-left-by-a-kill")
+	if err := os.WriteFile(left, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	openTest(t, root)
+	gone(t, left)
+}

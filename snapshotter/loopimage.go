@@ -72,11 +72,10 @@ type loopImage struct {
 	mnt int // the detached mount, from fsmount
 }
 
-// makeImage creates dir/image of size bytes, formats it (from a
-// template) and mounts it detached, with work/ and fs/ made inside and the
-// base usage recorded.
-func makeImage(ctx context.Context, templates *imageTemplates, dir string, size int64) (_ *loopImage, err error) {
-	path := filepath.Join(dir, imageName)
+// makeImage creates the image file path of size bytes, formats it (from
+// a template) and mounts it detached, with work/ and fs/ made inside and
+// the base usage recorded.
+func makeImage(ctx context.Context, templates *imageTemplates, path string, size int64) (_ *loopImage, err error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create image %s: %w", path, err)

@@ -123,6 +123,7 @@ type Snapshotter struct {
 	limits         LimitMechanism
 	usages         usageCache
 	templates      imageTemplates
+	pool           imagePool
 	missing        missingSet // snapshots whose directory is gone: refused
 	placing        placingSet // snapshots created whose directory is on its way
 	batch          batcher    // group commit of the calls' write transactions
@@ -241,6 +242,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	s.limits = ProbeLimits(mode)
 	s.usages.maxAge = cfg.UsageMaxAge
 	s.templates.dir = filepath.Join(root, templatesDir)
+	s.pool = imagePool{size: s.defaultMaxSize, templates: &s.templates, dir: s.templates.dir}
 	if !s.limits.OK && s.defaultMaxSize > 0 {
 		abort()
 		ms.Close()
@@ -254,6 +256,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
 		WithField("max_stack", s.maxStack).Info("overclone snapshotter ready")
 	logLimits(ctx, s.limits, s.defaultMaxSize)
+	s.pool.refill(ctx)
 	log.G(ctx).WithField("usage_max_age", cfg.UsageMaxAge).WithField("how", UsageMechanism(s.limits, cfg.UsageMaxAge)).Info("usage of active snapshots")
 	return s, nil
 }
@@ -333,6 +336,7 @@ func (s *Snapshotter) Close() error {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
 	s.startup.Wait()
+	s.pool.close()
 	s.deletions.wait()
 	if s.closed {
 		return nil

@@ -77,7 +77,7 @@ func (tp *imageTemplates) make(ctx context.Context, tmpl string, size int64) (bo
 	if err != nil {
 		return false, fmt.Errorf("list %s: %w", tp.dir, err)
 	}
-	if len(entries) >= maxTemplates {
+	if templateCount(entries) >= maxTemplates {
 		return false, nil
 	}
 	f, err := os.CreateTemp(tp.dir, filepath.Base(tmpl)+".new-")
@@ -97,15 +97,16 @@ func (tp *imageTemplates) make(ctx context.Context, tmpl string, size int64) (bo
 	return true, nil
 }
 
-// cleanLeftovers removes the half-made templates of a daemon that died
-// while making one; only at start, when no template is being made.
+// cleanLeftovers removes the half-made templates and the pooled images of
+// a daemon that died; only at start, before anything is made.
 func (tp *imageTemplates) cleanLeftovers(ctx context.Context) {
 	entries, err := os.ReadDir(tp.dir)
 	if err != nil {
 		return // none made yet
 	}
 	for _, e := range entries {
-		if strings.Contains(e.Name(), ".new-") {
+		// .new-: a template being made; pool-: a pooled image (imagepool.go).
+		if strings.Contains(e.Name(), ".new-") || strings.HasPrefix(e.Name(), "pool-") {
 			if err := os.Remove(filepath.Join(tp.dir, e.Name())); err != nil {
 				log.G(ctx).WithError(err).WithField("name", e.Name()).Warn("failed to remove half-made image template")
 			}
@@ -122,4 +123,16 @@ func mkfs(ctx context.Context, path string, size int64) error {
 		return fmt.Errorf("mkfs.ext4 %s: %w: %s", path, err, strings.TrimSpace(string(out)))
 	}
 	return nil
+}
+
+// templateCount counts the templates among entries of the templates dir,
+// which also holds pooled images.
+func templateCount(entries []os.DirEntry) int {
+	n := 0
+	for _, e := range entries {
+		if strings.HasPrefix(e.Name(), "ext4-") {
+			n++
+		}
+	}
+	return n
 }
