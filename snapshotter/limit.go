@@ -156,12 +156,31 @@ func (s *Snapshotter) detachOrphanImages(ctx context.Context, ids map[string]str
 	return nil
 }
 
-// reattachImages, at start, mounts again the images of limited actives
-// whose directory is not a mount point (after a reboot); a limited
-// snapshot whose image cannot be mounted is unusable, not unlimited. It
-// runs after checkLayers, inside the same write transaction.
-func (s *Snapshotter) reattachImages(ctx context.Context) error {
+// reattachImages, at start, mounts again the images whose snapshot's
+// directory is not a mount point (after a reboot): those of limited
+// actives, and of snapshots committed from one (containerd replaces the
+// labels at Commit, so the image file is what says so). A limited active
+// whose image cannot be mounted, or is gone, is unusable, not unlimited.
+// It runs after checkLayers, inside the same write transaction, and costs
+// a statx and an lstat per snapshot.
+func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string) error {
 	s.templates.cleanLeftovers(ctx)
+	for id, key := range ids {
+		if s.missing.check(id) != nil {
+			continue // checkLayers said so
+		}
+		dir := s.snapshotDir(id)
+		if mounted, err := isMountPoint(dir); err != nil || mounted {
+			continue
+		}
+		if _, err := os.Lstat(filepath.Join(dir, imageName)); err != nil {
+			continue
+		}
+		if err := reattachImage(dir); err != nil {
+			log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("failed to mount the image of a size-limited snapshot: it is unusable")
+			s.missing.add(id, key)
+		}
+	}
 	err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
 		if !limited(info) {
 			return nil
@@ -171,10 +190,10 @@ func (s *Snapshotter) reattachImages(ctx context.Context) error {
 			return err
 		}
 		if s.missing.check(id) != nil {
-			return nil // checkLayers said so
+			return nil
 		}
-		if err := reattachImage(s.snapshotDir(id)); err != nil {
-			log.G(ctx).WithError(err).WithField("key", info.Name).WithField("id", id).Error("failed to mount the image of a size-limited snapshot: it is unusable")
+		if mounted, err := isMountPoint(s.snapshotDir(id)); err == nil && !mounted {
+			log.G(ctx).WithField("key", info.Name).WithField("id", id).Error("the image of a size-limited snapshot is gone: it is unusable")
 			s.missing.add(id, info.Name)
 		}
 		return nil

@@ -555,3 +555,46 @@ func TestLimitPool(t *testing.T) {
 	openTest(t, root)
 	gone(t, left)
 }
+
+// TestLimitCommitted: a limited active committed (a container committed
+// as an image layer) keeps its files in its image, which containerd's
+// Commit no longer labels: the layer still serves after a reboot (its
+// image mounted again at start), and its Remove takes the image down.
+func TestLimitCommitted(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(bindSource(ctx, t, s, "limited"), "kept"), []byte("in the image"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Commit(ctx, "layer", "limited"); err != nil {
+		t.Fatal(err)
+	}
+	dir := s.snapshotDir(s.idOf(ctx, t, "layer"))
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Unmount(dir, 0); err != nil { // a reboot
+		t.Fatal(err)
+	}
+	ctx, s = openTest(t, root)
+	if _, err := s.View(ctx, "view", "layer"); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(filepath.Join(bindSource(ctx, t, s, "view"), "kept")); err != nil || string(b) != "in the image" {
+		t.Fatalf("the committed layer after a reboot: %q, %v", b, err)
+	}
+	for _, key := range []string{"view", "layer"} {
+		if err := s.Remove(ctx, key); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	gone(t, dir)
+	noImagesLeft(t, root)
+}

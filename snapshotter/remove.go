@@ -160,7 +160,7 @@ func (s *Snapshotter) sweep(ctx context.Context, starting bool) error {
 	if err := s.checkLayers(ctx, ids, placed, starting); err != nil || !starting {
 		return err
 	}
-	return s.reattachImages(ctx)
+	return s.reattachImages(ctx, ids)
 }
 
 // trashOrphans moves to the trash what no snapshot in the metadata owns,

@@ -27,7 +27,9 @@ import (
 const limitKills = 16
 
 // TestLimitCrash SIGKILLs the real daemon in the middle of Prepares and
-// Removes of size-limited snapshots and checks after every restart that
+// Removes of size-limited snapshots (labelled, and limited by
+// default_max_size from the daemon's pool of ready images) and checks
+// after every restart that
 // what the size limits hold is exactly what the metadata names: every
 // limited active's image is mounted (its Usage, read from the image,
 // answers) and no other image is mounted or holds a loop device. At the
@@ -42,10 +44,14 @@ func TestLimitCrash(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed))
 	ctx := namespaces.WithNamespace(context.Background(), "crash")
 	root := filepath.Join(loopfs.Mount(t, loopfs.Ext4), "root")
-	d := daemon.Start(t, root, `mode = "overlay"`+"\n")
+	// Half the Prepares carry a label, half take default_max_size's
+	// images from the pool the daemon keeps ready (kills land while it
+	// refills too).
+	d := daemon.Start(t, root, fmt.Sprintf("mode = \"overlay\"\ndefault_max_size = %d\n", snapshotter.MinMaxSize))
 	limit := snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: strconv.Itoa(snapshotter.MinMaxSize)})
 
-	if _, err := d.Client().Prepare(ctx, "base-active", ""); err != nil {
+	// The image's layer is no container: no default limit.
+	if _, err := d.Client().Prepare(ctx, "base-active", "", snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: "0"})); err != nil {
 		t.Fatal(err)
 	}
 	if err := d.Client().Commit(ctx, "base", "base-active"); err != nil {
@@ -60,7 +66,11 @@ func TestLimitCrash(t *testing.T) {
 			call = func() error { return sn.Remove(ctx, key) }
 		} else {
 			key := "c" + strconv.Itoa(i)
-			call = func() error { _, err := sn.Prepare(ctx, key, "base", limit); return err }
+			opts := []snapshots.Opt{limit}
+			if i%2 == 1 {
+				opts = nil // the default, from the pool
+			}
+			call = func() error { _, err := sn.Prepare(ctx, key, "base", opts...); return err }
 		}
 		done := make(chan error, 1)
 		go func() { done <- call() }()
@@ -85,13 +95,16 @@ func TestLimitCrash(t *testing.T) {
 	if left := checkImages(ctx, t, d, root); len(left) != 0 {
 		t.Fatalf("limited snapshots left after removing all: %v", left)
 	}
-	if err := d.Stop(); err != nil { // waits for the trash
+	if err := d.Stop(); err != nil { // waits for the trash, lets go of the pool
 		t.Fatal(err)
 	}
 	if left := imageMounts(t, root); len(left) != 0 {
 		t.Fatalf("mounts left after everything was removed: %v", left)
 	}
 	waitNoLoops(t, root)
+	if pooled, _ := filepath.Glob(filepath.Join(root, "images", "pool-*")); len(pooled) != 0 {
+		t.Fatalf("pooled images left after a clean stop: %v", pooled)
+	}
 }
 
 // checkImages checks the invariant and returns the limited actives.
