@@ -35,6 +35,11 @@ const (
 	// diff service writes the layers it makes to containerd's content
 	// store through it.
 	DefaultContainerdAddress = "/run/containerd/containerd.sock"
+	// DefaultUsageMaxAge is off: Usage as fresh as the built-in's unless
+	// the operator trades freshness for CPU (snapshotter/usagecache.go).
+	DefaultUsageMaxAge = Duration(0)
+	// MinMaxSize is the smallest default_max_size (snapshotter.MinMaxSize).
+	MinMaxSize = 32 << 20
 )
 
 // Config is the whole configuration file.
@@ -80,6 +85,21 @@ type Config struct {
 	// root writable): "127.0.0.1:PORT" or "unix:///path". Default ""
 	// (off), as containerd's own metrics are opt-in.
 	MetricsAddress string `toml:"metrics_address"`
+	// DefaultMaxSize limits the writable layer of every container whose
+	// active snapshot carries no containerd.io/snapshot/max-size label,
+	// in bytes: writes past it fail with ENOSPC inside the container.
+	// Layers being unpacked are never limited by it. A label of "0"
+	// opts a container out. Needs overlay mode, mkfs.ext4 and loop
+	// devices (`overclone check` says); the daemon refuses to start if it
+	// is set and cannot be honoured. Default 0 (no limit).
+	DefaultMaxSize int64 `toml:"default_max_size"`
+	// UsageMaxAge is how stale the Usage of an unlimited active snapshot
+	// may be when polled (CRI asks every 10 s; each answer is a walk of
+	// the container's upper). "0s" walks on every call, as containerd's
+	// built-in does; "30s" cuts a node's polling CPU to a third for
+	// figures up to 30 s older. Size-limited snapshots answer from their
+	// image's counters and are never stale. Default "0s".
+	UsageMaxAge Duration `toml:"usage_max_age"`
 	// DebugAddress serves Go's pprof on /debug/pprof/: a unix socket
 	// ("unix:///path") or a loopback "127.0.0.1:PORT" only. Default ""
 	// (off).
@@ -107,6 +127,7 @@ func Default() Config {
 		ShutdownTimeout:   DefaultShutdownTimeout,
 		DiffService:       true,
 		ContainerdAddress: DefaultContainerdAddress,
+		UsageMaxAge:       DefaultUsageMaxAge,
 	}
 }
 
@@ -183,6 +204,12 @@ func (c *Config) Validate() error {
 	}
 	if c.DiffService && c.ContainerdAddress == "" {
 		return errors.New("containerd_address must not be empty when diff_service is on")
+	}
+	if c.DefaultMaxSize != 0 && c.DefaultMaxSize < MinMaxSize {
+		return fmt.Errorf("default_max_size %d: want 0 (no limit) or at least %d bytes", c.DefaultMaxSize, MinMaxSize)
+	}
+	if c.UsageMaxAge < 0 {
+		return fmt.Errorf("usage_max_age %s must not be negative", c.UsageMaxAge)
 	}
 	if c.ShutdownTimeout < 0 {
 		return fmt.Errorf("shutdown_timeout %s must not be negative", c.ShutdownTimeout)

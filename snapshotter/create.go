@@ -43,6 +43,10 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	if err != nil {
 		return nil, fmt.Errorf("create snapshot %q: %w", key, err)
 	}
+	limit, opts, err := s.limitFor(kind, base, opts)
+	if err != nil {
+		return nil, err
+	}
 
 	// The directory is built before the write transaction, so that the
 	// transaction (which blocks every other writer) holds only a rename.
@@ -57,6 +61,12 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}()
+	// A size limit's image is made and mounted detached (limit.go).
+	img, err := s.prepareLimit(ctx, td, limit)
+	if err != nil {
+		return nil, err
+	}
+	defer img.close()
 	// In userspace mode the parent's whole view is copied in first, under
 	// no lock; the write transaction checks the parent is still the one
 	// copied.
@@ -120,6 +130,9 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 	// leaves metadata naming a directory that recreate makes again at the
 	// next start (an empty upper, or a new copy of the parent).
 	err = s.placeDirectory(ctx, td, snap)
+	if err == nil && img != nil {
+		err = img.attach(s.snapshotDir(snap.ID))
+	}
 	placing.finish()
 	if err != nil {
 		return nil, s.undoCreate(ctx, key, snap.ID, err)

@@ -8,6 +8,10 @@
 //	                           changes (overlay upperdir), in userspace mode its
 //	                           whole view
 //	ROOT/snapshots/<id>/work   overlay workdir, active snapshots only
+//	ROOT/snapshots/<id>/image  a size-limited active's ext4 image, loop-mounted
+//	                           on snapshots/<id> itself, so that its fs and
+//	                           work are inside it (loopimage.go)
+//	ROOT/images/               formatted image templates, one per limit size
 //	ROOT/l/<base36 id>         short links to ../snapshots/<id>/fs, made for
 //	                           stacks too deep for their plain paths to fit
 //	                           in the one-page lowerdir= option

@@ -53,7 +53,13 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		if err := s.missing.check(id); err != nil {
 			return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
 		}
-		return s.usage(ctx, s.snapshotDir(id), s.upperPath(id), info.Created)
+		if limited(info) {
+			// Its image's own counters: no walk (loopimage.go).
+			return imageUsage(s.snapshotDir(id))
+		}
+		return s.usages.get(ctx, id, func() (snapshots.Usage, error) {
+			return s.usage(ctx, s.snapshotDir(id), s.upperPath(id), info.Created)
+		})
 	}
 	return usage, nil
 }

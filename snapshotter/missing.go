@@ -171,6 +171,15 @@ func (s *Snapshotter) recreate(ctx context.Context, key string) (bool, error) {
 		return false, err
 	}
 	defer os.RemoveAll(td) // gone after the rename, unless it failed
+	// A limited snapshot's image went with the lost rename: a new one.
+	var img *loopImage
+	if limited(info) {
+		size, _, _ := parseMaxSize(info.Labels)
+		if img, err = s.prepareLimit(ctx, td, size); err != nil {
+			return false, err
+		}
+		defer img.close()
+	}
 	if s.mode == ModeUserspace && snap.Kind == snapshots.KindActive && len(snap.ParentIDs) > 0 {
 		if err := s.materialize(ctx, snap.ParentIDs[0], td); err != nil {
 			return false, err
@@ -184,6 +193,11 @@ func (s *Snapshotter) recreate(ctx context.Context, key string) (bool, error) {
 	}
 	if err := s.placeDirectory(ctx, td, snap); err != nil {
 		return false, err
+	}
+	if img != nil {
+		if err := img.attach(s.snapshotDir(snap.ID)); err != nil {
+			return false, err
+		}
 	}
 	return true, nil
 }

@@ -58,10 +58,16 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 	// yet: trash it once it is, or it would stay behind as an orphan.
 	s.placing.wait(id)
 	s.missing.drop(id)
+	s.usages.drop(id)
 	s.linked.Delete(id)
 	s.deepActives.Delete(id)
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {
 		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to remove layer link")
+	}
+	// A size-limited snapshot's image is unmounted before its directory
+	// (the image file in it) can be renamed into the trash.
+	if err := detachImage(ctx, s.snapshotDir(id)); err != nil {
+		log.G(ctx).WithError(err).WithField("id", id).Warn("failed to unmount removed snapshot's image: Cleanup will retry")
 	}
 	// The snapshot's flattened layer, if a deep stack made one, is used
 	// only by snapshots standing on it, and there are none left. Both go
@@ -126,6 +132,9 @@ func (s *Snapshotter) Cleanup(ctx context.Context) error {
 	// placed now, or was placed, and then it is either in the listing
 	// or looked at again before it is called missing.
 	inFlight := s.placing.all()
+	if err := s.detachOrphanImages(ctx, ids, found); err != nil {
+		return err
+	}
 	placed, err := s.trashOrphans(ctx, ids, found, false)
 	if err != nil {
 		return err
@@ -155,11 +164,17 @@ func (s *Snapshotter) recover(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
+		if err := s.detachOrphanImages(ctx, ids, found); err != nil {
+			return err
+		}
 		placed, err := s.trashOrphans(ctx, ids, found, true)
 		if err != nil {
 			return err
 		}
-		return s.checkLayers(ctx, ids, placed, true)
+		if err := s.checkLayers(ctx, ids, placed, true); err != nil {
+			return err
+		}
+		return s.reattachImages(ctx, ids)
 	})
 	if err != nil {
 		return fmt.Errorf("recover %s: %w", s.root, err)

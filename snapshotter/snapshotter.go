@@ -42,6 +42,12 @@ type Config struct {
 	Features *overlayutil.Features
 	// ExistingRoot refuses a root that holds no metadata database.
 	ExistingRoot bool
+	// DefaultMaxSize limits containers' active snapshots that carry no
+	// max-size label, in bytes; 0 means no limit (see limit.go).
+	DefaultMaxSize int64
+	// UsageMaxAge is how stale a polled Usage of an unlimited active
+	// snapshot may be; 0 walks on every call (see usagecache.go).
+	UsageMaxAge time.Duration
 }
 
 // Opt configures a snapshotter.
@@ -112,9 +118,15 @@ type Snapshotter struct {
 	overlay  overlayutil.Options // shape of every overlay mount
 	maxStack int
 	syncs    bool
-	missing  missingSet // snapshots whose directory is gone: refused
-	placing  placingSet // snapshots created whose directory is on its way
-	batch    batcher    // group commit of the calls' write transactions
+	// defaultMaxSize and limits: how size limits are applied (limit.go).
+	defaultMaxSize int64
+	limits         LimitMechanism
+	usages         usageCache
+	templates      imageTemplates
+	pool           imagePool
+	missing        missingSet // snapshots whose directory is gone: refused
+	placing        placingSet // snapshots created whose directory is on its way
+	batch          batcher    // group commit of the calls' write transactions
 
 	// idmapped: containerd's idmapped lowers work on this root (the
 	// idmapped-mounts probe); remap.go needs them for mapped stacks.
@@ -240,6 +252,16 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		return nil, err
 	}
 	s.mode = mode
+	s.defaultMaxSize = cfg.DefaultMaxSize
+	s.limits = ProbeLimits(mode)
+	s.usages.maxAge = cfg.UsageMaxAge
+	s.templates.dir = filepath.Join(root, templatesDir)
+	s.pool = imagePool{size: s.defaultMaxSize, templates: &s.templates, dir: s.templates.dir}
+	if !s.limits.OK && s.defaultMaxSize > 0 {
+		abort()
+		ms.Close()
+		return nil, fmt.Errorf("default_max_size %d cannot be honoured: %s", s.defaultMaxSize, s.limits.How)
+	}
 	if err := s.recover(ctx); err != nil {
 		abort()
 		ms.Close()
@@ -251,6 +273,9 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	remap, _ := RemapMechanism(mode, features)
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
 		WithField("max_stack", s.maxStack).WithField("remap_ids", remap).Info("overclone snapshotter ready")
+	logLimits(ctx, s.limits, s.defaultMaxSize)
+	s.pool.refill(ctx)
+	log.G(ctx).WithField("usage_max_age", cfg.UsageMaxAge).WithField("how", UsageMechanism(s.limits, cfg.UsageMaxAge)).Info("usage of active snapshots")
 	return s, nil
 }
 
@@ -330,6 +355,7 @@ func (s *Snapshotter) Close() error {
 	defer s.closeMu.Unlock()
 	s.startup.Wait()
 	s.background.Wait()
+	s.pool.close()
 	s.deletions.wait()
 	if s.closed {
 		return nil

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/containerd/log"
 
@@ -94,6 +95,8 @@ func run(args []string) error {
 		snapshotter.WithMaxStack(cfg.MaxStack),
 		snapshotter.WithMountOptions(cfg.MountOptions),
 		snapshotter.WithSyncOnCommit(cfg.SyncOnCommit),
+		snapshotter.WithDefaultMaxSize(cfg.DefaultMaxSize),
+		snapshotter.WithUsageMaxAge(time.Duration(cfg.UsageMaxAge)),
 	}
 	if cfg.Volatile {
 		opts = append(opts, snapshotter.WithVolatile)

@@ -9,6 +9,9 @@ import (
 	"io"
 	"strings"
 	"text/tabwriter"
+	"time"
+
+	"github.com/overclone/overclone/config"
 
 	"github.com/overclone/overclone/overlayutil"
 	"github.com/overclone/overclone/snapshotter"
@@ -25,6 +28,10 @@ type checkReport struct {
 	Mode        string `json:"mode,omitempty"`
 	RemapIDs    string `json:"remap_ids,omitempty"`
 	RemapIDsWhy string `json:"remap_ids_reason,omitempty"`
+	// SizeLimits says whether containerd.io/snapshot/max-size can be
+	// honoured, and how or why not; Usage how Usage is answered.
+	SizeLimits snapshotter.LimitMechanism `json:"size_limits"`
+	Usage      string                     `json:"usage"`
 }
 
 // runCheck probes overlayfs under --root and prints every check. It exits
@@ -36,6 +43,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	root := fs.String("root", defaultRoot, "snapshotter root; probes run in a scratch dir under it")
 	asJSON := fs.Bool("json", false, "print the findings as JSON")
 	mode := fs.String("mode", "auto", "the daemon's configured mode, to show what it resolves to")
+	usageMaxAge := fs.Duration("usage-max-age", time.Duration(config.DefaultUsageMaxAge), "the daemon's usage_max_age, to show how Usage is answered")
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
 			return exitOK
@@ -51,9 +59,16 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintf(stderr, "overclone check: %v\n", err)
 		return exitFail
 	}
+	// Size limits depend on the mode the daemon would serve in; a mode
+	// that cannot serve has none to offer.
 	m, why, modeErr := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
+	limits := snapshotter.LimitMechanism{How: fmt.Sprint("no mode can serve: ", modeErr)}
+	if modeErr == nil {
+		limits = snapshotter.ProbeLimits(m)
+	}
+	usage := snapshotter.UsageMechanism(limits, *usageMaxAge)
 	if *asJSON {
-		r := checkReport{Features: f, CanServe: f.CanServe(), Intercepts: f.Intercepts(), MaxLowers: f.MaxLowers()}
+		r := checkReport{Features: f, CanServe: f.CanServe(), Intercepts: f.Intercepts(), MaxLowers: f.MaxLowers(), SizeLimits: limits, Usage: usage}
 		if modeErr == nil {
 			r.Mode = string(m)
 			r.RemapIDs, r.RemapIDsWhy = snapshotter.RemapMechanism(m, f)
@@ -73,6 +88,8 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			remap, rwhy := snapshotter.RemapMechanism(m, f)
 			fmt.Fprintf(stdout, "remap-ids:   %s: %s\n", remap, rwhy)
 		}
+		fmt.Fprintf(stdout, "size limits: %s: %s\n", yesNo(limits.OK), limits.How)
+		fmt.Fprintf(stdout, "usage:       %s\n", usage)
 	}
 	if !f.CanServe() {
 		if !*asJSON {

@@ -134,3 +134,24 @@ func TestCheckFailsOnOverlay(t *testing.T) {
 		t.Errorf("exit %d\nstdout %s\nstderr %s", code, stdout, stderr)
 	}
 }
+
+// TestCheckLimits: check says how size limits and Usage are served: an
+// ext4 image per limited snapshot in overlay mode, refused in userspace
+// mode with the reason; usage_max_age shows in the Usage line.
+func TestCheckLimits(t *testing.T) {
+	root := filepath.Join(loopfs.Mount(t, loopfs.Ext4), "root")
+	for _, tc := range []struct{ mode, limits, usage string }{
+		{"overlay", "size limits: yes: ext4 image per limited snapshot", "usage:       limited snapshots: statfs of their image (no walk); unlimited snapshots: a walk of the upper, reused for up to 30s"},
+		{"userspace", "size limits: no: userspace mode", "usage:       unlimited snapshots: a walk of the upper, reused for up to 30s"},
+	} {
+		code, stdout, stderr := run("check", "--root", root, "--mode", tc.mode, "--usage-max-age", "30s")
+		if code != exitOK {
+			t.Fatalf("--mode %s: exit %d: %s", tc.mode, code, stderr)
+		}
+		for _, want := range []string{tc.limits, tc.usage} {
+			if !strings.Contains(stdout, want) {
+				t.Errorf("--mode %s: output lacks %q:\n%s", tc.mode, want, stdout)
+			}
+		}
+	}
+}
