@@ -55,7 +55,7 @@ deps:
 RACE_TESTS := Concurrently|Meanwhile|GroupCommit
 
 test: deps build
-	$(GO) test -count=1 -timeout 20m ./...
+	$(GO) test -count=1 -timeout 30m ./...
 	$(GO) test -race -count=1 -timeout 10m -run '$(RACE_TESTS)' ./snapshotter/
 
 run: deps build
