@@ -55,7 +55,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		}
 		return err
 	}
-	return s.update(ctx, func(ctx context.Context) error {
+	err = s.update(ctx, func(ctx context.Context) error {
 		if err := stillActiveTx(ctx, key, id); err != nil {
 			return err
 		}
@@ -64,6 +64,11 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		}
 		return nil
 	})
+	if err != nil {
+		return err
+	}
+	s.afterCommit(ctx, name, id)
+	return nil
 }
 
 // walkAndSync measures the layer and, with sync_on_commit, makes it

@@ -42,6 +42,10 @@ type Config struct {
 	Features *overlayutil.Features
 	// ExistingRoot refuses a root that holds no metadata database.
 	ExistingRoot bool
+	// Dedupe says when committed layers share extents (dedupe.go);
+	// DedupeMinSize is the smallest file it indexes.
+	Dedupe        DedupeMode
+	DedupeMinSize int64
 }
 
 // Opt configures a snapshotter.
@@ -123,6 +127,7 @@ type Snapshotter struct {
 	linked sync.Map
 
 	health healthState
+	dedupe dedupeState
 
 	// life ends when the snapshotter is aborted or closed. Work shared
 	// between calls (a flattened layer's build) runs under it rather than
@@ -231,6 +236,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		ms.Close()
 		return nil, err
 	}
+	s.setupDedupe(ctx, cfg, features)
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
 		WithField("max_stack", s.maxStack).Info("overclone snapshotter ready")
 	return s, nil

@@ -94,6 +94,7 @@ func run(args []string) error {
 		snapshotter.WithMaxStack(cfg.MaxStack),
 		snapshotter.WithMountOptions(cfg.MountOptions),
 		snapshotter.WithSyncOnCommit(cfg.SyncOnCommit),
+		snapshotter.WithDedupe(snapshotter.DedupeMode(cfg.Dedupe), cfg.DedupeMinSize),
 	}
 	if cfg.Volatile {
 		opts = append(opts, snapshotter.WithVolatile)
