@@ -503,7 +503,12 @@ func (s *Snapshotter) hashLayer(ctx context.Context, root *os.File) ([]hashedFil
 			return fmt.Errorf("stat %s: %w", path, err)
 		}
 		key := inode{uint64(st.Dev), st.Ino}
-		if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size < s.dedupe.minSize || seen[key] || isMetacopy(int(f.Fd())) {
+		if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size < s.dedupe.minSize || seen[key] {
+			return nil
+		}
+		// A metacopy file has no data blocks of its own; only a file
+		// with fewer blocks than bytes can be one.
+		if st.Blocks*512 < st.Size && isMetacopy(int(f.Fd())) {
 			return nil
 		}
 		seen[key] = true
