@@ -7,6 +7,8 @@ import (
 	"encoding/binary"
 	"fmt"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	bolt "go.etcd.io/bbolt"
 )
 
@@ -301,3 +303,69 @@ func (ix dedupeIndex) addBorrowed(id string, delta int64) error {
 	r.Borrowed = max(r.Borrowed+delta, 0)
 	return ix.done.Put([]byte(id), r.value())
 }
+
+// recordLayer writes a layer's entries and record, if it is still the
+// committed snapshot the pass started on. It changes nothing but metadata
+// and reads everything it decides on in its own transaction, so it may run
+// again in another group commit.
+func recordLayer(ctx context.Context, ref layerRef, entries, stale []indexEntry) error {
+	id, info, _, err := storage.GetInfo(ctx, ref.Key)
+	if err != nil || id != ref.ID || info.Kind != snapshots.KindCommitted {
+		return nil // removed under the pass: nothing to record
+	}
+	ix, err := openIndex(ctx, true)
+	if err != nil {
+		return err
+	}
+	if _, done := ix.record(ref.ID); done {
+		return nil
+	}
+	for _, st := range stale {
+		if !ix.has(st) {
+			continue
+		}
+		if err := ix.delete(st); err != nil {
+			return err
+		}
+		if st.Source != "" {
+			if err := ix.addBorrowed(st.ID, -st.Borrowed); err != nil {
+				return err
+			}
+		} else if err := ix.promote(st.Hash, st.ID); err != nil {
+			return err
+		}
+	}
+	var rec layerRecord
+	for _, e := range entries {
+		// A source removed since the pass looked has handed its
+		// blocks to another layer, or to nobody: this copy counts
+		// its own (at worst counted twice, never not at all).
+		if e.Source != "" && !ix.isSource(e.Hash, e.Source) {
+			e.Borrowed, e.Source = 0, ""
+		}
+		if err := ix.put(e); err != nil {
+			return err
+		}
+		rec.Files++
+		rec.Borrowed += e.Borrowed
+		if e.Source != "" {
+			rec.Shared += e.Size
+		}
+	}
+	return ix.done.Put([]byte(ref.ID), rec.value())
+}
+
+// isSource reports whether layer id holds content h as a source.
+func (ix dedupeIndex) isSource(h contentHash, id string) bool {
+	hs, err := ix.holders(h)
+	if err != nil {
+		return false
+	}
+	for _, e := range hs {
+		if e.ID == id && e.Source == "" {
+			return true
+		}
+	}
+	return false
+}
+
