@@ -27,6 +27,12 @@ import (
 // 3.9 s one at a time and 0.95 s four at a time.
 const dedupeWorkers = 4
 
+// maxCandidates bounds the copies a file is tried against: a common file
+// may be in hundreds of layers, and a copy that cannot be shared (btrfs
+// keeps small files inline, where there is no extent) fails the same way
+// with every other.
+const maxCandidates = 3
+
 // hashedFile is a regular file of the layer being deduped.
 type hashedFile struct {
 	path   string // relative to the layer's fs dir
@@ -164,7 +170,8 @@ func (s *Snapshotter) candidates(ctx context.Context, id string, files []hashedF
 			}
 			hs = slices.DeleteFunc(hs, func(e indexEntry) bool { return e.ID == id })
 			sort.SliceStable(hs, func(i, j int) bool { return hs[i].Source == "" && hs[j].Source != "" })
-			out[f.hash] = append(hs, plan[f.hash]...)
+			hs = append(hs, plan[f.hash]...)
+			out[f.hash] = hs[:min(len(hs), maxCandidates)]
 		}
 		return nil
 	})
