@@ -368,4 +368,3 @@ func (ix dedupeIndex) isSource(h contentHash, id string) bool {
 	}
 	return false
 }
-

@@ -13,6 +13,7 @@ import (
 	"sort"
 	"sync"
 	"syscall"
+	"time"
 
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
@@ -68,6 +69,7 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 		return res, err
 	}
 	defer root.Close()
+	began := time.Now()
 	files, err := s.hashLayer(ctx, root)
 	if err != nil {
 		return res, err
@@ -77,6 +79,7 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 	if err != nil {
 		return res, err
 	}
+	res.hashed = time.Since(began)
 
 	roots := &rootCache{s: s, open: map[string]*os.File{ref.ID: root}}
 	defer roots.close(ref.ID)
@@ -105,6 +108,7 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 	for _, phase := range [][]int{firsts, dups} {
 		parallel(phase, share)
 	}
+	res.shared = time.Since(began) - res.hashed
 
 	var entries, stale []indexEntry
 	for _, o := range outcomes {
@@ -124,9 +128,11 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 		}
 		return res, nil
 	}
-	return res, s.update(ctx, func(ctx context.Context) error {
+	err = s.update(ctx, func(ctx context.Context) error {
 		return recordLayer(ctx, ref, entries, stale)
 	})
+	res.recorded = time.Since(began) - res.hashed - res.shared
+	return res, err
 }
 
 // parallel calls fn for each of items, dedupeWorkers at a time.
