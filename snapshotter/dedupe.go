@@ -84,6 +84,9 @@ type dedupeState struct {
 // setupDedupe decides whether dedupe runs, says so, and starts the
 // background worker. It runs in New, after recovery.
 func (s *Snapshotter) setupDedupe(ctx context.Context, cfg Config, f *overlayutil.Features) {
+	if err := s.update(ctx, pruneIndex); err != nil {
+		log.G(ctx).WithError(err).Warn("failed to drop the dedupe index entries of removed layers")
+	}
 	d := &s.dedupe
 	d.mode, d.minSize = cfg.Dedupe, cfg.DedupeMinSize
 	if d.mode == "" {

@@ -368,3 +368,33 @@ func (ix dedupeIndex) isSource(h contentHash, id string) bool {
 	}
 	return false
 }
+
+// pruneIndex drops the index's layers that the metadata no longer has: a
+// root served for a while by an overclone that did not know the index
+// removed layers without dropping their entries, and the layers that
+// borrowed from them must count their blocks again.
+func pruneIndex(ctx context.Context) error {
+	ix, err := openIndex(ctx, false)
+	if err != nil || ix.done == nil {
+		return err
+	}
+	ids, err := idMap(ctx)
+	if err != nil {
+		return err
+	}
+	var gone []string
+	if err := ix.done.ForEach(func(k, _ []byte) error {
+		if _, ok := ids[string(k)]; !ok {
+			gone = append(gone, string(k))
+		}
+		return nil
+	}); err != nil {
+		return err
+	}
+	for _, id := range gone {
+		if err := dropLayer(ctx, id); err != nil {
+			return err
+		}
+	}
+	return nil
+}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"unsafe"
 
+	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 	"golang.org/x/sys/unix"
@@ -345,5 +346,38 @@ func TestDedupeUnableIsOff(t *testing.T) {
 				t.Errorf("dedupe pass on %s: %v, want FailedPrecondition", kind, err)
 			}
 		})
+	}
+}
+
+// TestDedupeIndexPruned: a layer removed by an overclone that did not know
+// the index (its entries left behind) is dropped from the index at the
+// next start, and the layer that shared its file counts it again.
+func TestDedupeIndexPruned(t *testing.T) {
+	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDedupe(DedupeCommit, 0))
+	same := randomBytes(9, dedupeFileSize)
+	commitLayer(ctx, t, s, "a", map[string][]byte{"x": same})
+	if _, err := s.Prepare(ctx, "b-active", ""); err != nil {
+		t.Fatal(err)
+	}
+	writeFiles(t, bindSource(ctx, t, s, "b-active"), map[string][]byte{"y": same})
+	full := usageOf(ctx, t, s, "b-active")
+	if err := s.Commit(ctx, "b", "b-active"); err != nil {
+		t.Fatal(err)
+	}
+	if got := usageOf(ctx, t, s, "b"); got >= full {
+		t.Fatalf("usage of b %d after dedupe, %d before", got, full)
+	}
+	// As the metadata's own Remove, without overclone's hook.
+	if err := s.ms.WithTransaction(ctx, true, func(ctx context.Context) error {
+		_, _, err := storage.Remove(ctx, "a")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	ctx, s = openTest(t, root, WithMode(ModeOverlay), WithDedupe(DedupeCommit, 0))
+	if got := usageOf(ctx, t, s, "b"); got != full {
+		t.Errorf("usage of b %d after a's entries were pruned, want %d", got, full)
 	}
 }
