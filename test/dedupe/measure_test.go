@@ -34,8 +34,8 @@ const (
 	// maxBaseFile leaves out what no Debian base holds (this machine's
 	// containerd and Go toolchain binaries).
 	maxBaseFile = 16 << 20
-	appFiles  = 4
-	appFile   = 2 << 20
+	appFiles    = 4
+	appFile     = 2 << 20
 	// readRounds cold reads of each side, alternating.
 	readRounds = 11
 )
