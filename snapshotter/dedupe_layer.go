@@ -2,7 +2,7 @@ package snapshotter
 
 import (
 	"context"
-	"crypto/sha256"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -15,6 +15,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/cespare/xxhash/v2"
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
@@ -207,9 +208,13 @@ func (s *Snapshotter) shareFile(ctx context.Context, roots *rootCache, root *os.
 			continue
 		}
 		if differs && shared == 0 {
-			log.G(ctx).WithField("layer", c.ID).WithField("path", c.Path).
-				Warn("dedupe index entry does not match the file's bytes; dropping it")
-			o.stale = append(o.stale, c)
+			// Two contents with one hash, or an entry that lies:
+			// only the second is dropped.
+			if !s.stillHashes(roots, c) {
+				log.G(ctx).WithField("layer", c.ID).WithField("path", c.Path).
+					Warn("dedupe index entry does not match the file's bytes; dropping it")
+				o.stale = append(o.stale, c)
+			}
 			continue
 		}
 		o.shared = shared
@@ -219,6 +224,26 @@ func (s *Snapshotter) shareFile(ctx context.Context, roots *rootCache, root *os.
 		return o
 	}
 	return o
+}
+
+// stillHashes reports whether c's file still has the content its entry
+// names.
+func (s *Snapshotter) stillHashes(roots *rootCache, c indexEntry) bool {
+	root, err := roots.get(c.ID)
+	if err != nil {
+		return true // removed: its entries go with it
+	}
+	f, err := fileops.OpenBeneath(root, c.Path)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || !fi.Mode().IsRegular() {
+		return false
+	}
+	h, err := hashContent(f, fi.Size())
+	return err == nil && h == c.Hash
 }
 
 // sourceOf is the layer whose blocks a copy deduped against c shares.
@@ -260,7 +285,7 @@ func (r *rootCache) close(keep string) {
 }
 
 // hashLayer lists the layer's regular files of at least the minimum size,
-// each inode once, with the SHA-256 of their content. Files are opened by
+// each inode once, with the contentHash of their content. Files are opened by
 // descriptor beneath the layer's root, never through a symlink; overlay
 // metacopy files (metadata only, their data is in a lower layer) are
 // left out.
@@ -339,13 +364,24 @@ func hashFile(root *os.File, f *hashedFile, minSize int64) (bool, error) {
 	if st.Blocks*512 < st.Size && isMetacopy(int(file.Fd())) {
 		return false, nil
 	}
-	h := sha256.New()
-	if _, err := io.Copy(h, io.LimitReader(file, st.Size)); err != nil {
+	if f.hash, err = hashContent(file, st.Size); err != nil {
 		return false, fmt.Errorf("hash %s: %w", f.path, err)
 	}
 	f.size, f.blocks = st.Size, st.Blocks*512
-	copy(f.hash[:], h.Sum(nil))
 	return true, nil
+}
+
+// hashContent is the contentHash of the first size bytes of f, read from
+// its start.
+func hashContent(f *os.File, size int64) (contentHash, error) {
+	var h contentHash
+	d := xxhash.New()
+	if _, err := io.Copy(d, io.NewSectionReader(f, 0, size)); err != nil {
+		return h, err
+	}
+	binary.BigEndian.PutUint64(h[:8], d.Sum64())
+	binary.BigEndian.PutUint64(h[8:], uint64(size))
+	return h, nil
 }
 
 // isMetacopy reports an overlay metacopy file, under either xattr

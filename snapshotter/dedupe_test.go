@@ -381,3 +381,52 @@ func TestDedupeIndexPruned(t *testing.T) {
 		t.Errorf("usage of b %d after a's entries were pruned, want %d", got, full)
 	}
 }
+
+// TestDedupeStaleEntry: an index entry whose file no longer holds the
+// content it names (changed behind overclone's back, same size) is never
+// trusted: the kernel refuses to share, the file is hashed again, the
+// entry is dropped, and the new layer's copy counts its own blocks.
+func TestDedupeStaleEntry(t *testing.T) {
+	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDedupe(DedupeCommit, 0))
+	same := randomBytes(10, dedupeFileSize)
+	dirA := commitLayer(ctx, t, s, "a", map[string][]byte{"x": same})
+	other := bytes.Clone(same)
+	other[dedupeFileSize/2] ^= 0xff
+	if err := os.WriteFile(filepath.Join(dirA, "x"), other, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.Prepare(ctx, "b-active", ""); err != nil {
+		t.Fatal(err)
+	}
+	dirB := bindSource(ctx, t, s, "b-active")
+	writeFiles(t, dirB, map[string][]byte{"y": same})
+	full := usageOf(ctx, t, s, "b-active")
+	if err := s.Commit(ctx, "b", "b-active"); err != nil {
+		t.Fatal(err)
+	}
+	if sharesAny(t, filepath.Join(dirA, "x"), filepath.Join(dirB, "y")) {
+		t.Error("a file shared with one that differs")
+	}
+	assertContent(t, dirA, map[string][]byte{"x": other})
+	assertContent(t, dirB, map[string][]byte{"y": same})
+	if got := usageOf(ctx, t, s, "b"); got != full {
+		t.Errorf("usage of b %d, want its full %d", got, full)
+	}
+	var holders []indexEntry
+	if err := transact(ctx, s.ms, false, func(ctx context.Context) error {
+		ix, err := openIndex(ctx, false)
+		if err == nil {
+			f, _ := os.Open(filepath.Join(dirB, "y"))
+			defer f.Close()
+			h, _ := hashContent(f, dedupeFileSize)
+			holders, err = ix.holders(h)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if len(holders) != 1 || holders[0].Path != "y" || holders[0].Source != "" {
+		t.Errorf("index holds %+v for the content, want only b's copy, as its own source", holders)
+	}
+}
