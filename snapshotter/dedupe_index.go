@@ -40,8 +40,8 @@ var (
 // size. It only has to find candidates cheaply: FIDEDUPERANGE compares the
 // bytes, and a candidate that differs is hashed again before its entry is
 // dropped, so a collision costs one refused dedupe, never a wrong share
-// nor a lost entry. (A cryptographic hash took twice the time of the
-// whole dedupe of a layer here, on a loaded 2-core machine.)
+// nor a lost entry. (SHA-256 took 2-4x xxHash64's time here, and hashing
+// with it was a third of what dedupe added to a layer's Commit.)
 type contentHash [16]byte
 
 // indexEntry is one file of one layer in the index.
