@@ -84,7 +84,17 @@ type dedupeState struct {
 // setupDedupe decides whether dedupe runs, says so, and starts the
 // background worker. It runs in New, after recovery.
 func (s *Snapshotter) setupDedupe(ctx context.Context, cfg Config, f *overlayutil.Features) {
-	if err := s.update(ctx, pruneIndex); err != nil {
+	// Looked for in a read transaction: most starts find nothing, and
+	// need no write.
+	var gone []string
+	err := transact(ctx, s.ms, false, func(ctx context.Context) (err error) {
+		gone, err = goneLayers(ctx)
+		return err
+	})
+	if err == nil && len(gone) > 0 {
+		err = s.update(ctx, pruneIndex)
+	}
+	if err != nil {
 		log.G(ctx).WithError(err).Warn("failed to drop the dedupe index entries of removed layers")
 	}
 	d := &s.dedupe

@@ -379,21 +379,8 @@ func (ix dedupeIndex) isSource(h contentHash, id string) bool {
 // removed layers without dropping their entries, and the layers that
 // borrowed from them must count their blocks again.
 func pruneIndex(ctx context.Context) error {
-	ix, err := openIndex(ctx, false)
-	if err != nil || ix.done == nil {
-		return err
-	}
-	ids, err := idMap(ctx)
+	gone, err := goneLayers(ctx)
 	if err != nil {
-		return err
-	}
-	var gone []string
-	if err := ix.done.ForEach(func(k, _ []byte) error {
-		if _, ok := ids[string(k)]; !ok {
-			gone = append(gone, string(k))
-		}
-		return nil
-	}); err != nil {
 		return err
 	}
 	for _, id := range gone {
@@ -402,4 +389,24 @@ func pruneIndex(ctx context.Context) error {
 		}
 	}
 	return nil
+}
+
+// goneLayers lists the layers the index has and the metadata does not.
+func goneLayers(ctx context.Context) ([]string, error) {
+	ix, err := openIndex(ctx, false)
+	if err != nil || ix.done == nil {
+		return nil, err
+	}
+	ids, err := idMap(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var gone []string
+	err = ix.done.ForEach(func(k, _ []byte) error {
+		if _, ok := ids[string(k)]; !ok {
+			gone = append(gone, string(k))
+		}
+		return nil
+	})
+	return gone, err
 }
