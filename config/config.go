@@ -40,6 +40,12 @@ const (
 	DefaultUsageMaxAge = Duration(0)
 	// MinMaxSize is the smallest default_max_size (snapshotter.MinMaxSize).
 	MinMaxSize = 32 << 20
+	// DefaultDedupe is off until a node's images are known to share
+	// files across layers: a pass reads every indexed file once.
+	DefaultDedupe = "off"
+	// DefaultDedupeMinSize leaves out files of a block or two: each costs
+	// an index entry and a FIDEDUPERANGE to save at most that much.
+	DefaultDedupeMinSize = 16 << 10
 )
 
 // Config is the whole configuration file.
@@ -100,6 +106,20 @@ type Config struct {
 	// figures up to 30 s older. Size-limited snapshots answer from their
 	// image's counters and are never stale. Default "0s".
 	UsageMaxAge Duration `toml:"usage_max_age"`
+	// Dedupe makes identical files in different committed layers share
+	// their extents (FIDEDUPERANGE: the kernel compares the bytes and
+	// shares only what is equal), on filesystems that can (xfs with
+	// reflink=1, btrfs; elsewhere it stays off with a log line): "off",
+	// "commit" (in each Commit, after its metadata is recorded: Commit
+	// returns once the layer is deduped) or "background" (a worker
+	// dedupes committed layers one at a time, and at start those it has
+	// not seen). `overclone dedupe` does the layers committed before it
+	// was on. Default "off": it reads every file of every layer it
+	// indexes, and what it saves depends on the images a node holds.
+	Dedupe string `toml:"dedupe"`
+	// DedupeMinSize is the smallest file, in bytes, dedupe indexes.
+	// Default 16384.
+	DedupeMinSize int64 `toml:"dedupe_min_size"`
 	// DebugAddress serves Go's pprof on /debug/pprof/: a unix socket
 	// ("unix:///path") or a loopback "127.0.0.1:PORT" only. Default ""
 	// (off).
@@ -128,6 +148,8 @@ func Default() Config {
 		DiffService:       true,
 		ContainerdAddress: DefaultContainerdAddress,
 		UsageMaxAge:       DefaultUsageMaxAge,
+		Dedupe:            DefaultDedupe,
+		DedupeMinSize:     DefaultDedupeMinSize,
 	}
 }
 
@@ -210,6 +232,14 @@ func (c *Config) Validate() error {
 	}
 	if c.UsageMaxAge < 0 {
 		return fmt.Errorf("usage_max_age %s must not be negative", c.UsageMaxAge)
+	}
+	switch c.Dedupe {
+	case "off", "commit", "background":
+	default:
+		return fmt.Errorf("dedupe %q: want off, commit or background", c.Dedupe)
+	}
+	if c.DedupeMinSize < 0 {
+		return fmt.Errorf("dedupe_min_size %d must not be negative", c.DedupeMinSize)
 	}
 	if c.ShutdownTimeout < 0 {
 		return fmt.Errorf("shutdown_timeout %s must not be negative", c.ShutdownTimeout)

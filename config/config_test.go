@@ -41,6 +41,18 @@ func TestParse(t *testing.T) {
 		{name: "bad mode", toml: "mode = \"kernel\"\n", wantErr: "mode"},
 		{name: "max_stack of one", toml: "max_stack = 1\n", wantErr: "max_stack"},
 		{name: "empty root", toml: "root = \"\"\n", wantErr: "root must not be empty"},
+		{name: "dedupe off by default", toml: "", check: func(t *testing.T, c Config) {
+			if c.Dedupe != "off" || c.DedupeMinSize != 16<<10 {
+				t.Fatalf("dedupe %q min %d", c.Dedupe, c.DedupeMinSize)
+			}
+		}},
+		{name: "dedupe on", toml: "dedupe = \"background\"\ndedupe_min_size = 4096\n", check: func(t *testing.T, c Config) {
+			if c.Dedupe != "background" || c.DedupeMinSize != 4096 {
+				t.Fatalf("dedupe %q min %d", c.Dedupe, c.DedupeMinSize)
+			}
+		}},
+		{name: "bad dedupe", toml: "dedupe = \"always\"\n", wantErr: "dedupe \"always\""},
+		{name: "negative dedupe_min_size", toml: "dedupe_min_size = -1\n", wantErr: "dedupe_min_size"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c := Default()

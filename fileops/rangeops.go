@@ -9,10 +9,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// dedupeChunk bounds one FIDEDUPERANGE call: btrfs compares at most 16 MiB
-// per call and the kernel may stop early on any filesystem.
-const dedupeChunk = 16 << 20
-
 // rangeFiles are the two open ends of a range operation.
 type rangeFiles struct {
 	src, dst       int
@@ -261,31 +257,13 @@ func (s *Stack) DedupeRange(ctx context.Context, src string, srcOff int64, dst s
 	if err != nil || n == 0 {
 		return RangeResult{}, s.rangeErr("dedupe range", r, err)
 	}
-	var res RangeResult
-	for done := int64(0); done < n; {
-		if err := ctx.Err(); err != nil {
-			return res, err
-		}
-		arg := unix.FileDedupeRange{
-			Src_offset: uint64(srcOff + done),
-			Src_length: uint64(min(dedupeChunk, n-done)),
-			Info:       []unix.FileDedupeRangeInfo{{Dest_fd: int64(r.dst), Dest_offset: uint64(dstOff + done)}},
-		}
-		if err := unix.IoctlFileDedupeRange(r.src, &arg); err != nil {
-			if unsupported(err) {
-				err = fmt.Errorf("%w: %w", errors.ErrUnsupported, err)
-			}
-			return res, s.rangeErr("dedupe range", r, err)
-		}
-		info := arg.Info[0]
-		if info.Status < 0 {
-			return res, s.rangeErr("dedupe range", r, unix.Errno(-info.Status))
-		}
-		if info.Status == unix.FILE_DEDUPE_RANGE_DIFFERS || info.Bytes_deduped == 0 {
-			break
-		}
-		done += int64(info.Bytes_deduped)
-		res.Bytes, res.Cloned, res.Method = done, done, MethodReflink
+	shared, _, err := DedupeFiles(ctx, r.src, r.dst, srcOff, dstOff, n)
+	res := RangeResult{Bytes: shared, Cloned: shared}
+	if shared > 0 {
+		res.Method = MethodReflink
+	}
+	if err != nil {
+		return res, s.rangeErr("dedupe range", r, err)
 	}
 	return res, nil
 }

@@ -51,6 +51,7 @@ func probeAll(ctx context.Context, root string) (*Features, error) {
 	f.add(maxc)
 	f.maxLowers = depth
 	f.add(p.checkReflink())
+	f.add(p.checkDedupe())
 	f.add(p.checkIntercepts())
 	return f, nil
 }

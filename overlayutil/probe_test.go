@@ -115,7 +115,7 @@ func kernelTruth(t *testing.T, kind loopfs.Kind, depth int, lowerdirPlus bool) t
 	tr := truth{
 		ok: map[string]bool{
 			CheckUserXattrNeeded: false, CheckLowerdirPlus: lowerdirPlus,
-			CheckMaxLowers: true, CheckReflink: kind.Reflinks(),
+			CheckMaxLowers: true, CheckReflink: kind.Reflinks(), CheckDedupe: kind.Reflinks(),
 		},
 		reason: map[string]string{
 			CheckUserXattrNeeded: "trusted.overlay.* xattrs are writable",
@@ -134,6 +134,7 @@ func kernelTruth(t *testing.T, kind loopfs.Kind, depth int, lowerdirPlus bool) t
 	}
 	if !kind.Reflinks() {
 		tr.reason[CheckReflink] = "operation not supported"
+		tr.reason[CheckDedupe] = "operation not supported"
 	}
 	if tr.ok[CheckIntercepts] {
 		// A clone never crosses filesystems; within the overlay the
@@ -200,7 +201,7 @@ func TestProbeOnOverlay(t *testing.T) {
 		CheckMetacopy: "see check overlay",
 	}
 	for _, name := range []string{CheckOverlay, CheckMultipleLowers, CheckIndexOff, CheckRedirectDir,
-		CheckMetacopy, CheckVolatile, CheckIDMapped, CheckLowerdirPlus, CheckMaxLowers, CheckReflink, CheckIntercepts} {
+		CheckMetacopy, CheckVolatile, CheckIDMapped, CheckLowerdirPlus, CheckMaxLowers, CheckReflink, CheckDedupe, CheckIntercepts} {
 		ok[name] = false
 	}
 	// The kernel's own words, replayed through fsconfig.

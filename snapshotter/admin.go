@@ -54,7 +54,8 @@ func RegisterAdmin(srv *grpc.Server, s *Snapshotter) {
 				}
 				return &emptypb.Empty{}, nil
 			},
-		}},
+		}, adminSharing(s)},
+		Streams: []grpc.StreamDesc{adminDedupe(s)},
 	}, s)
 }
 

@@ -6,6 +6,7 @@ import (
 	"sync"
 
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	bolt "go.etcd.io/bbolt"
 )
 
 // update runs fn in a write transaction, which it may share with the
@@ -99,7 +100,7 @@ func (b *batcher) run(calls []*batchCall) {
 		calls = slices.Delete(slices.Clone(calls), failed, failed+1)
 	}
 	for _, c := range alone {
-		c.err = b.ms.WithTransaction(c.ctx, true, c.fn)
+		c.err = transact(c.ctx, b.ms, true, c.fn)
 		close(c.done)
 	}
 }
@@ -109,13 +110,16 @@ func (b *batcher) run(calls []*batchCall) {
 // the commit's result, which is every call's.
 func (b *batcher) try(calls []*batchCall) (int, error) {
 	if len(calls) == 1 {
-		return -1, b.ms.WithTransaction(calls[0].ctx, true, calls[0].fn)
+		return -1, transact(calls[0].ctx, b.ms, true, calls[0].fn)
 	}
 	// The transaction is the batch's, not one caller's: no caller's
 	// cancellation may roll back the others.
 	ctx, tx, err := b.ms.TransactionContext(context.WithoutCancel(calls[0].ctx), true)
 	if err != nil {
 		return -1, err
+	}
+	if btx, ok := tx.(*bolt.Tx); ok {
+		ctx = withBoltTx(ctx, btx)
 	}
 	for i, c := range calls {
 		if err := c.fn(ctx); err != nil {

@@ -68,6 +68,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 		return err
 	}
 	s.preflatten(ctx, id)
+	s.afterCommit(ctx, name, id)
 	return nil
 }
 

@@ -3,7 +3,8 @@
 // root as
 //
 //	ROOT/metadata.db           bolt metadata (containerd core/snapshots/storage),
-//	                           plus overclone's own bucket (the root's mode)
+//	                           plus overclone's own bucket (the root's mode,
+//	                           the dedupe index)
 //	ROOT/snapshots/<id>/fs     the snapshot's files: in overlay mode the layer's
 //	                           changes (overlay upperdir), in userspace mode its
 //	                           whole view

@@ -32,7 +32,8 @@ func (s *Snapshotter) Update(ctx context.Context, info snapshots.Info, fieldpath
 }
 
 // Usage returns what a snapshot takes on disk. For a committed snapshot it
-// is the figure Commit recorded; for an active one its upper is walked now,
+// is the figure Commit recorded, less what dedupe made it share with
+// another layer that counts it; for an active one its upper is walked now,
 // and only its upper: the layers below are counted by their own snapshots.
 func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, error) {
 	var (
@@ -40,9 +41,15 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 		info  snapshots.Info
 		usage snapshots.Usage
 	)
-	err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) error {
+	err := transact(ctx, s.ms, false, func(ctx context.Context) error {
 		var err error
-		id, info, usage, err = storage.GetInfo(ctx, key)
+		if id, info, usage, err = storage.GetInfo(ctx, key); err != nil {
+			return err
+		}
+		// What dedupe shares with another layer's copy is counted
+		// by that layer (dedupe_index.go).
+		ix, err := openIndex(ctx, false)
+		usage.Size = max(usage.Size-ix.borrowed(id), 0)
 		return err
 	})
 	if err != nil {

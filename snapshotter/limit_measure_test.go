@@ -61,12 +61,12 @@ func TestLimitMeasure(t *testing.T) {
 	if _, err := s.Prepare(ctx, "big", "", withMaxSize(2<<30)); err != nil {
 		t.Fatal(err)
 	}
-	writeFiles(t, bindSource(ctx, t, s, "big"), files)
+	writeSmallFiles(t, bindSource(ctx, t, s, "big"), files)
 	m, err := bi.Prepare(ctx, "big", "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	writeFiles(t, m[0].Source, files)
+	writeSmallFiles(t, m[0].Source, files)
 	syscall.Sync()
 	ours := timeCalls(t, 200, func() error { _, err := s.Usage(ctx, "big"); return err })
 	theirs := timeCalls(t, 5, func() error { _, err := bi.Usage(ctx, "big"); return err })
@@ -106,16 +106,16 @@ func TestLimitMeasure(t *testing.T) {
 		if _, err := s.Prepare(ctx, k, "", withMaxSize(MinMaxSize)); err != nil {
 			t.Fatal(err)
 		}
-		writeFiles(t, bindSource(ctx, t, s, k), each)
+		writeSmallFiles(t, bindSource(ctx, t, s, k), each)
 		if _, err := cached.Prepare(ctx, k, ""); err != nil {
 			t.Fatal(err)
 		}
-		writeFiles(t, bindSource(ctx, t, cached, k), each)
+		writeSmallFiles(t, bindSource(ctx, t, cached, k), each)
 		m, err := bi.Prepare(ctx, k, "")
 		if err != nil {
 			t.Fatal(err)
 		}
-		writeFiles(t, m[0].Source, each)
+		writeSmallFiles(t, m[0].Source, each)
 	}
 	syscall.Sync()
 	poll := func(sn snapshots.Snapshotter) time.Duration {
@@ -136,8 +136,8 @@ func TestLimitMeasure(t *testing.T) {
 		actives, each, limitedCPU, share(limitedCPU), cachedCPU, share(cachedCPU), builtinCPU, share(builtinCPU))
 }
 
-// writeFiles writes n files of 100 bytes under dir, 1000 per directory.
-func writeFiles(t *testing.T, dir string, n int) {
+// writeSmallFiles writes n files of 100 bytes under dir, 1000 per directory.
+func writeSmallFiles(t *testing.T, dir string, n int) {
 	t.Helper()
 	data := make([]byte, 100)
 	for i := range n {

@@ -49,7 +49,7 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 		if id, _, err = storage.Remove(ctx, key); err != nil {
 			return fmt.Errorf("remove snapshot %q: %w", key, err)
 		}
-		return nil
+		return dropLayer(ctx, id)
 	})
 	if err != nil {
 		return err

@@ -48,6 +48,10 @@ type Config struct {
 	// UsageMaxAge is how stale a polled Usage of an unlimited active
 	// snapshot may be; 0 walks on every call (see usagecache.go).
 	UsageMaxAge time.Duration
+	// Dedupe says when committed layers share extents (dedupe.go);
+	// DedupeMinSize is the smallest file it indexes.
+	Dedupe        DedupeMode
+	DedupeMinSize int64
 }
 
 // Opt configures a snapshotter.
@@ -142,6 +146,7 @@ type Snapshotter struct {
 	linked sync.Map
 
 	health healthState
+	dedupe dedupeState
 
 	// life ends when the snapshotter is aborted or closed. Work shared
 	// between calls (a flattened layer's build) runs under it rather than
@@ -271,6 +276,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 		log.G(ctx).WithError(err).Warn("failed to remove unused shifted copies")
 	}
 	remap, _ := RemapMechanism(mode, features)
+	s.setupDedupe(ctx, cfg, features)
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
 		WithField("max_stack", s.maxStack).WithField("remap_ids", remap).Info("overclone snapshotter ready")
 	logLimits(ctx, s.limits, s.defaultMaxSize)

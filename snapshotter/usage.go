@@ -8,11 +8,9 @@ import (
 	"path/filepath"
 	"syscall"
 	"time"
-	"unsafe"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	cfs "github.com/containerd/continuity/fs"
-	"golang.org/x/sys/unix"
 
 	"github.com/overclone/overclone/fileops"
 )
@@ -140,37 +138,6 @@ type fiemap struct {
 
 // unsharedBytes sums the extents of path that no other file shares.
 func unsharedBytes(path string) (int64, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return 0, err
-	}
-	defer f.Close()
-	var total int64
-	fm := &fiemap{}
-	for start := uint64(0); ; {
-		*fm = fiemap{Start: start, Length: ^uint64(0) - start, Flags: fiemapFlagSync, ExtentCount: fiemapBatch}
-		if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), fsIocFiemap, uintptr(unsafe.Pointer(fm))); errno != 0 {
-			if errno == unix.EOPNOTSUPP {
-				// No extent map (tmpfs): every block is its own.
-				var st unix.Stat_t
-				if err := unix.Fstat(int(f.Fd()), &st); err != nil {
-					return 0, err
-				}
-				return st.Blocks * 512, nil
-			}
-			return 0, fmt.Errorf("FIEMAP %s: %w", path, errno)
-		}
-		if fm.MappedExtents == 0 {
-			return total, nil
-		}
-		for _, e := range fm.Extents[:fm.MappedExtents] {
-			if e.Flags&fiemapExtentShared == 0 {
-				total += int64(e.Length)
-			}
-			if e.Flags&fiemapExtentLast != 0 {
-				return total, nil
-			}
-			start = e.Logical + e.Length
-		}
-	}
+	_, own, err := fileExtents(path)
+	return own, err
 }

@@ -97,6 +97,7 @@ func run(args []string) error {
 		snapshotter.WithSyncOnCommit(cfg.SyncOnCommit),
 		snapshotter.WithDefaultMaxSize(cfg.DefaultMaxSize),
 		snapshotter.WithUsageMaxAge(time.Duration(cfg.UsageMaxAge)),
+		snapshotter.WithDedupe(snapshotter.DedupeMode(cfg.Dedupe), cfg.DedupeMinSize),
 	}
 	if cfg.Volatile {
 		opts = append(opts, snapshotter.WithVolatile)

@@ -90,6 +90,11 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		}
 		fmt.Fprintf(stdout, "size limits: %s: %s\n", yesNo(limits.OK), limits.How)
 		fmt.Fprintf(stdout, "usage:       %s\n", usage)
+		if d := f.Get(overlayutil.CheckDedupe); d.OK {
+			fmt.Fprintln(stdout, "dedupe: layers can share extents here (config dedupe = \"commit\" or \"background\" turns it on)")
+		} else {
+			fmt.Fprintf(stdout, "dedupe: not on this filesystem (%s); a configured dedupe stays off\n", d.Reason)
+		}
 	}
 	if !f.CanServe() {
 		if !*asJSON {

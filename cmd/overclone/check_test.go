@@ -88,7 +88,7 @@ func TestCheckJSON(t *testing.T) {
 	if err := json.Unmarshal([]byte(stdout), &r); err != nil {
 		t.Fatalf("%v: %s", err, stdout)
 	}
-	if r.Root != root || r.BackingFS != "tmpfs" || r.Kernel == "" || !r.CanServe || r.MaxLowers != 500 || len(r.Checks) != 12 {
+	if r.Root != root || r.BackingFS != "tmpfs" || r.Kernel == "" || !r.CanServe || r.MaxLowers != 500 || len(r.Checks) != 13 {
 		t.Errorf("report = %+v", r)
 	}
 	// How user-namespaced snapshots are served follows the probe.

@@ -21,6 +21,7 @@ type command struct {
 var commands = map[string]command{
 	"check":   {"probe what overlayfs can do under the snapshotter root", runCheck},
 	"cp":      {"copy out of a snapshot, or into an active one, without mounting", runCp},
+	"dedupe":  {"share extents between identical files of committed layers not deduped yet", runDedupe},
 	"flatten": {"build the flattened layer of a committed snapshot's stack now", runFlatten},
 	"gc":      {"remove (or with --dry-run list) what no snapshot owns", runGC},
 	"health":  {"ask the daemon whether it serves (exit 0 if so)", runHealth},

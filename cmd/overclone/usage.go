@@ -12,10 +12,15 @@ import (
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	cfs "github.com/containerd/continuity/fs"
+
+	"github.com/overclone/overclone/snapshotter"
 )
 
-// runUsage lists every snapshot with its usage, as the daemon reports it,
-// and the flattened layers cached under the root.
+// runUsage lists every snapshot with its usage, as the daemon reports it
+// (what CRI sums: a layer deduped against another's copy does not count
+// it), the bytes of its own directory in extents shared with another file
+// and in extents of its own (FIEMAP), and the flattened layers cached
+// under the root.
 func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("usage", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -40,8 +45,9 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		return exitFail
 	}
 	sort.Slice(infos, func(i, j int) bool { return infos[i].Name < infos[j].Name })
+	sharing := askSharing(ctx, d, stderr)
 	tw := tabwriter.NewWriter(stdout, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "KEY\tKIND\tSIZE\tINODES\tPARENT")
+	fmt.Fprintln(tw, "KEY\tKIND\tSIZE\tSHARED\tEXCLUSIVE\tINODES\tPARENT")
 	var total int64
 	for _, info := range infos {
 		u, err := sn.Usage(ctx, info.Name)
@@ -50,7 +56,11 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			continue
 		}
 		total += u.Size
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\n", info.Name, info.Kind, humanBytes(u.Size), u.Inodes, info.Parent)
+		shared, excl := "-", "-"
+		if sh, ok := sharing[info.Name]; ok {
+			shared, excl = humanBytes(sh.Shared), humanBytes(sh.Exclusive)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%d\t%s\n", info.Name, info.Kind, humanBytes(u.Size), shared, excl, u.Inodes, info.Parent)
 	}
 	tw.Flush()
 	fmt.Fprintf(stdout, "%d snapshots, %s\n", len(infos), humanBytes(total))
@@ -68,6 +78,26 @@ func runUsage(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintf(stdout, "  %s: %s, %d inodes\n", f.Name(), humanBytes(u.Size), u.Inodes)
 	}
 	return exitOK
+}
+
+// askSharing asks the daemon for each snapshot's shared and exclusive
+// bytes (FIEMAP); a daemon that cannot answer leaves the columns empty.
+func askSharing(ctx context.Context, d daemonFlags, stderr io.Writer) map[string]snapshotter.SnapshotSharing {
+	conn, err := d.conn()
+	if err != nil {
+		return nil
+	}
+	defer conn.Close()
+	list, err := snapshotter.AskSharing(ctx, conn)
+	if err != nil {
+		fmt.Fprintf(stderr, "overclone usage: shared and exclusive bytes: %v\n", err)
+		return nil
+	}
+	out := make(map[string]snapshotter.SnapshotSharing, len(list))
+	for _, sh := range list {
+		out[sh.Key] = sh
+	}
+	return out
 }
 
 func humanBytes(n int64) string {

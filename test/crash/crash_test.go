@@ -18,6 +18,10 @@ import (
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/errdefs"
 
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/daemon"
 	"github.com/overclone/overclone/test/loopfs"
 )
@@ -82,6 +86,27 @@ var weights = [numOps]int{opPrepare: 30, opView: 8, opCommit: 22, opRemove: 20, 
 // metadata remains. OVERCLONE_CRASH_SEED replays a run;
 // OVERCLONE_CRASH_CONFIG is the daemon's TOML (e.g. mode = "userspace").
 func TestCrash(t *testing.T) {
+	runCrash(t, os.Getenv("OVERCLONE_CRASH_CONFIG"), minOps, minKills, false)
+}
+
+// TestCrashDedupe is TestCrash, shorter, with dedupe = "commit": every
+// layer also gets a copy of one of a few shared files, so that most
+// Commits dedupe against earlier layers and kills land in the middle of
+// FIDEDUPERANGE calls and of the index's transaction. Every committed
+// layer must still hold its bytes; at the end a dedupe pass finishes what
+// kills cut short, the layers are checked again, and some copies must
+// share their extents.
+func TestCrashDedupe(t *testing.T) {
+	runCrash(t, "dedupe = \"commit\"\ndedupe_min_size = 4096\n", dedupeOps, dedupeKills, true)
+}
+
+// dedupeOps and dedupeKills keep TestCrashDedupe to about half a minute.
+const (
+	dedupeOps   = 300
+	dedupeKills = 10
+)
+
+func runCrash(t *testing.T, config string, minOps, minKills int, shared bool) {
 	seed := uint64(time.Now().UnixNano())
 	if s := os.Getenv("OVERCLONE_CRASH_SEED"); s != "" {
 		var err error
@@ -96,8 +121,8 @@ func TestCrash(t *testing.T) {
 	// A filesystem of its own, so that each Commit's syncfs flushes only
 	// this test's writes, not the whole machine's.
 	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
-	d := daemon.Start(t, root, os.Getenv("OVERCLONE_CRASH_CONFIG"))
-	w := &workload{t: t, rng: rng, d: d, sn: d.Client(), model: map[string]*snap{}, uncertain: map[string]int{}}
+	d := daemon.Start(t, root, config)
+	w := &workload{t: t, rng: rng, d: d, sn: d.Client(), model: map[string]*snap{}, uncertain: map[string]int{}, shared: shared}
 
 	start := time.Now()
 	for w.ops < minOps || w.kills < minKills {
@@ -112,6 +137,9 @@ func TestCrash(t *testing.T) {
 	// on what the restarted daemon says.
 	w.crash(ctx)
 	lostBytes := w.verifyContent(ctx)
+	if shared {
+		lostBytes += w.finishDedupe(ctx)
+	}
 	c, ok := w.sn.(snapshots.Cleaner)
 	if !ok {
 		t.Fatal("the proxy client does not offer Cleanup")
@@ -147,6 +175,8 @@ type workload struct {
 	checked             int
 	byMethod            [numOps]int
 	uncertain           map[string]int
+	// shared: every new layer also holds a copy of a shared file.
+	shared bool
 }
 
 func (w *workload) methods() map[string]int {
@@ -326,7 +356,7 @@ func (w *workload) fill(ctx context.Context, key string) {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	files, err := writeFiles(w.rng, dir, strconv.Itoa(w.seq))
+	files, err := writeFiles(w.rng, dir, strconv.Itoa(w.seq), w.shared)
 	if err != nil {
 		w.t.Fatalf("write into %s: %v", dir, err)
 	}
@@ -534,4 +564,36 @@ func waitTrashEmpty(t *testing.T, root string) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// finishDedupe runs a dedupe pass for what kills cut short, checks every
+// layer again and that some committed copies share their extents, and
+// returns the bytes lost.
+func (w *workload) finishDedupe(ctx context.Context) int64 {
+	conn, err := grpc.NewClient("unix://"+w.d.Address, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	defer conn.Close()
+	sum, err := snapshotter.AskDedupe(ctx, conn, false, nil)
+	if err != nil {
+		w.t.Fatalf("dedupe pass after the last kill: %v", err)
+	}
+	lost := w.verifyContent(ctx)
+	sharing, err := snapshotter.AskSharing(ctx, conn)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	var committed, sharedBytes int64
+	for _, sh := range sharing {
+		if sh.Kind == snapshots.KindCommitted.String() {
+			committed++
+			sharedBytes += sh.Shared
+		}
+	}
+	w.t.Logf("final dedupe pass: %+v; %d committed layers hold %d shared bytes", sum, committed, sharedBytes)
+	if committed > int64(len(sharedSizes)) && sharedBytes == 0 {
+		w.t.Errorf("%d committed layers with copies of %d shared files share nothing", committed, len(sharedSizes))
+	}
+	return lost
 }

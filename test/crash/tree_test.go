@@ -28,8 +28,18 @@ const maxFileSize = 64 << 10
 
 // writeFiles writes a few random files (some in a new subdirectory) into
 // dir, an active snapshot's upper, and returns them.
-func writeFiles(rng *rand.Rand, dir string, tag string) (tree, error) {
+func writeFiles(rng *rand.Rand, dir string, tag string, shared bool) (tree, error) {
 	t := tree{}
+	if shared {
+		// One of a few contents every layer may hold, for dedupe.
+		data := sharedContent(rng.IntN(len(sharedSizes)))
+		rel := "shared-" + tag
+		if err := os.WriteFile(filepath.Join(dir, rel), data, 0o644); err != nil {
+			return nil, err
+		}
+		h := sha256.Sum256(data)
+		t[rel] = file{size: int64(len(data)), sum: hex.EncodeToString(h[:])}
+	}
 	n := 1 + rng.IntN(4)
 	for i := 0; i < n; i++ {
 		rel := fmt.Sprintf("%s-%d", tag, i)
@@ -173,4 +183,18 @@ func topLayer(mounts []mount.Mount) (dir string, whole bool, err error) {
 		}
 	}
 	return "", false, fmt.Errorf("no lowerdir in %v", m)
+}
+
+// sharedSizes are the shared files' sizes: big enough that a kill can
+// land while the kernel compares them, one with a partial last block.
+var sharedSizes = []int{256 << 10, 1 << 20, 1<<20 + 777}
+
+// sharedContent is shared file i's content, the same in every layer.
+func sharedContent(i int) []byte {
+	r := rand.New(rand.NewPCG(uint64(i), 17))
+	data := make([]byte, sharedSizes[i])
+	for j := range data {
+		data[j] = byte(r.Uint32())
+	}
+	return data
 }
