@@ -29,6 +29,8 @@ type deleter struct {
 	// the whole trash again, and what is already on its way must not
 	// pile up behind it once per collection.
 	pending map[string]struct{}
+	// moves holds the directories queued by move, not yet taken.
+	moves   map[string]struct{}
 	workers int
 }
 
@@ -39,7 +41,7 @@ type queued struct {
 }
 
 func newDeleter() *deleter {
-	d := &deleter{running: map[uint64]struct{}{}, pending: map[string]struct{}{}}
+	d := &deleter{running: map[uint64]struct{}{}, pending: map[string]struct{}{}, moves: map[string]struct{}{}}
 	d.cond = sync.NewCond(&d.mu)
 	return d
 }
@@ -66,7 +68,16 @@ func (d *deleter) move(dir, trashed string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.queueLocked(queued{path: trashed, from: dir})
+	d.moves[dir] = struct{}{}
 	d.startLocked()
+}
+
+// moving says whether dir was queued by move and not taken yet.
+func (d *deleter) moving(dir string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	_, ok := d.moves[dir]
+	return ok
 }
 
 func (d *deleter) queueLocked(q queued) {
@@ -93,6 +104,9 @@ func (d *deleter) work() {
 		q := d.queue[0]
 		d.queue = d.queue[1:]
 		d.running[q.seq] = struct{}{}
+		if q.from != "" {
+			delete(d.moves, q.from)
+		}
 		d.mu.Unlock()
 		q.delete()
 		d.mu.Lock()

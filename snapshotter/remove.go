@@ -230,7 +230,13 @@ func (s *Snapshotter) trashOrphans(ctx context.Context, ids map[string]string, f
 			if strings.HasPrefix(name, "new-") && !starting {
 				continue
 			}
-			log.G(ctx).WithField("path", filepath.Join(dir, name)).Info("removing directory that no snapshot owns")
+			if path := filepath.Join(s.root, dir, name); s.deletions.moving(path) {
+				// A Remove queued it and its move is still in the
+				// queue: taken here, with nothing to say.
+				log.G(ctx).WithField("path", filepath.Join(dir, name)).Debug("trashing removed snapshot's directory ahead of the deleter")
+			} else {
+				log.G(ctx).WithField("path", filepath.Join(dir, name)).Info("removing directory that no snapshot owns")
+			}
 			if _, err := s.trash(filepath.Join(s.root, dir, name)); err != nil {
 				return nil, err
 			}
