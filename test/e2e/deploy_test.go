@@ -124,14 +124,27 @@ func TestWaitScript(t *testing.T) {
 // containerd on) line for line, less their comments, and gives crictl the
 // templates TestCRI runs.
 func TestReadmeCRISnippets(t *testing.T) {
+	section := checkReadmeSnippets(t, "### containerd configuration for CRI", "config-v2.toml", "config-v3.toml")
+	for _, tmpl := range []string{imageFSTemplate, podStateTemplate} {
+		if !strings.Contains(section, "'"+tmpl+"'") {
+			t.Errorf("README's checks do not use the template TestCRI runs: %s", tmpl)
+		}
+	}
+}
+
+// checkReadmeSnippets checks that README's section under heading shows the
+// files names of deploy/containerd as its toml blocks, in order, line for
+// line less their comments, and returns the section.
+func checkReadmeSnippets(t *testing.T, heading string, names ...string) string {
+	t.Helper()
 	readme, err := os.ReadFile(filepath.Join(repoRoot(), "README.md"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	text := string(readme)
-	start := strings.Index(text, "### containerd configuration for CRI")
+	start := strings.Index(text, heading)
 	if start < 0 {
-		t.Fatal(`README has no "### containerd configuration for CRI"`)
+		t.Fatalf("README has no %q", heading)
 	}
 	section := text[start:]
 	if end := strings.Index(section[1:], "\n## "); end >= 0 {
@@ -148,7 +161,7 @@ func TestReadmeCRISnippets(t *testing.T) {
 		blocks = append(blocks, strings.TrimSpace(rest[:j]))
 		rest = rest[j:]
 	}
-	for i, name := range []string{"config-v2.toml", "config-v3.toml"} {
+	for i, name := range names {
 		b, err := os.ReadFile(filepath.Join(repoRoot(), "deploy", "containerd", name))
 		if err != nil {
 			t.Fatal(err)
@@ -162,17 +175,12 @@ func TestReadmeCRISnippets(t *testing.T) {
 				lines = append(lines, l)
 			}
 		}
-		want := strings.Join(lines, "\n")
 		if i >= len(blocks) {
-			t.Fatalf("README's CRI section has %d toml blocks, want one per snippet", len(blocks))
+			t.Fatalf("README's section %q has %d toml blocks, want one per snippet", heading, len(blocks))
 		}
-		if blocks[i] != want {
-			t.Errorf("README's block %d differs from deploy/containerd/%s less comments:\n%s\nwant:\n%s", i+1, name, blocks[i], want)
-		}
-	}
-	for _, tmpl := range []string{imageFSTemplate, podStateTemplate} {
-		if !strings.Contains(section, "'"+tmpl+"'") {
-			t.Errorf("README's checks do not use the template TestCRI runs: %s", tmpl)
+		if want := strings.Join(lines, "\n"); blocks[i] != want {
+			t.Errorf("README's block %d under %q differs from deploy/containerd/%s less comments:\n%s\nwant:\n%s", i+1, heading, name, blocks[i], want)
 		}
 	}
+	return section
 }

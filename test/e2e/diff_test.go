@@ -297,50 +297,5 @@ func getxattr(path, name string) (string, error) {
 // TestReadmeDiffSnippets checks that README's differ section shows the
 // shipped deploy/containerd/diff-*.toml line for line, less comments.
 func TestReadmeDiffSnippets(t *testing.T) {
-	readme, err := os.ReadFile(filepath.Join(repoRoot(), "README.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	const heading = "## Layers from a container's changes"
-	text := string(readme)
-	start := strings.Index(text, heading)
-	if start < 0 {
-		t.Fatalf("README has no %q", heading)
-	}
-	section := text[start:]
-	if end := strings.Index(section[1:], "\n## "); end >= 0 {
-		section = section[:end+1]
-	}
-	var blocks []string
-	for rest := section; ; {
-		i := strings.Index(rest, "```toml\n")
-		if i < 0 {
-			break
-		}
-		rest = rest[i+len("```toml\n"):]
-		j := strings.Index(rest, "```")
-		blocks = append(blocks, strings.TrimSpace(rest[:j]))
-		rest = rest[j:]
-	}
-	for i, name := range []string{"diff-v3.toml", "diff-v2.toml"} {
-		b, err := os.ReadFile(filepath.Join(repoRoot(), "deploy", "containerd", name))
-		if err != nil {
-			t.Fatal(err)
-		}
-		var lines []string
-		for _, l := range strings.Split(string(b), "\n") {
-			if c := strings.Index(l, "#"); c >= 0 {
-				l = l[:c]
-			}
-			if l = strings.TrimRight(l, " \t"); l != "" {
-				lines = append(lines, l)
-			}
-		}
-		if i >= len(blocks) {
-			t.Fatalf("README's differ section has %d toml blocks, want one per snippet", len(blocks))
-		}
-		if want := strings.Join(lines, "\n"); blocks[i] != want {
-			t.Errorf("README's block %d differs from deploy/containerd/%s less comments:\n%s\nwant:\n%s", i+1, name, blocks[i], want)
-		}
-	}
+	checkReadmeSnippets(t, "## Layers from a container's changes", "diff-v3.toml", "diff-v2.toml")
 }
