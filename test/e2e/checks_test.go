@@ -165,20 +165,7 @@ func (s *suite) restart(t *testing.T, p harness.Proxy) {
 		out := s.ctr(t, append([]string{"tasks", "exec", "--exec-id", execID, id}, o.Command(cmd, name)...)...)
 		return s.readView(t, o, name, out)
 	}
-	defer func() {
-		ctx, cancel := context.WithTimeout(context.Background(), ctrTimeout)
-		defer cancel()
-		_, _ = s.c.Ctr(ctx, "tasks", "kill", "-s", "SIGKILL", id)
-		for i := 0; i < 50; i++ {
-			if _, err := s.c.Ctr(ctx, "tasks", "rm", id); err == nil {
-				break
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-		if _, err := s.c.Ctr(ctx, "containers", "rm", id); err != nil {
-			t.Error(err)
-		}
-	}()
+	defer s.removeContainer(t, id)
 	s.requireRunning(t, id)
 	// The running container writes into its snapshot before, and reads
 	// it during and after overclone's restart.
@@ -384,5 +371,23 @@ func (s *suite) testImportLocal(t *testing.T) {
 			s.runView(t, sn, imageName, "local-"+sn, "")
 			s.removeImages(t)
 		})
+	}
+}
+
+// removeContainer kills the task of container id, waits for it to be gone
+// and removes the container (its snapshot with it).
+func (s *suite) removeContainer(t *testing.T, id string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), ctrTimeout)
+	defer cancel()
+	_, _ = s.c.Ctr(ctx, "tasks", "kill", "-s", "SIGKILL", id)
+	for i := 0; i < 50; i++ {
+		if _, err := s.c.Ctr(ctx, "tasks", "rm", id); err == nil {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	if _, err := s.c.Ctr(ctx, "containers", "rm", id); err != nil {
+		t.Error(err)
 	}
 }

@@ -153,20 +153,7 @@ func (s *suite) changeContainer(t *testing.T, id string) string {
 	o := s.viewerOut(t, id)
 	args := append([]string{"run", "-d"}, o.MountFlags()...)
 	s.ctr(t, append(args, "--snapshotter", harness.SnapshotterName, imageName, id, "/bin/viewer", "sleep")...)
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), ctrTimeout)
-		defer cancel()
-		_, _ = s.c.Ctr(ctx, "tasks", "kill", "-s", "SIGKILL", id)
-		for i := 0; i < 50; i++ {
-			if _, err := s.c.Ctr(ctx, "tasks", "rm", id); err == nil {
-				break
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-		if _, err := s.c.Ctr(ctx, "containers", "rm", id); err != nil {
-			t.Error(err)
-		}
-	})
+	t.Cleanup(func() { s.removeContainer(t, id) })
 	s.requireRunning(t, id)
 	exec := func(execID string, args ...string) string {
 		return s.ctr(t, append([]string{"tasks", "exec", "--exec-id", execID, id}, args...)...)
