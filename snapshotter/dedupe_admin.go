@@ -8,7 +8,6 @@ import (
 	"io"
 	"io/fs"
 	"os"
-	"path/filepath"
 	"sort"
 	"syscall"
 	"unsafe"
@@ -191,25 +190,7 @@ func (s *Snapshotter) Sharing(ctx context.Context) ([]SnapshotSharing, error) {
 // extentSplit sums the extents of dir's regular files into shared and
 // exclusive bytes (each inode once); other inodes' blocks are exclusive.
 func extentSplit(ctx context.Context, dir string) (shared, exclusive int64, err error) {
-	type inode struct{ dev, ino uint64 }
-	seen := map[inode]bool{}
-	err = filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		st := fi.Sys().(*syscall.Stat_t)
-		key := inode{uint64(st.Dev), st.Ino}
-		if seen[key] {
-			return nil
-		}
-		seen[key] = true
+	err = walkInodes(ctx, dir, func(path string, d fs.DirEntry, st *syscall.Stat_t) error {
 		if !d.Type().IsRegular() {
 			exclusive += st.Blocks * 512
 			return nil

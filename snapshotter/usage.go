@@ -73,26 +73,8 @@ const copiedMarker = "copied"
 // exclusiveUsage counts what dir does not share; regular files whose ctime
 // is before untouchedBefore are taken as wholly shared.
 func exclusiveUsage(ctx context.Context, dir string, untouchedBefore time.Time) (snapshots.Usage, error) {
-	type inode struct{ dev, ino uint64 }
-	seen := map[inode]struct{}{}
 	var u snapshots.Usage
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		fi, err := d.Info()
-		if err != nil {
-			return err
-		}
-		st := fi.Sys().(*syscall.Stat_t)
-		key := inode{uint64(st.Dev), st.Ino}
-		if _, ok := seen[key]; ok {
-			return nil
-		}
-		seen[key] = struct{}{}
+	err := walkInodes(ctx, dir, func(path string, d fs.DirEntry, st *syscall.Stat_t) error {
 		u.Inodes++
 		if !d.Type().IsRegular() {
 			u.Size += st.Blocks * 512
@@ -112,6 +94,32 @@ func exclusiveUsage(ctx context.Context, dir string, untouchedBefore time.Time) 
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
 	}
 	return u, nil
+}
+
+// walkInodes calls fn once for each inode under dir (a hard link's other
+// names are skipped), stopping when ctx is done.
+func walkInodes(ctx context.Context, dir string, fn func(path string, d fs.DirEntry, st *syscall.Stat_t) error) error {
+	type inode struct{ dev, ino uint64 }
+	seen := map[inode]struct{}{}
+	return filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		fi, err := d.Info()
+		if err != nil {
+			return err
+		}
+		st := fi.Sys().(*syscall.Stat_t)
+		key := inode{uint64(st.Dev), st.Ino}
+		if _, ok := seen[key]; ok {
+			return nil
+		}
+		seen[key] = struct{}{}
+		return fn(path, d, st)
+	})
 }
 
 // FIEMAP, from linux/fiemap.h and linux/fs.h; x/sys/unix has neither.
