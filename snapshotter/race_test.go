@@ -155,16 +155,7 @@ func TestRemoveCleanupCloseConcurrently(t *testing.T) {
 		}()
 	}
 	for range 2 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for time.Now().Before(stop) {
-				if err := s.Cleanup(ctx); err != nil {
-					t.Error(err)
-					return
-				}
-			}
-		}()
+		cleanupUntil(ctx, t, s, stop, &wg)
 	}
 	wg.Wait()
 	if err := s.Cleanup(ctx); err != nil {
@@ -335,16 +326,7 @@ func TestCleanupCreatesConcurrently(t *testing.T) {
 			}
 		}()
 	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for time.Now().Before(stop) {
-			if err := s.Cleanup(ctx); err != nil {
-				t.Error(err)
-				return
-			}
-		}
-	}()
+	cleanupUntil(ctx, t, s, stop, &wg)
 	wg.Wait()
 	if m := s.Missing(); len(m) != 0 {
 		t.Fatalf("snapshots called missing while they were made: %v", m)
@@ -377,4 +359,19 @@ func TestCleanupCreatesConcurrently(t *testing.T) {
 	if len(keys) < 20 {
 		t.Fatalf("only %d snapshots made: the test did not race anything", len(keys))
 	}
+}
+
+// cleanupUntil calls Cleanup over and over until stop, in a goroutine wg
+// waits for.
+func cleanupUntil(ctx context.Context, t *testing.T, s *Snapshotter, stop time.Time, wg *sync.WaitGroup) {
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for time.Now().Before(stop) {
+			if err := s.Cleanup(ctx); err != nil {
+				t.Error(err)
+				return
+			}
+		}
+	}()
 }
