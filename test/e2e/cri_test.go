@@ -142,17 +142,7 @@ func runCRI(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause stri
 	snippet, dir, cri := criDirs(t, f, snippetName, "oc-cri-")
 	var nodes []*criNode
 	var oc *harness.Overclone
-	t.Cleanup(func() {
-		for _, n := range nodes {
-			n.close(t)
-		}
-		stopOverclone(t, oc)
-		if err := harness.UnmountUnder(dir); err != nil {
-			t.Error(err)
-		}
-		_ = os.RemoveAll(dir)
-		removeCRICgroup(criCgroup)
-	})
+	cleanupCRI(t, dir, &nodes, &oc)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	for _, sub := range []string{"oc", "ctd-oc", "ctd-builtin"} {
@@ -659,4 +649,21 @@ func jsonUint(t *testing.T, v any) uint64 {
 	}
 	t.Fatalf("not a number: %v", v)
 	return 0
+}
+
+// cleanupCRI, when the test ends, closes the nodes and overclone the test
+// has started by then (it fills *nodes and *oc as it goes), and removes
+// dir with what is mounted under it and the pods' cgroup.
+func cleanupCRI(t *testing.T, dir string, nodes *[]*criNode, oc **harness.Overclone) {
+	t.Cleanup(func() {
+		for _, n := range *nodes {
+			n.close(t)
+		}
+		stopOverclone(t, *oc)
+		if err := harness.UnmountUnder(dir); err != nil {
+			t.Error(err)
+		}
+		_ = os.RemoveAll(dir)
+		removeCRICgroup(criCgroup)
+	})
 }

@@ -52,17 +52,7 @@ func TestCRIUserNamespace(t *testing.T) {
 	var tm harness.Timings
 	var nodes []*criNode
 	var oc *harness.Overclone
-	t.Cleanup(func() {
-		for _, n := range nodes {
-			n.close(t)
-		}
-		stopOverclone(t, oc)
-		if err := harness.UnmountUnder(dir); err != nil {
-			t.Error(err)
-		}
-		_ = os.RemoveAll(dir)
-		removeCRICgroup(criCgroup)
-	})
+	cleanupCRI(t, dir, &nodes, &oc)
 	// The containers' roots are mapped: runc, in their user namespace,
 	// must get through to the rootfs under containerd's state dir.
 	if err := os.Chmod(dir, 0o711); err != nil {
