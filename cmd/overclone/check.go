@@ -20,9 +20,11 @@ import (
 // checkReport is the --json form: the probe's findings and its verdicts.
 type checkReport struct {
 	*overlayutil.Features
-	CanServe   bool `json:"can_serve"`
-	Intercepts bool `json:"intercepts_file_ops"`
-	MaxLowers  int  `json:"max_lowers"`
+	// RootMissing: --root does not exist, and check did not create it.
+	RootMissing bool `json:"root_missing,omitempty"`
+	CanServe    bool `json:"can_serve"`
+	Intercepts  bool `json:"intercepts_file_ops"`
+	MaxLowers   int  `json:"max_lowers"`
 	// Mode is what --mode resolves to, and RemapIDs how that mode serves
 	// user-namespaced snapshots (empty when the mode cannot serve).
 	Mode        string `json:"mode,omitempty"`
@@ -54,7 +56,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintf(stderr, "overclone check: unexpected arguments %v\n", fs.Args())
 		return exitUsage
 	}
-	f, err := overlayutil.Probe(ctx, *root)
+	f, rootMissing, err := probeRoot(ctx, *root)
 	if err != nil {
 		fmt.Fprintf(stderr, "overclone check: %v\n", err)
 		return exitFail
@@ -68,7 +70,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	usage := snapshotter.UsageMechanism(limits, *usageMaxAge)
 	if *asJSON {
-		r := checkReport{Features: f, CanServe: f.CanServe(), Intercepts: f.Intercepts(), MaxLowers: f.MaxLowers(), SizeLimits: limits, Usage: usage}
+		r := checkReport{Features: f, RootMissing: rootMissing, CanServe: f.CanServe(), Intercepts: f.Intercepts(), MaxLowers: f.MaxLowers(), SizeLimits: limits, Usage: usage}
 		if modeErr == nil {
 			r.Mode = string(m)
 			r.RemapIDs, r.RemapIDsWhy = snapshotter.RemapMechanism(m, f)
@@ -81,6 +83,9 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		}
 	} else {
 		printChecks(stdout, f)
+		if rootMissing {
+			fmt.Fprintf(stdout, "\nroot %s does not exist yet: probed in a scratch dir on the filesystem the daemon would create it on, and left as it was\n", f.Root)
+		}
 		if modeErr != nil {
 			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, modeErr)
 		} else {

@@ -155,3 +155,38 @@ func TestCheckLimits(t *testing.T) {
 		}
 	}
 }
+
+// TestCheckLeavesMissingRootAlone: a --root that does not exist (a typo, or
+// a check before the daemon's first start) is probed on the filesystem it
+// would be made on, and neither it nor anything else is left behind.
+func TestCheckLeavesMissingRootAlone(t *testing.T) {
+	parent := loopfs.Mount(t, loopfs.Tmpfs)
+	root := filepath.Join(parent, "typo", "root")
+	code, stdout, stderr := run("check", "--root", root, "--json")
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	var r struct {
+		Root        string `json:"root"`
+		RootMissing bool   `json:"root_missing"`
+		BackingFS   string `json:"backing_fs"`
+	}
+	if err := json.Unmarshal([]byte(stdout), &r); err != nil {
+		t.Fatalf("%v: %s", err, stdout)
+	}
+	if r.Root != root || !r.RootMissing || r.BackingFS != "tmpfs" {
+		t.Errorf("report = %+v", r)
+	}
+	left, err := os.ReadDir(parent)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range left {
+		t.Errorf("check left %s in %s", e.Name(), parent)
+	}
+
+	code, stdout, _ = run("check", "--root", root)
+	if code != exitOK || !strings.Contains(stdout, "does not exist yet") {
+		t.Errorf("exit %d, text check does not say the root is missing:\n%s", code, stdout)
+	}
+}
