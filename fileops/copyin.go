@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"os"
-	"path/filepath"
 
 	"golang.org/x/sys/unix"
 )
@@ -17,7 +15,8 @@ import (
 // merged into. A new entry is built under a staging name and renamed into
 // place in one step; one that replaces a whiteout in the upper is made
 // opaque, as overlayfs does, so the names the whiteout hid stay hidden.
-// Overlay-private xattrs on host files are not carried in.
+// Overlay-private xattrs on host files are not carried in. Below hostSrc
+// the host tree is read through descriptors, never by name (hostEntry).
 //
 // The merged path is walked as ResolveFollow walks it, the last symlink
 // included, as open(2) on the mount would: a copy to /lib/x/f lands in
@@ -34,11 +33,12 @@ func (s *Stack) CopyIn(ctx context.Context, hostSrc, path string) (FlattenStats,
 	if !s.hasUpper {
 		return FlattenStats{}, fmt.Errorf("copy in %s: %w", path, ErrReadOnly)
 	}
-	hostSrc = filepath.Clean(hostSrc)
-	var hst unix.Stat_t
-	if err := unix.Lstat(hostSrc, &hst); err != nil {
+	src, err := openHostSource(hostSrc)
+	if err != nil {
 		return FlattenStats{}, fmt.Errorf("copy in %s: %w", hostSrc, err)
 	}
+	defer src.close()
+	hst := src.st
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	v := s.newView()
@@ -58,7 +58,7 @@ func (s *Stack) CopyIn(ctx context.Context, hostSrc, path string) (FlattenStats,
 	if _, name := parentName(r.canon); isStagingName(name) {
 		return FlattenStats{}, fmt.Errorf("copy in %s to %s: name reserved for staging: %w", hostSrc, r.canon, ErrInvalidPath)
 	}
-	err = c.copyIn(ctx, hostSrc, r.canon)
+	err = c.copyIn(ctx, src, r.canon)
 	return c.stats, err
 }
 
@@ -103,47 +103,33 @@ type inCopier struct {
 	links *linker
 }
 
-func (c *inCopier) copyIn(ctx context.Context, hostSrc, rel string) error {
-	var hst unix.Stat_t
-	if err := unix.Lstat(hostSrc, &hst); err != nil {
-		return fmt.Errorf("copy in %s: %w", hostSrc, err)
-	}
-	srcIsDir := hst.Mode&unix.S_IFMT == unix.S_IFDIR
+func (c *inCopier) copyIn(ctx context.Context, src *hostEntry, rel string) error {
+	srcIsDir := src.isDir()
 	e, err := c.v.resolve(rel)
 	switch {
 	case err == nil && e.Kind == KindDir:
 		if !srcIsDir {
-			return fmt.Errorf("copy in %s to %s: %w", hostSrc, rel, unix.EISDIR)
+			return fmt.Errorf("copy in %s to %s: %w", src.path, rel, unix.EISDIR)
 		}
 		if _, _, err := c.v.copyUp(ctx, rel); err != nil {
 			return err
 		}
-		ents, err := os.ReadDir(hostSrc)
-		if err != nil {
-			return fmt.Errorf("copy in %s: %w", hostSrc, err)
-		}
-		for _, de := range ents {
-			if isStagingName(de.Name()) {
-				return fmt.Errorf("copy in %s: name reserved for staging: %w", filepath.Join(hostSrc, de.Name()), ErrInvalidPath)
-			}
-			if err := c.copyIn(ctx, filepath.Join(hostSrc, de.Name()), joinRel(rel, de.Name())); err != nil {
-				return err
-			}
-		}
-		return nil
+		return src.eachChild(func(child *hostEntry) error {
+			return c.copyIn(ctx, child, joinRel(rel, child.name))
+		})
 	case err == nil && srcIsDir:
-		return fmt.Errorf("copy in %s to %s (a %s in layer %s): %w", hostSrc, rel, e.Kind, e.LayerDir, unix.ENOTDIR)
+		return fmt.Errorf("copy in %s to %s (a %s in layer %s): %w", src.path, rel, e.Kind, e.LayerDir, unix.ENOTDIR)
 	case err != nil && !errors.Is(err, fs.ErrNotExist):
-		return fmt.Errorf("copy in %s: %w", hostSrc, err)
+		return fmt.Errorf("copy in %s: %w", src.path, err)
 	}
 	if rel == "" {
-		return fmt.Errorf("copy in %s over the root: %w", hostSrc, unix.EINVAL)
+		return fmt.Errorf("copy in %s over the root: %w", src.path, unix.EINVAL)
 	}
 	if err := c.v.copyUpParents(ctx, rel); err != nil {
 		return err
 	}
 	return c.place(rel, srcIsDir, func(sd int, tmp string) (int, error) {
-		return c.copyHost(ctx, hostSrc, sd, tmp)
+		return c.copyHost(ctx, src, sd, tmp)
 	})
 }
 
@@ -254,7 +240,7 @@ func (c *inCopier) place(rel string, isDir bool, build func(sd int, tmp string) 
 // copyHost copies one host entry (recursively for a directory) to
 // dirfd/name, which must not exist, and returns the new entry open (or -1
 // if it made none), on error too, so that the caller can remove it.
-func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name string) (fd int, err error) {
+func (c *inCopier) copyHost(ctx context.Context, src *hostEntry, dirfd int, name string) (fd int, err error) {
 	fd = -1
 	if err := ctx.Err(); err != nil {
 		return fd, err
@@ -262,14 +248,11 @@ func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name str
 	defer func() {
 		var named *namedError
 		if err != nil && !errors.As(err, &named) {
-			err = &namedError{fmt.Errorf("copy in %s: %w", src, err)}
+			err = &namedError{fmt.Errorf("copy in %s: %w", src.path, err)}
 		}
 	}()
-	var st unix.Stat_t
-	if err := unix.Lstat(src, &st); err != nil {
-		return fd, err
-	}
-	xs, err := c.v.s.srcXattrs(src)
+	st := src.st
+	xs, err := c.v.s.srcXattrs(src.xattrPath())
 	if err != nil {
 		return fd, err
 	}
@@ -279,19 +262,13 @@ func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name str
 		if fd, err = makeNode(dirfd, name, &st, ""); err != nil {
 			return fd, err
 		}
-		ents, err := os.ReadDir(src)
+		err := src.eachChild(func(child *hostEntry) error {
+			cfd, err := c.copyHost(ctx, child, fd, child.name)
+			closeFD(cfd)
+			return err
+		})
 		if err != nil {
 			return fd, err
-		}
-		for _, de := range ents {
-			if isStagingName(de.Name()) {
-				return fd, fmt.Errorf("name reserved for staging: %w", ErrInvalidPath)
-			}
-			cfd, err := c.copyHost(ctx, filepath.Join(src, de.Name()), fd, de.Name())
-			closeFD(cfd)
-			if err != nil {
-				return fd, err
-			}
 		}
 		c.stats.Dirs++
 	case unix.S_IFREG:
@@ -301,7 +278,7 @@ func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name str
 				return fd, err
 			}
 		}
-		sfd, err := unix.Open(src, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		sfd, err := src.openData()
 		if err != nil {
 			return fd, err
 		}
@@ -327,7 +304,7 @@ func (c *inCopier) copyHost(ctx context.Context, src string, dirfd int, name str
 	default:
 		var target string
 		if st.Mode&unix.S_IFMT == unix.S_IFLNK {
-			if target, err = os.Readlink(src); err != nil {
+			if target, err = src.readlink(); err != nil {
 				return fd, err
 			}
 			c.stats.Symlinks++

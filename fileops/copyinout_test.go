@@ -175,3 +175,55 @@ func sprint(s []string) string {
 	}
 	return string(append(b, ']'))
 }
+
+// TestCopyInHostSwap: a host directory swapped for a symlink while CopyIn
+// reads it is copied as it was when opened. Nothing the link leads to
+// comes in: below the source CopyIn was given, no host name is resolved
+// twice.
+func TestCopyInHostSwap(t *testing.T) {
+	needRoot(t)
+	ctx := context.Background()
+	mnt := loopfs.Mount(t, loopfs.Tmpfs)
+	lower, upper := filepath.Join(mnt, "lower"), filepath.Join(mnt, "upper")
+	mustWrite(t, filepath.Join(lower, "keep"), []byte("lower"), 0o644)
+	if err := os.MkdirAll(upper, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	host := filepath.Join(mnt, "host")
+	mustWrite(t, filepath.Join(host, "tree/d/mine"), []byte("mine"), 0o644)
+	mustWrite(t, filepath.Join(mnt, "secret/key"), []byte("not for the container"), 0o600)
+
+	swapped := false
+	hostDirOpenedHook = func(p string) {
+		if p != filepath.Join(host, "tree/d") || swapped {
+			return
+		}
+		swapped = true
+		d := filepath.Join(host, "tree/d")
+		if err := os.Rename(d, d+".moved"); err != nil {
+			t.Error(err)
+		}
+		if err := os.Symlink(filepath.Join(mnt, "secret"), d); err != nil {
+			t.Error(err)
+		}
+	}
+	t.Cleanup(func() { hostDirOpenedHook = nil })
+
+	s, err := NewStack(upper, []string{lower})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CopyIn(ctx, filepath.Join(host, "tree"), "in"); err != nil {
+		t.Fatal(err)
+	}
+	if !swapped {
+		t.Fatal("the hook never saw tree/d")
+	}
+	merged := mountOverlay(t, "", []string{upper, lower}, "")
+	if got := string(readFile(t, filepath.Join(merged, "in/d/mine"))); got != "mine" {
+		t.Errorf("in/d/mine reads %q", got)
+	}
+	if _, err := os.Lstat(filepath.Join(merged, "in/d/key")); err == nil {
+		t.Error("the copy followed the swapped-in link: in/d/key is there")
+	}
+}
