@@ -74,15 +74,15 @@ func (p *imagePool) init(templates *imageTemplates, pinned int64) {
 
 // take moves a ready image of size to path and returns it, or nil when
 // there is none (a size not asked for lately, or one the pool has not
-// caught up with); either way it makes size the most recently asked for
-// and starts a refill.
+// caught up with); either way it makes size the most recently asked for.
+// The caller starts a refill once its Prepare is done: measured, a refill
+// started here took a core from the Prepare it was serving.
 func (p *imagePool) take(ctx context.Context, path string, size int64) *loopImage {
 	got, evicted := p.pop(size)
 	for _, r := range evicted {
 		r.img.close()
 		os.Remove(r.path)
 	}
-	p.refill(ctx)
 	if got.img == nil {
 		return nil
 	}
