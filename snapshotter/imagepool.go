@@ -45,6 +45,7 @@ type imagePool struct {
 
 	mu      sync.Mutex
 	sizes   []*pooledSize // most recently asked for first
+	retired []pooledImage // of sizes let go of, for the refill to release
 	filling bool
 	closed  bool
 	fills   sync.WaitGroup
@@ -78,11 +79,7 @@ func (p *imagePool) init(templates *imageTemplates, pinned int64) {
 // The caller starts a refill once its Prepare is done: measured, a refill
 // started here took a core from the Prepare it was serving.
 func (p *imagePool) take(ctx context.Context, path string, size int64) *loopImage {
-	got, evicted := p.pop(size)
-	for _, r := range evicted {
-		r.img.close()
-		os.Remove(r.path)
-	}
+	got := p.pop(size)
 	if got.img == nil {
 		return nil
 	}
@@ -99,12 +96,13 @@ func (p *imagePool) take(ctx context.Context, path string, size int64) *loopImag
 
 // pop takes a ready image of size, if any, and moves size to the front;
 // a size new to the pool may push out the least recently asked for, whose
-// images it returns for the caller to let go of outside the lock.
-func (p *imagePool) pop(size int64) (got pooledImage, evicted []pooledImage) {
+// images the refill lets go of: unmounting an ext4 costs milliseconds,
+// which are no Prepare's to pay.
+func (p *imagePool) pop(size int64) (got pooledImage) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
-		return pooledImage{}, nil
+		return pooledImage{}
 	}
 	i := slices.IndexFunc(p.sizes, func(ps *pooledSize) bool { return ps.size == size })
 	var ps *pooledSize
@@ -119,7 +117,7 @@ func (p *imagePool) pop(size int64) (got pooledImage, evicted []pooledImage) {
 			if p.sizes[j].size == p.pinned {
 				j--
 			}
-			evicted = p.sizes[j].ready
+			p.retired = append(p.retired, p.sizes[j].ready...)
 			p.sizes = slices.Delete(p.sizes, j, j+1)
 		}
 	}
@@ -127,7 +125,7 @@ func (p *imagePool) pop(size int64) (got pooledImage, evicted []pooledImage) {
 	if n := len(ps.ready); n > 0 {
 		got, ps.ready = ps.ready[n-1], ps.ready[:n-1]
 	}
-	return got, evicted
+	return got
 }
 
 // short is the pooled size asked for most recently that lacks images, or
@@ -141,12 +139,13 @@ func (p *imagePool) short() *pooledSize {
 	return nil
 }
 
-// refill makes images in the background until every pooled size has
-// poolSize ready, one at a time, the sizes asked for most recently first.
+// refill, in the background, lets go of the images of sizes pushed out,
+// then makes images until every pooled size has poolSize ready, one at a
+// time, the sizes asked for most recently first.
 func (p *imagePool) refill(ctx context.Context) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.filling || p.closed || p.short() == nil {
+	if p.filling || p.closed || (p.short() == nil && len(p.retired) == 0) {
 		return
 	}
 	p.filling = true
@@ -166,11 +165,20 @@ func (p *imagePool) refill(ctx context.Context) {
 		}
 		for {
 			p.mu.Lock()
+			retired := p.retired
+			p.retired = nil
+			p.mu.Unlock()
+			release(retired)
+			p.mu.Lock()
 			var ps *pooledSize
 			if !p.closed {
 				ps = p.short()
 			}
 			if ps == nil {
+				if len(p.retired) > 0 && !p.closed { // pushed out meanwhile
+					p.mu.Unlock()
+					continue
+				}
 				p.filling = false
 				p.mu.Unlock()
 				return
@@ -211,10 +219,17 @@ func (p *imagePool) close() {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	for _, ps := range p.sizes {
-		for _, r := range ps.ready {
-			r.img.close()
-			os.Remove(r.path)
-		}
+		release(ps.ready)
 	}
-	p.sizes = nil
+	release(p.retired)
+	p.sizes, p.retired = nil, nil
+}
+
+// release lets go of images: their mounts dissolve and their loop devices
+// clear, and their files go.
+func release(images []pooledImage) {
+	for _, r := range images {
+		r.img.close()
+		os.Remove(r.path)
+	}
 }

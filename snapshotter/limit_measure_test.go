@@ -70,12 +70,15 @@ func TestLimitMeasure(t *testing.T) {
 	syscall.Sync()
 	ours := timeCalls(t, 200, func() error { _, err := s.Usage(ctx, "big"); return err })
 	theirs := timeCalls(t, 5, func() error { _, err := bi.Usage(ctx, "big"); return err })
-	t.Logf("Usage, 100k files: overclone limited %v median, built-in walk %v median: %.0fx faster",
-		ours, theirs, float64(theirs)/float64(ours))
+	t.Logf("Usage, %d files: overclone limited %v median, built-in walk %v median: %.0fx faster",
+		files, ours, theirs, float64(theirs)/float64(ours))
 
 	// Prepare with and without a limit, interleaved, and Remove:
 	//   - cold: a label of a size not asked for before, which makes its
 	//     template (mkfs.ext4) and its image in the call;
+	//   - template only: a label of a size asked for before but since
+	//     pushed out of the pool by others (or before a restart): its
+	//     image is copied from its template and mounted in the call;
 	//   - warm: a label of one size (1 GiB) asked for again, whose images
 	//     the pool keeps ready once the first asked for it;
 	//   - default_max_size (1 GiB, pooled from the start, on a second
@@ -87,7 +90,7 @@ func TestLimitMeasure(t *testing.T) {
 	// weigh on the warm figures.
 	ctx, pooled := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(1<<30))
 	const rounds = 12 // cold sizes stay under maxTemplates
-	var cold, coldWithout, warm, fromPool, without, builtinPrepare, removeLimited, removePlain []time.Duration
+	var cold, coldWithout, tmplOnly, tmplWithout, warm, fromPool, without, builtinPrepare, removeLimited, removePlain []time.Duration
 	for i := range rounds {
 		k := strconv.Itoa(i)
 		time.Sleep(20 * time.Millisecond)
@@ -96,6 +99,17 @@ func TestLimitMeasure(t *testing.T) {
 			return err
 		}))
 		coldWithout = append(coldWithout, timeOnce(t, func() error { _, err := s.Prepare(ctx, "q"+k, ""); return err }))
+	}
+	// The pool now holds the last poolSizes cold sizes; the first ones
+	// have a template and nothing ready.
+	for i := range rounds - poolSizes {
+		k := strconv.Itoa(i)
+		time.Sleep(20 * time.Millisecond)
+		tmplOnly = append(tmplOnly, timeOnce(t, func() error {
+			_, err := s.Prepare(ctx, "t"+k, "", withMaxSize(1<<30+int64(i+1)<<20))
+			return err
+		}))
+		tmplWithout = append(tmplWithout, timeOnce(t, func() error { _, err := s.Prepare(ctx, "r"+k, ""); return err }))
 	}
 	if _, err := s.Prepare(ctx, "first-of-1g", "", withMaxSize(1<<30)); err != nil {
 		t.Fatal(err)
@@ -116,8 +130,9 @@ func TestLimitMeasure(t *testing.T) {
 	ratio := func(ds []time.Duration) string {
 		return fmt.Sprintf("%v (%.1fx)", median(ds), float64(median(ds))/float64(median(without)))
 	}
-	t.Logf("Prepare: overclone with a label of a new size (cold) %v (%.1fx overclone's %v without, in the same rounds); of a size asked for before (warm, pooled) %s, with default_max_size (pooled) %s, without %v, built-in %v; Remove: with a limit %v, without %v",
+	t.Logf("Prepare: overclone with a label of a new size (cold) %v (%.1fx overclone's %v without, in the same rounds); of a size with a template, not pooled %v (%.1fx %v without); of a size asked for before (warm, pooled) %s, with default_max_size (pooled) %s, without %v, built-in %v; Remove: with a limit %v, without %v",
 		median(cold), float64(median(cold))/float64(median(coldWithout)), median(coldWithout),
+		median(tmplOnly), float64(median(tmplOnly))/float64(median(tmplWithout)), median(tmplWithout),
 		ratio(warm), ratio(fromPool), median(without), median(builtinPrepare), median(removeLimited), median(removePlain))
 	if os.Getenv(measureEnv) == "prepare" {
 		return
