@@ -447,7 +447,8 @@ func TestLimitCrashAfterRemove(t *testing.T) {
 
 // TestLimitTemplates: images of one size are copies of one template; past
 // maxTemplates sizes, an image is formatted for its Prepare and works
-// the same; a half-made template left by a crash goes at the next start.
+// the same; a half-made template left by a crash, and a template of an
+// older version, go at the next start.
 func TestLimitTemplates(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
@@ -477,11 +478,15 @@ func TestLimitTemplates(t *testing.T) {
 		t.Fatal(err)
 	}
 	half := filepath.Join(root, templatesDir, "ext4-"+templateVersion+"-1.new-123")
-	if err := os.WriteFile(half, nil, 0o600); err != nil {
-		t.Fatal(err)
+	older := filepath.Join(root, templatesDir, "ext4-v1-"+strconv.Itoa(testLimit)) // laid out no dirs
+	for _, p := range []string{half, older} {
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
 	openTest(t, root)
 	gone(t, half)
+	gone(t, older)
 }
 
 // TestLimitLostRename: a power cut that lost a limited snapshot's rename
