@@ -184,6 +184,13 @@ func (p *imagePool) refill(ctx context.Context) {
 				return
 			}
 			p.mu.Unlock()
+			// The size's template first: the first Prepare of a size
+			// leaves it to this (template.go).
+			if _, err := p.templates.ensure(ctx, ps.size); err != nil {
+				log.G(ctx).WithError(err).WithField("size", ps.size).Warn("failed to make an image template: limited Prepares format their own")
+				stop()
+				return
+			}
 			path := filepath.Join(p.dir, "pool-"+strconv.FormatInt(time.Now().UnixNano(), 36)+"-"+strconv.FormatUint(poolSeq.Add(1), 36))
 			img, err := makeImage(ctx, p.templates, path, ps.size)
 			if err != nil {

@@ -445,7 +445,8 @@ func TestLimitCrashAfterRemove(t *testing.T) {
 	noImagesLeft(t, root)
 }
 
-// TestLimitTemplates: images of one size are copies of one template; past
+// TestLimitTemplates: images of one size are copies of one template, made
+// after the first Prepare of the size formatted its own image; past
 // maxTemplates sizes, an image is formatted for its Prepare and works
 // the same; a half-made template left by a crash, and a template of an
 // older version, go at the next start.
@@ -459,6 +460,9 @@ func TestLimitTemplates(t *testing.T) {
 			if _, err := s.Prepare(ctx, fmt.Sprintf("c%d-%d", i, j), "", withMaxSize(size)); err != nil {
 				t.Fatal(err)
 			}
+			// The first formats its own; the refill after it makes the
+			// template, which the second is a copy of.
+			s.pool.wait()
 		}
 		if i == maxTemplates+1 {
 			// Formatted on the spot: the limit still holds.
