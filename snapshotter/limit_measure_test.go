@@ -83,44 +83,49 @@ func TestLimitMeasure(t *testing.T) {
 	//     the pool keeps ready once the first asked for it;
 	//   - default_max_size (1 GiB, pooled from the start, on a second
 	//     snapshotter).
-	// A container start is not a Prepare every millisecond: each round
-	// waits 20 ms, as a node's pace would let the pool refill. The cold
-	// rounds come first, on their own: each starts a refill of its new
-	// size (two images made in the background), which would otherwise
-	// weigh on the warm figures.
+	// A container start is not a Prepare every millisecond: each timed
+	// Prepare starts with the pools caught up (no refill running), as a
+	// node's pace would let them, and the Prepare without a limit of the
+	// same round comes first, so that no refill weighs on it either.
 	ctx, pooled := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(1<<30))
+	settle := func() { s.pool.wait(); pooled.pool.wait() }
 	const rounds = 12 // cold sizes stay under maxTemplates
 	var cold, coldWithout, tmplOnly, tmplWithout, warm, fromPool, without, builtinPrepare, removeLimited, removePlain []time.Duration
 	for i := range rounds {
 		k := strconv.Itoa(i)
-		time.Sleep(20 * time.Millisecond)
+		settle()
+		coldWithout = append(coldWithout, timeOnce(t, func() error { _, err := s.Prepare(ctx, "q"+k, ""); return err }))
 		cold = append(cold, timeOnce(t, func() error {
 			_, err := s.Prepare(ctx, "n"+k, "", withMaxSize(1<<30+int64(i+1)<<20))
 			return err
 		}))
-		coldWithout = append(coldWithout, timeOnce(t, func() error { _, err := s.Prepare(ctx, "q"+k, ""); return err }))
 	}
 	// The pool now holds the last poolSizes cold sizes; the first ones
 	// have a template and nothing ready.
 	for i := range rounds - poolSizes {
 		k := strconv.Itoa(i)
-		time.Sleep(20 * time.Millisecond)
+		size := 1<<30 + int64(i+1)<<20
+		settle()
+		if _, err := os.Lstat(s.templates.path(size)); err != nil {
+			t.Fatalf("size %d has no template: %v", size, err)
+		}
+		tmplWithout = append(tmplWithout, timeOnce(t, func() error { _, err := s.Prepare(ctx, "r"+k, ""); return err }))
 		tmplOnly = append(tmplOnly, timeOnce(t, func() error {
-			_, err := s.Prepare(ctx, "t"+k, "", withMaxSize(1<<30+int64(i+1)<<20))
+			_, err := s.Prepare(ctx, "t"+k, "", withMaxSize(size))
 			return err
 		}))
-		tmplWithout = append(tmplWithout, timeOnce(t, func() error { _, err := s.Prepare(ctx, "r"+k, ""); return err }))
 	}
 	if _, err := s.Prepare(ctx, "first-of-1g", "", withMaxSize(1<<30)); err != nil {
 		t.Fatal(err)
 	}
 	for i := range rounds {
 		k := strconv.Itoa(i)
-		time.Sleep(20 * time.Millisecond)
-		warm = append(warm, timeOnce(t, func() error { _, err := s.Prepare(ctx, "l"+k, "", withMaxSize(1<<30)); return err }))
-		fromPool = append(fromPool, timeOnce(t, func() error { _, err := pooled.Prepare(ctx, "d"+k, ""); return err }))
+		settle()
 		without = append(without, timeOnce(t, func() error { _, err := s.Prepare(ctx, "p"+k, ""); return err }))
 		builtinPrepare = append(builtinPrepare, timeOnce(t, func() error { _, err := bi.Prepare(ctx, "p"+k, ""); return err }))
+		warm = append(warm, timeOnce(t, func() error { _, err := s.Prepare(ctx, "l"+k, "", withMaxSize(1<<30)); return err }))
+		settle()
+		fromPool = append(fromPool, timeOnce(t, func() error { _, err := pooled.Prepare(ctx, "d"+k, ""); return err }))
 	}
 	for i := range rounds {
 		k := strconv.Itoa(i)
