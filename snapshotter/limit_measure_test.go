@@ -17,7 +17,8 @@ import (
 )
 
 // measureEnv asks for TestLimitMeasure: it makes 300k files and 200 loop
-// mounts, about two minutes of both cores, so it runs on request only.
+// mounts, about two minutes of both cores, so it runs on request only;
+// "prepare" gives the Prepare figures alone, in seconds.
 const measureEnv = "OVERCLONE_MEASURE_LIMITS"
 
 // TestLimitMeasure measures, in one run and side by side with
@@ -28,7 +29,9 @@ const measureEnv = "OVERCLONE_MEASURE_LIMITS"
 //   - Usage of an active snapshot holding 100k small files: overclone's
 //     limited one (its image's statfs) against the built-in's walk;
 //   - Prepare with a limit against Prepare without (overclone's and the
-//     built-in's), and Remove with a limit;
+//     built-in's): a size never asked for (cold), one with a template
+//     but no image ready, one asked for before (warm, pooled) and
+//     default_max_size (pooled); and Remove with a limit;
 //   - the CPU one poll of 200 actives' Usage costs, as a share of one core
 //     if repeated every 10 s as CRI does: overclone limited, overclone
 //     unlimited with usage_max_age 30s (one walk in three polls), and the
