@@ -61,7 +61,11 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}()
-	// A size limit's image is made and mounted detached (limit.go).
+	// A size limit's image is made and mounted detached (limit.go); the
+	// pool makes up for it after this call (last of the defers).
+	if limit > 0 {
+		defer s.pool.refill(ctx)
+	}
 	img, err := s.prepareLimit(ctx, td, limit)
 	if err != nil {
 		return nil, err

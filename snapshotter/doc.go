@@ -12,7 +12,9 @@
 //	ROOT/snapshots/<id>/image  a size-limited active's ext4 image, loop-mounted
 //	                           on snapshots/<id> itself, so that its fs and
 //	                           work are inside it (loopimage.go)
-//	ROOT/images/               formatted image templates, one per limit size
+//	ROOT/images/               ext4-*: formatted image templates, one per
+//	                           limit size (template.go); pool-*: images kept
+//	                           ready, mounted detached (imagepool.go)
 //	ROOT/l/<base36 id>         short links to ../snapshots/<id>/fs, made for
 //	                           stacks too deep for their plain paths to fit
 //	                           in the one-page lowerdir= option

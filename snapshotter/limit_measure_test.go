@@ -17,7 +17,8 @@ import (
 )
 
 // measureEnv asks for TestLimitMeasure: it makes 300k files and 200 loop
-// mounts, about two minutes of both cores, so it runs on request only.
+// mounts, about two minutes of both cores, so it runs on request only;
+// "prepare" gives the Prepare figures alone, in seconds.
 const measureEnv = "OVERCLONE_MEASURE_LIMITS"
 
 // TestLimitMeasure measures, in one run and side by side with
@@ -28,7 +29,9 @@ const measureEnv = "OVERCLONE_MEASURE_LIMITS"
 //   - Usage of an active snapshot holding 100k small files: overclone's
 //     limited one (its image's statfs) against the built-in's walk;
 //   - Prepare with a limit against Prepare without (overclone's and the
-//     built-in's), and Remove with a limit;
+//     built-in's): a size never asked for (cold), one with a template
+//     but no image ready, one asked for before (warm, pooled) and
+//     default_max_size (pooled); and Remove with a limit;
 //   - the CPU one poll of 200 actives' Usage costs, as a share of one core
 //     if repeated every 10 s as CRI does: overclone limited, overclone
 //     unlimited with usage_max_age 30s (one walk in three polls), and the
@@ -56,7 +59,7 @@ func TestLimitMeasure(t *testing.T) {
 	// Usage of 100k files.
 	files := 100_000
 	if os.Getenv(measureEnv) == "prepare" {
-		files = 1000 // the Prepare figures alone, quickly
+		files = 1000 // the Prepare figures, quickly, and no poll
 	}
 	if _, err := s.Prepare(ctx, "big", "", withMaxSize(2<<30)); err != nil {
 		t.Fatal(err)
@@ -70,33 +73,78 @@ func TestLimitMeasure(t *testing.T) {
 	syscall.Sync()
 	ours := timeCalls(t, 200, func() error { _, err := s.Usage(ctx, "big"); return err })
 	theirs := timeCalls(t, 5, func() error { _, err := bi.Usage(ctx, "big"); return err })
-	t.Logf("Usage, 100k files: overclone limited %v median, built-in walk %v median: %.0fx faster",
-		ours, theirs, float64(theirs)/float64(ours))
+	t.Logf("Usage, %d files: overclone limited %v median, built-in walk %v median: %.0fx faster",
+		files, ours, theirs, float64(theirs)/float64(ours))
 
-	// Prepare with and without a limit, interleaved, and Remove: a 1 GiB
-	// label (its image made in the call) and default_max_size (an image
-	// from the pool, on a second snapshotter). A container start is not
-	// a Prepare every millisecond: each round waits 20 ms, as a node's
-	// pace would let the pool refill.
+	// Prepare with and without a limit, interleaved, and Remove:
+	//   - cold: a label of a size not asked for before, which makes its
+	//     template (mkfs.ext4) and its image in the call;
+	//   - template only: a label of a size asked for before but since
+	//     pushed out of the pool by others (or before a restart): its
+	//     image is copied from its template and mounted in the call;
+	//   - warm: a label of one size (1 GiB) asked for again, whose images
+	//     the pool keeps ready once the first asked for it;
+	//   - default_max_size (1 GiB, pooled from the start, on a second
+	//     snapshotter).
+	// A container start is not a Prepare every millisecond: each timed
+	// Prepare starts with the pools caught up (no refill running), as a
+	// node's pace would let them, and the Prepare without a limit of the
+	// same round comes first, so that no refill weighs on it either.
 	ctx, pooled := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(1<<30))
-	var withLimit, fromPool, without, builtinPrepare, removeLimited, removePlain []time.Duration
-	for i := range 20 {
+	settle := func() { s.pool.wait(); pooled.pool.wait() }
+	const rounds = 12 // cold sizes stay under maxTemplates
+	var cold, coldWithout, tmplOnly, tmplWithout, warm, fromPool, without, builtinPrepare, removeLimited, removePlain []time.Duration
+	for i := range rounds {
 		k := strconv.Itoa(i)
-		time.Sleep(20 * time.Millisecond)
-		withLimit = append(withLimit, timeOnce(t, func() error { _, err := s.Prepare(ctx, "l"+k, "", withMaxSize(1<<30)); return err }))
-		fromPool = append(fromPool, timeOnce(t, func() error { _, err := pooled.Prepare(ctx, "d"+k, ""); return err }))
+		settle()
+		coldWithout = append(coldWithout, timeOnce(t, func() error { _, err := s.Prepare(ctx, "q"+k, ""); return err }))
+		cold = append(cold, timeOnce(t, func() error {
+			_, err := s.Prepare(ctx, "n"+k, "", withMaxSize(1<<30+int64(i+1)<<20))
+			return err
+		}))
+	}
+	// The pool now holds the last poolSizes cold sizes; the first ones
+	// have a template and nothing ready.
+	for i := range rounds - poolSizes {
+		k := strconv.Itoa(i)
+		size := 1<<30 + int64(i+1)<<20
+		settle()
+		if _, err := os.Lstat(s.templates.path(size)); err != nil {
+			t.Fatalf("size %d has no template: %v", size, err)
+		}
+		tmplWithout = append(tmplWithout, timeOnce(t, func() error { _, err := s.Prepare(ctx, "r"+k, ""); return err }))
+		tmplOnly = append(tmplOnly, timeOnce(t, func() error {
+			_, err := s.Prepare(ctx, "t"+k, "", withMaxSize(size))
+			return err
+		}))
+	}
+	if _, err := s.Prepare(ctx, "first-of-1g", "", withMaxSize(1<<30)); err != nil {
+		t.Fatal(err)
+	}
+	for i := range rounds {
+		k := strconv.Itoa(i)
+		settle()
 		without = append(without, timeOnce(t, func() error { _, err := s.Prepare(ctx, "p"+k, ""); return err }))
 		builtinPrepare = append(builtinPrepare, timeOnce(t, func() error { _, err := bi.Prepare(ctx, "p"+k, ""); return err }))
+		warm = append(warm, timeOnce(t, func() error { _, err := s.Prepare(ctx, "l"+k, "", withMaxSize(1<<30)); return err }))
+		settle()
+		fromPool = append(fromPool, timeOnce(t, func() error { _, err := pooled.Prepare(ctx, "d"+k, ""); return err }))
 	}
-	for i := range 20 {
+	for i := range rounds {
 		k := strconv.Itoa(i)
 		removeLimited = append(removeLimited, timeOnce(t, func() error { return s.Remove(ctx, "l"+k) }))
 		removePlain = append(removePlain, timeOnce(t, func() error { return s.Remove(ctx, "p"+k) }))
 	}
-	t.Logf("Prepare: overclone with a 1 GiB label %v (%.1fx), with a 1 GiB default_max_size (pooled) %v (%.1fx), without %v, built-in %v; Remove: with a limit %v, without %v",
-		median(withLimit), float64(median(withLimit))/float64(median(without)),
-		median(fromPool), float64(median(fromPool))/float64(median(without)),
-		median(without), median(builtinPrepare), median(removeLimited), median(removePlain))
+	ratio := func(ds []time.Duration) string {
+		return fmt.Sprintf("%v (%.1fx)", median(ds), float64(median(ds))/float64(median(without)))
+	}
+	t.Logf("Prepare: overclone with a label of a new size (cold) %v (%.1fx overclone's %v without, in the same rounds); of a size with a template, not pooled %v (%.1fx %v without); of a size asked for before (warm, pooled) %s, with default_max_size (pooled) %s, without %v, built-in %v; Remove: with a limit %v, without %v",
+		median(cold), float64(median(cold))/float64(median(coldWithout)), median(coldWithout),
+		median(tmplOnly), float64(median(tmplOnly))/float64(median(tmplWithout)), median(tmplWithout),
+		ratio(warm), ratio(fromPool), median(without), median(builtinPrepare), median(removeLimited), median(removePlain))
+	if os.Getenv(measureEnv) == "prepare" {
+		return
+	}
 
 	// A poll of 200 actives, 500 files each.
 	const actives, each = 200, 500

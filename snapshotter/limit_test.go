@@ -445,9 +445,11 @@ func TestLimitCrashAfterRemove(t *testing.T) {
 	noImagesLeft(t, root)
 }
 
-// TestLimitTemplates: images of one size are copies of one template; past
+// TestLimitTemplates: images of one size are copies of one template, made
+// after the first Prepare of the size formatted its own image; past
 // maxTemplates sizes, an image is formatted for its Prepare and works
-// the same; a half-made template left by a crash goes at the next start.
+// the same; a half-made template left by a crash, and a template of an
+// older version, go at the next start.
 func TestLimitTemplates(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
@@ -458,6 +460,9 @@ func TestLimitTemplates(t *testing.T) {
 			if _, err := s.Prepare(ctx, fmt.Sprintf("c%d-%d", i, j), "", withMaxSize(size)); err != nil {
 				t.Fatal(err)
 			}
+			// The first formats its own; the refill after it makes the
+			// template, which the second is a copy of.
+			s.pool.wait()
 		}
 		if i == maxTemplates+1 {
 			// Formatted on the spot: the limit still holds.
@@ -470,18 +475,22 @@ func TestLimitTemplates(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(templates) != maxTemplates {
-		t.Fatalf("%d templates for %d sizes, want %d", len(templates), maxTemplates+2, maxTemplates)
+	if n := templateCount(templates); n != maxTemplates { // the dir also holds pooled images
+		t.Fatalf("%d templates for %d sizes, want %d", n, maxTemplates+2, maxTemplates)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
 	half := filepath.Join(root, templatesDir, "ext4-"+templateVersion+"-1.new-123")
-	if err := os.WriteFile(half, nil, 0o600); err != nil {
-		t.Fatal(err)
+	older := filepath.Join(root, templatesDir, "ext4-v1-"+strconv.Itoa(testLimit)) // laid out no dirs
+	for _, p := range []string{half, older} {
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
 	}
 	openTest(t, root)
 	gone(t, half)
+	gone(t, older)
 }
 
 // TestLimitLostRename: a power cut that lost a limited snapshot's rename
@@ -554,6 +563,100 @@ func TestLimitPool(t *testing.T) {
 	}
 	openTest(t, root)
 	gone(t, left)
+}
+
+// TestLimitPoolSizes: a label's size is pooled once asked for, so the
+// next Prepares of it take ready images (the pool, refilled, shrinks by
+// one per Prepare); at most poolSizes sizes are pooled, the default
+// always, and a size pushed out lets go of its images (no file, no loop
+// device left); Close lets go of the rest.
+func TestLimitPoolSizes(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	ready := func(size int64) int {
+		s.pool.mu.Lock()
+		defer s.pool.mu.Unlock()
+		for _, ps := range s.pool.sizes {
+			if ps.size == size {
+				return len(ps.ready)
+			}
+		}
+		return -1 // not pooled
+	}
+	prepare := func(key string, size int64) {
+		t.Helper()
+		if _, err := s.Prepare(ctx, key, "", withMaxSize(size)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	labelled := int64(testLimit + 4<<20)
+	if n := ready(labelled); n != -1 {
+		t.Fatalf("a size nobody asked for is pooled (%d ready)", n)
+	}
+	prepare("first", labelled) // makes its own image, and asks for more
+	s.pool.wait()
+	if n := ready(labelled); n != poolSize {
+		t.Fatalf("after the first Prepare of a size, %d of it ready; want %d", n, poolSize)
+	}
+	// Taken one after another, with no refill finished in between: the
+	// count shows each came from the pool.
+	s.pool.mu.Lock() // hold refills back between the two takes
+	s.pool.filling = true
+	s.pool.mu.Unlock()
+	prepare("second", labelled)
+	if n := ready(labelled); n != poolSize-1 {
+		t.Fatalf("a Prepare of a pooled size left %d ready; want %d", n, poolSize-1)
+	}
+	s.pool.mu.Lock()
+	s.pool.filling = false
+	s.pool.mu.Unlock()
+	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "second"), "big"), 2*labelled); !isFull(err) {
+		t.Fatalf("a pooled image's limit: %v", err)
+	}
+	if u, err := s.Usage(ctx, "second"); err != nil || u.Size < labelled/2 {
+		t.Fatalf("the filled pooled image's Usage: %+v, %v", u, err)
+	}
+
+	// poolSizes-1 more sizes push the labelled one out (the default stays).
+	for i := range poolSizes - 1 {
+		prepare("other"+strconv.Itoa(i), labelled+int64(i+1)<<20)
+		s.pool.wait()
+	}
+	if n := ready(labelled); n != -1 {
+		t.Fatalf("the least recently asked for size still pooled (%d ready)", n)
+	}
+	if n := ready(testLimit); n != poolSize {
+		t.Fatalf("the default size has %d ready; want %d", n, poolSize)
+	}
+	pooled, _ := filepath.Glob(filepath.Join(root, templatesDir, "pool-*"))
+	if len(pooled) != poolSizes*poolSize {
+		t.Fatalf("%d pooled images on disk; want %d: %v", len(pooled), poolSizes*poolSize, pooled)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if pooled, _ := filepath.Glob(filepath.Join(root, templatesDir, "pool-*")); len(pooled) != 0 {
+		t.Fatalf("pooled images left after Close: %v", pooled)
+	}
+	// What is left is the snapshots' own images, mounted on their dirs;
+	// no loop device of a pooled image.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var fromPool []string
+		for _, l := range imagesLeft(t, root) {
+			if strings.Contains(l, "/pool-") {
+				fromPool = append(fromPool, l)
+			}
+		}
+		if len(fromPool) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("loop devices of pooled images left: %v", fromPool)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
 
 // TestLimitCommitted: a limited active committed (a container committed

@@ -73,15 +73,16 @@ type loopImage struct {
 }
 
 // makeImage creates the image file path of size bytes, formats it (from
-// a template) and mounts it detached, with work/ and fs/ made inside and
-// the base usage recorded.
+// a template) and mounts it detached, with work/ and fs/ inside and the
+// base usage recorded (the template holds them already).
 func makeImage(ctx context.Context, templates *imageTemplates, path string, size int64) (_ *loopImage, err error) {
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("create image %s: %w", path, err)
 	}
 	f.Close()
-	if err := templates.format(ctx, path, size); err != nil {
+	laidOut, err := templates.format(ctx, path, size)
+	if err != nil {
 		return nil, err
 	}
 	mnt, err := mountImage(path)
@@ -94,22 +95,33 @@ func makeImage(ctx context.Context, templates *imageTemplates, path string, size
 			img.close()
 		}
 	}()
-	// work first, with the work/work overlay makes at its first mount,
-	// and the base taken before fs exists: the upper's own directory is
-	// part of what a walk of the upper counts, overlay's scratch is not.
-	if err := unix.Mkdirat(mnt, "work", 0o711); err != nil {
-		return nil, fmt.Errorf("create work dir in image %s: %w", path, err)
-	}
-	if err := unix.Mkdirat(mnt, "work/work", 0); err != nil {
-		return nil, fmt.Errorf("create work dir in image %s: %w", path, err)
-	}
-	if err := recordBase(mnt); err != nil {
-		return nil, fmt.Errorf("image %s: %w", path, err)
-	}
-	if err := unix.Mkdirat(mnt, "fs", 0o755); err != nil {
-		return nil, fmt.Errorf("create fs dir in image %s: %w", path, err)
+	if !laidOut {
+		if err := layOut(mnt); err != nil {
+			return nil, fmt.Errorf("image %s: %w", path, err)
+		}
 	}
 	return img, nil
+}
+
+// layOut makes, in a freshly formatted image mounted at mnt, the dirs a
+// limited snapshot needs and records its base. work first, with the
+// work/work overlay makes at its first mount, and the base taken before
+// fs exists: the upper's own directory is part of what a walk of the
+// upper counts, overlay's scratch is not.
+func layOut(mnt int) error {
+	if err := unix.Mkdirat(mnt, "work", 0o711); err != nil {
+		return fmt.Errorf("create work dir: %w", err)
+	}
+	if err := unix.Mkdirat(mnt, "work/work", 0); err != nil {
+		return fmt.Errorf("create work dir: %w", err)
+	}
+	if err := recordBase(mnt); err != nil {
+		return err
+	}
+	if err := unix.Mkdirat(mnt, "fs", 0o755); err != nil {
+		return fmt.Errorf("create fs dir: %w", err)
+	}
+	return nil
 }
 
 // mountImage attaches path to a loop device and mounts it detached,
@@ -184,8 +196,9 @@ func fsUsed(fd int) (snapshots.Usage, error) {
 	}, nil
 }
 
-// attach copies the owner of dir/fs (the parent layer's, as Prepare set
-// it) onto the image's fs dir and moves the mount onto dir.
+// attach copies the owner and times of dir/fs (the parent layer's owner,
+// as Prepare set it, and the time Prepare made it) onto the image's fs
+// dir, which the template made earlier, and moves the mount onto dir.
 func (img *loopImage) attach(dir string) error {
 	var st unix.Stat_t
 	if err := unix.Fstatat(unix.AT_FDCWD, filepath.Join(dir, "fs"), &st, unix.AT_SYMLINK_NOFOLLOW); err != nil {
@@ -193,6 +206,10 @@ func (img *loopImage) attach(dir string) error {
 	}
 	if err := unix.Fchownat(img.mnt, "fs", int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW); err != nil {
 		return fmt.Errorf("chown fs dir in the image of %s: %w", dir, err)
+	}
+	times := []unix.Timespec{st.Atim, st.Mtim}
+	if err := unix.UtimesNanoAt(img.mnt, "fs", times, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return fmt.Errorf("set times of fs dir in the image of %s: %w", dir, err)
 	}
 	return moveOnto(img.mnt, dir)
 }

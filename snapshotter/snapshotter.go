@@ -261,7 +261,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	s.limits = ProbeLimits(mode)
 	s.usages.maxAge = cfg.UsageMaxAge
 	s.templates.dir = filepath.Join(root, templatesDir)
-	s.pool = imagePool{size: s.defaultMaxSize, templates: &s.templates, dir: s.templates.dir}
+	s.pool.init(&s.templates, s.defaultMaxSize)
 	if !s.limits.OK && s.defaultMaxSize > 0 {
 		abort()
 		ms.Close()

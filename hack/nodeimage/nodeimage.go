@@ -1,6 +1,7 @@
 // Package nodeimage builds the image the Kubernetes DaemonSet runs
 // (deploy/kubernetes/overclone-daemonset.yaml): the daemon and the admin CLI,
-// static, on an otherwise empty root, written as an OCI archive that
+// static, and the build host's mke2fs for size limits (mke2fs.go), on an
+// otherwise empty root, written as an OCI archive that
 // `ctr images import` reads. `make image` runs it through
 // cmd/overclone-image.
 //
@@ -72,19 +73,22 @@ func Build(opts Options, out string) (*Result, error) {
 	if opts.Version == "" {
 		opts.Version = DefaultVersion
 	}
-	bins := map[string][]byte{}
+	files, err := hostMke2fs(opts.Arch)
+	if err != nil {
+		return nil, err
+	}
 	for _, name := range []string{Daemon, CLI} {
 		b, err := goBuild(opts, name)
 		if err != nil {
 			return nil, err
 		}
-		bins[name] = b
+		files[path.Join(BinDir, name)] = entry{mode: 0o755, data: b}
 	}
 	l, err := ocilayout.New(filepath.Join(opts.Work, "layout"))
 	if err != nil {
 		return nil, err
 	}
-	layer, diffID, err := l.WriteLayer(true, func(w io.Writer) error { return writeRootfs(w, bins) })
+	layer, diffID, err := l.WriteLayer(true, func(w io.Writer) error { return writeRootfs(w, files) })
 	if err != nil {
 		return nil, fmt.Errorf("rootfs layer: %w", err)
 	}
@@ -93,8 +97,9 @@ func Build(opts Options, out string) (*Result, error) {
 		// No Created time: it would change the digest on every build.
 		Platform: platform,
 		Config: ocispec.ImageConfig{
-			// So that `kubectl exec ... overclone usage` finds the CLI.
-			Env:        []string{"PATH=" + BinDir},
+			// So that `kubectl exec ... overclone usage` finds the CLI,
+			// and the daemon mkfs.ext4.
+			Env:        []string{"PATH=" + BinDir + ":" + ToolDir},
 			Entrypoint: []string{path.Join(BinDir, Daemon)},
 			WorkingDir: "/",
 			Labels: map[string]string{
@@ -142,22 +147,26 @@ func goBuild(opts Options, name string) ([]byte, error) {
 // dirs are the image's directories besides BinDir's: the mount points the
 // DaemonSet binds host paths onto, made here so that the image also runs
 // under `ctr run` with plain bind mounts. Nothing else: the binaries exec
-// no tool (overlay probes and mounts are syscalls), read no /etc/passwd, CA
-// or zone file; /proc, /sys and /dev come from the runtime.
+// no tool but mkfs.ext4 (overlay probes and mounts are syscalls), read no
+// /etc/passwd, CA or zone file; /proc, /sys and /dev come from the runtime.
 var dirs = map[string]int64{
 	path.Dir(config.DefaultPath):    0o755, // /etc/containerd-overclone: the ConfigMap
 	path.Dir(config.DefaultAddress): 0o700, // /run/containerd-overclone: the socket
 	config.DefaultRoot:              0o700, // /var/lib/containerd-overclone
 }
 
-// writeRootfs writes the image's only layer: every parent dir of dirs and
-// the binaries, sorted by name, owned by 0:0, at ocilayout.Epoch.
-func writeRootfs(w io.Writer, bins map[string][]byte) error {
-	type entry struct {
-		mode int64
-		data []byte
-		dir  bool
-	}
+// entry is a file of the image: a regular file, a dir, or a symlink.
+type entry struct {
+	mode int64
+	data []byte
+	dir  bool
+	link string
+}
+
+// writeRootfs writes the image's only layer: files, every dir of dirs
+// and the parents of both, sorted by name, owned by 0:0, at
+// ocilayout.Epoch.
+func writeRootfs(w io.Writer, files map[string]entry) error {
 	entries := map[string]entry{}
 	addParents := func(p string) {
 		for d := path.Dir(p); d != "/"; d = path.Dir(d) {
@@ -170,9 +179,8 @@ func writeRootfs(w io.Writer, bins map[string][]byte) error {
 		entries[d] = entry{mode: mode, dir: true}
 		addParents(d)
 	}
-	for name, b := range bins {
-		p := path.Join(BinDir, name)
-		entries[p] = entry{mode: 0o755, data: b}
+	for p, e := range files {
+		entries[p] = e
 		addParents(p)
 	}
 	names := make([]string, 0, len(entries))
@@ -191,9 +199,13 @@ func writeRootfs(w io.Writer, bins map[string][]byte) error {
 			Size:     int64(len(e.data)),
 			Format:   tar.FormatUSTAR,
 		}
-		if e.dir {
+		switch {
+		case e.dir:
 			hdr.Name += "/"
 			hdr.Typeflag = tar.TypeDir
+		case e.link != "":
+			hdr.Typeflag = tar.TypeSymlink
+			hdr.Linkname = e.link
 		}
 		if err := tw.WriteHeader(hdr); err != nil {
 			return fmt.Errorf("tar header %s: %w", p, err)

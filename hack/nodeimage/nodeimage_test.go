@@ -8,15 +8,19 @@ import (
 	"encoding/json"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
+	"slices"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 	"github.com/overclone/overclone/config"
 	"github.com/overclone/overclone/hack/ocilayout"
+	"github.com/overclone/overclone/test/require"
 )
 
 // TestBuildReproducible builds the image twice from scratch dirs of
@@ -45,13 +49,77 @@ func TestBuildReproducible(t *testing.T) {
 			results[0].Manifest.Digest, len(archives[0]), results[1].Manifest.Digest, len(archives[1]))
 	}
 	t.Logf("%s %s, %d bytes", results[0].Name, results[0].Manifest.Digest, results[0].Size)
-	checkContents(t, archives[0])
+	files, contents := checkContents(t, archives[0])
+	t.Run("mkfs.ext4", func(t *testing.T) { formatInImage(t, files, contents) })
+}
+
+// formatInImage unpacks the image's files into a dir and runs mkfs.ext4
+// chrooted there, as the containerized daemon does for a size limit: it
+// runs on what the image holds alone, and makes an ext4 with the
+// features the host's mkfs.ext4 gives.
+func formatInImage(t *testing.T, files map[string]*tar.Header, contents map[string][]byte) {
+	require.Root(t, "chroot into the unpacked image")
+	root := t.TempDir()
+	for name, h := range files {
+		p := filepath.Join(root, name)
+		var err error
+		switch h.Typeflag {
+		case tar.TypeDir:
+			err = os.MkdirAll(p, 0o755)
+		case tar.TypeSymlink:
+			os.MkdirAll(filepath.Dir(p), 0o755)
+			err = os.Symlink(h.Linkname, p)
+		default:
+			os.MkdirAll(filepath.Dir(p), 0o755)
+			err = os.WriteFile(p, contents[name], os.FileMode(h.Mode))
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	features := func(img string) string {
+		t.Helper()
+		out, err := exec.Command("dumpe2fs", "-h", img).Output()
+		if err != nil {
+			t.Fatalf("dumpe2fs %s: %v", img, err)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			if f, ok := strings.CutPrefix(line, "Filesystem features:"); ok {
+				return strings.TrimSpace(f)
+			}
+		}
+		t.Fatalf("dumpe2fs %s: no features in %s", img, out)
+		return ""
+	}
+	const size = 64 << 20
+	args := []string{"-q", "-F", "-J", "size=4", "-E", "lazy_itable_init=1,lazy_journal_init=1"}
+	inImage, onHost := filepath.Join(root, "in-image"), filepath.Join(t.TempDir(), "on-host")
+	for _, img := range []string{inImage, onHost} {
+		if err := os.WriteFile(img, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Truncate(img, size); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cmd := exec.Command(filepath.Join(ToolDir, "mkfs.ext4"), append(args, "/in-image")...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Chroot: root}
+	cmd.Env = []string{} // nothing of the host's environment
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4 in the image: %v: %s", err, out)
+	}
+	if out, err := exec.Command("mkfs.ext4", append(args, onHost)...).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.ext4 on the host: %v: %s", err, out)
+	}
+	if in, host := features(inImage), features(onHost); in != host || !strings.Contains(in, "extent") {
+		t.Fatalf("ext4 made in the image has features %q; on the host %q", in, host)
+	}
 }
 
 // checkContents reads the archive as an importer would (index, manifest,
 // config, layer) and checks what the DaemonSet relies on: both binaries,
 // executable and static, and the mount point dirs.
-func checkContents(t *testing.T, archive []byte) {
+func checkContents(t *testing.T, archive []byte) (map[string]*tar.Header, map[string][]byte) {
 	t.Helper()
 	blobs := map[string][]byte{}
 	tr := tar.NewReader(bytes.NewReader(archive))
@@ -148,13 +216,31 @@ func checkContents(t *testing.T, archive []byte) {
 			t.Errorf("%s needs %v", p, libs)
 		}
 	}
-	if len(files) != 2+10 {
-		var names []string
-		for n := range files {
-			names = append(names, n)
-		}
-		t.Errorf("image holds %d entries, want the 2 binaries and 10 dirs: %v", len(files), names)
+	// Besides dirs and the binaries, mke2fs and what it loads, exactly
+	// as the build host has them, and nothing else.
+	tools, err := hostMke2fs(runtime.GOARCH)
+	if err != nil {
+		t.Fatal(err)
 	}
+	for name, h := range files {
+		tool, isTool := tools[name]
+		switch {
+		case h.Typeflag == tar.TypeDir, name == filepath.Join(BinDir, Daemon), name == filepath.Join(BinDir, CLI):
+		case !isTool:
+			t.Errorf("image holds %s, neither a dir, a binary nor part of mke2fs", name)
+		case tool.link != h.Linkname || !bytes.Equal(tool.data, contents[name]) || tool.mode != h.Mode:
+			t.Errorf("image's %s differs from the host's", name)
+		}
+	}
+	for name := range tools {
+		if files[name] == nil {
+			t.Errorf("image lacks %s", name)
+		}
+	}
+	if !slices.Contains(cfg.Config.Env, "PATH="+BinDir+":"+ToolDir) {
+		t.Errorf("image's environment %v: mkfs.ext4 is not on its PATH", cfg.Config.Env)
+	}
+	return files, contents
 }
 
 func mustJSON(t *testing.T, b []byte, v any) {

@@ -136,6 +136,9 @@ type criNode struct {
 	img    *image.Image
 	tm     *harness.Timings
 	cgroup string // the pods' cgroup parent; criCgroup if ""
+	// podAnnotations go on every pod (a kubelet passes a pod's
+	// annotations to RunPodSandbox).
+	podAnnotations map[string]string
 }
 
 func runCRI(t *testing.T, f *fixture, binDir, snippetName, crictlDir, pause string, tm *harness.Timings) {
@@ -330,6 +333,9 @@ func (n *criNode) writeConfigs(t *testing.T, name, ref string) (pod, ctr string)
 			// figures for the pod and statsp fails.
 			"cgroup_parent": cgroup,
 		},
+	}
+	if n.podAnnotations != nil {
+		podCfg["annotations"] = n.podAnnotations
 	}
 	ctrCfg := map[string]any{
 		"metadata": map[string]any{"name": "viewer"},

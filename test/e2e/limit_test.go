@@ -83,7 +83,10 @@ func mountsUnder(t *testing.T, prefix string) []string {
 // default is what limits a pod's containers. A write past it fails inside
 // the container; the pod's figures in crictl stats come from the image's
 // counters; once the pod and the image are removed, no image stays
-// mounted.
+// mounted. The pod carries the annotation containerd.io/snapshot/max-size
+// "0", which CRI passes to its sandbox's snapshot alone (README "Size
+// limits and Usage"): the pause container gets no image, the pod's
+// container still does.
 func TestCRISizeLimit(t *testing.T) {
 	f, crictlDir, pause := criSetup(t)
 	binDir := harness.Containerd2BinDir()
@@ -91,7 +94,8 @@ func TestCRISizeLimit(t *testing.T) {
 		require.Skipf(t, "containerd 2.x missing: %s (make containerd2)", m)
 	}
 	snippet, dir, cri := criDirs(t, f, "config-v3.toml", "oc-cri-limit-")
-	n := &criNode{sn: harness.SnapshotterName, cli: f.cliBin, img: f.img, tm: &harness.Timings{}, dir: filepath.Join(dir, "ctd")}
+	n := &criNode{sn: harness.SnapshotterName, cli: f.cliBin, img: f.img, tm: &harness.Timings{}, dir: filepath.Join(dir, "ctd"),
+		podAnnotations: map[string]string{snapshots.LabelSnapshotMaxSize: "0"}}
 	t.Cleanup(func() {
 		n.close(t)
 		stopOverclone(t, n.oc)
@@ -131,7 +135,13 @@ func TestCRISizeLimit(t *testing.T) {
 	n.run(t, "pull", ref)
 	podCfg, ctrCfg := n.writeConfigs(t, "limited", ref)
 	pod := n.run(t, "runp", podCfg)
+	if m := mountsUnder(t, n.oc.Root+"/snapshots/"); len(m) != 0 {
+		t.Errorf("the sandbox, annotated %s=0, got an image: %v", snapshots.LabelSnapshotMaxSize, m)
+	}
 	id := n.run(t, "create", pod, ctrCfg, podCfg)
+	if m := mountsUnder(t, n.oc.Root+"/snapshots/"); len(m) != 1 {
+		t.Errorf("with the pod's container created, images mounted: %v; want the container's alone", m)
+	}
 	n.run(t, "start", id)
 	out, err := n.crictl.Run(ctx, "exec", "-s", "--timeout", "60", id, "/bin/viewer", "fill", "/data/past-the-limit", strconv.Itoa(e2eFill))
 	if err == nil || !strings.Contains(out+err.Error(), "no space left on device") {

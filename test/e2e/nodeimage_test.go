@@ -8,11 +8,13 @@ import (
 	"path"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/overclone/overclone/config"
 	"github.com/overclone/overclone/hack/nodeimage"
 	"github.com/overclone/overclone/test/e2e/harness"
@@ -32,6 +34,7 @@ type daemonSet struct {
 	readiness  []string
 	liveness   []string
 	mounts     map[string]string // volume name -> mountPath
+	propagate  map[string]string // volume name -> mountPropagation
 	hostPaths  map[string]string // volume name -> hostPath
 	configMap  string            // the config volume's ConfigMap
 	cmName     string            // the ConfigMap the file defines
@@ -54,8 +57,9 @@ type k8sObject struct {
 					ReadinessProbe probe `yaml:"readinessProbe"`
 					LivenessProbe  probe `yaml:"livenessProbe"`
 					VolumeMounts   []struct {
-						Name      string `yaml:"name"`
-						MountPath string `yaml:"mountPath"`
+						Name             string `yaml:"name"`
+						MountPath        string `yaml:"mountPath"`
+						MountPropagation string `yaml:"mountPropagation"`
 					} `yaml:"volumeMounts"`
 				} `yaml:"containers"`
 				Volumes []struct {
@@ -85,7 +89,7 @@ func readDaemonSet(t *testing.T) daemonSet {
 		t.Fatal(err)
 	}
 	defer f.Close()
-	ds := daemonSet{mounts: map[string]string{}, hostPaths: map[string]string{}}
+	ds := daemonSet{mounts: map[string]string{}, propagate: map[string]string{}, hostPaths: map[string]string{}}
 	dec := yaml.NewDecoder(f)
 	for {
 		var o k8sObject
@@ -108,6 +112,7 @@ func readDaemonSet(t *testing.T) daemonSet {
 			ds.readiness, ds.liveness = c.ReadinessProbe.Exec.Command, c.LivenessProbe.Exec.Command
 			for _, m := range c.VolumeMounts {
 				ds.mounts[m.Name] = m.MountPath
+				ds.propagate[m.Name] = m.MountPropagation
 			}
 			for _, v := range pod.Volumes {
 				switch {
@@ -147,9 +152,15 @@ func TestDaemonSetManifest(t *testing.T) {
 			t.Errorf("%s probe %q, want %q", name, p, wantProbe)
 		}
 	}
+	// The size limits' loop mounts are made in the pod and must show on
+	// the host; their loop devices are made after the pod started.
+	if ds.propagate["root"] != "Bidirectional" {
+		t.Errorf("root volume's mountPropagation %q, want Bidirectional", ds.propagate["root"])
+	}
 	for _, m := range []struct{ volume, dir string }{
 		{"root", config.DefaultRoot},
 		{"socket", path.Dir(config.DefaultAddress)},
+		{"dev", "/dev"},
 	} {
 		if ds.mounts[m.volume] != m.dir || ds.hostPaths[m.volume] != m.dir {
 			t.Errorf("volume %s: mounted at %q from host %q, want %s for both", m.volume, ds.mounts[m.volume], ds.hostPaths[m.volume], m.dir)
@@ -260,6 +271,7 @@ func testNodeImage(t *testing.T, binDir string) {
 		ConfigDir: ds.mounts["config"],
 		Config:    ds.configToml,
 		Root:      config.DefaultRoot,
+		DevDir:    ds.mounts["dev"],
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -272,11 +284,31 @@ func testNodeImage(t *testing.T, binDir string) {
 	s.ctr(t, "images", "import", "--snapshotter", harness.SnapshotterName, f.archive)
 	s.requireUnpacked(t, harness.SnapshotterName)
 	s.runView(t, harness.SnapshotterName, imageName, "node-view", "")
+	nodeLimit(ctx, t, s)
 	s.ctr(t, "images", "rm", "--sync", imageName)
 	if rows := s.snapshots(t, harness.SnapshotterName); len(rows) > 0 {
 		t.Errorf("snapshots left in the containerized overclone: %v", rows)
 	}
 	if err := node.Stop(ctx); err != nil {
 		t.Error(err)
+	}
+}
+
+// nodeLimit runs containers with a size limit on the containerized
+// overclone: a write under the limit succeeds, one past it fails with no
+// space left on device. That holds only if containerd, on the host,
+// mounted the container's overlay on the image the daemon loop-mounted
+// inside its own container: without the root's Bidirectional propagation
+// the host sees the snapshot's bare directory and the write fills the
+// host's disk instead. The image ships mkfs.ext4, or the label would be
+// refused.
+func nodeLimit(ctx context.Context, t *testing.T, s *suite) {
+	t.Helper()
+	label := "--snapshotter-label=" + snapshots.LabelSnapshotMaxSize + "=" + strconv.Itoa(e2eLimit)
+	sn := harness.SnapshotterName
+	s.ctr(t, "run", "--rm", label, "--snapshotter", sn, imageName, "node-under", "/bin/viewer", "fill", "/under-the-limit", strconv.Itoa(e2eLimit/4))
+	out, err := s.c.Ctr(ctx, "run", "--rm", label, "--snapshotter", sn, imageName, "node-past", "/bin/viewer", "fill", "/past-the-limit", strconv.Itoa(e2eFill))
+	if err == nil || !strings.Contains(out+err.Error(), "no space left on device") {
+		t.Fatalf("writing %d bytes in a container limited to %d by the containerized overclone: %v, output %q; want no space left on device", e2eFill, e2eLimit, err, out)
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // NodeContainer is overclone run from the DaemonSet's image as a container
@@ -33,6 +35,7 @@ type NodeSpec struct {
 	ConfigDir string     // in the container; the config file is bound there read-only
 	Config    string     // the ConfigMap's config.toml
 	Root      string     // the config's root, which the test swaps for a host dir
+	DevDir    string     // where the host's /dev is bound, if the DaemonSet binds it
 }
 
 // RunNodeContainer lays out the host side under dir (socket dir, root,
@@ -45,6 +48,16 @@ type NodeSpec struct {
 // becomes a private host dir, the one change to the shipped config. The
 // socket dir can differ (only its file is dialed), so it stays where the
 // DaemonSet has it and a host dir of the test's is bound there.
+//
+// The root's bind is what the DaemonSet's mountPropagation: Bidirectional
+// asks of a runtime (containerd's CRI does the same): recursive and shared
+// ("rbind:rshared", with the container's rootfs propagation rshared, or
+// runc would make it a slave that cannot send), from a host mount that is
+// shared, which the host dir is made here (a bind on itself, marked
+// shared; CRI refuses a Bidirectional mount whose host path is not on a
+// shared mount). The size limits' loop mounts the daemon makes inside the
+// container then show on the host, where containerd mounts overlays on
+// them.
 func RunNodeContainer(ctx context.Context, c *Containerd, dir, id string, spec NodeSpec) (*NodeContainer, error) {
 	hostSock, root, hostCfg := filepath.Join(dir, "run"), filepath.Join(dir, "root"), filepath.Join(dir, "etc")
 	for _, d := range []string{hostSock, root, hostCfg} {
@@ -54,6 +67,12 @@ func RunNodeContainer(ctx context.Context, c *Containerd, dir, id string, spec N
 	}
 	if !strings.Contains(spec.Config, spec.Root) {
 		return nil, fmt.Errorf("the config does not name root %s:\n%s", spec.Root, spec.Config)
+	}
+	if err := unix.Mount(root, root, "", unix.MS_BIND, ""); err != nil {
+		return nil, fmt.Errorf("bind %s on itself: %w", root, err)
+	}
+	if err := unix.Mount("", root, "", unix.MS_SHARED, ""); err != nil {
+		return nil, fmt.Errorf("make %s shared: %w", root, err)
 	}
 	cfg := strings.ReplaceAll(spec.Config, "'"+spec.Root+"'", "'"+root+"'")
 	if err := os.WriteFile(filepath.Join(hostCfg, "config.toml"), []byte(cfg), 0o644); err != nil {
@@ -74,10 +93,14 @@ func RunNodeContainer(ctx context.Context, c *Containerd, dir, id string, spec N
 		return "type=bind,src=" + src + ",dst=" + dst + ",options=rbind:" + mode
 	}
 	args := []string{"run", "-d", "--privileged", "--log-uri", "file://" + n.Overclone.Log,
+		"--rootfs-propagation", "rshared",
 		"--mount", bind(hostSock, spec.SocketDir, "rw"),
-		"--mount", bind(root, root, "rw"),
-		"--mount", bind(hostCfg, spec.ConfigDir, "ro"),
-		spec.Image, id}
+		"--mount", bind(root, root, "rw:rshared"),
+		"--mount", bind(hostCfg, spec.ConfigDir, "ro")}
+	if spec.DevDir != "" {
+		args = append(args, "--mount", bind("/dev", spec.DevDir, "rw"))
+	}
+	args = append(args, spec.Image, id)
 	start := time.Now()
 	if _, err := c.Ctr(ctx, append(args, spec.Command...)...); err != nil {
 		return nil, err
