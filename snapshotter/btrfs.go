@@ -1,0 +1,195 @@
+package snapshotter
+
+import (
+	"encoding/binary"
+	"fmt"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// The few btrfs ioctls a qgroup-limited snapshot needs (qgroup.go), from
+// linux/btrfs.h and linux/btrfs_tree.h. containerd's own
+// github.com/containerd/btrfs/v2 has subvolume create and delete but no
+// qgroup call, takes paths rather than descriptors (it opens the parent by
+// name, and its delete walks the tree first), and needs cgo with the
+// btrfs-progs headers; x/sys/unix has no btrfs ioctl at all. Every call
+// here works on a descriptor the caller opened.
+
+const (
+	btrfsIocSubvolCreate = 0x5000940e // _IOW(0x94, 14, struct btrfs_ioctl_vol_args)
+	btrfsIocSnapDestroy  = 0x5000940f // _IOW(0x94, 15, struct btrfs_ioctl_vol_args)
+	btrfsIocTreeSearchV2 = 0xc0709411 // _IOWR(0x94, 17, struct btrfs_ioctl_search_args_v2)
+	btrfsIocInoLookup    = 0xd0009412 // _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args)
+	btrfsIocFsInfo       = 0x8400941f // _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args)
+	btrfsIocQgroupLimit  = 0x8030942b // _IOR(0x94, 43, struct btrfs_ioctl_qgroup_limit_args)
+
+	btrfsPathNameMax = 4087
+
+	// A subvolume's root directory is always this inode.
+	btrfsFirstFreeObjectID = 256
+	btrfsInodeItemKey      = 1
+
+	btrfsQgroupLimitMaxRfer = 1
+)
+
+// btrfsVolArgs is struct btrfs_ioctl_vol_args.
+type btrfsVolArgs struct {
+	Fd   int64
+	Name [btrfsPathNameMax + 1]byte
+}
+
+func btrfsIoctl(fd int, req uintptr, arg unsafe.Pointer) error {
+	_, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), req, uintptr(arg))
+	if errno != 0 {
+		return errno
+	}
+	return nil
+}
+
+func volArgs(name string) (*btrfsVolArgs, error) {
+	var a btrfsVolArgs
+	if len(name) > btrfsPathNameMax {
+		return nil, fmt.Errorf("subvolume name %q too long", name)
+	}
+	copy(a.Name[:], name)
+	return &a, nil
+}
+
+// btrfsSubvolCreate makes a subvolume named name in the directory dirfd.
+func btrfsSubvolCreate(dirfd int, name string) error {
+	a, err := volArgs(name)
+	if err != nil {
+		return err
+	}
+	return btrfsIoctl(dirfd, btrfsIocSubvolCreate, unsafe.Pointer(a))
+}
+
+// btrfsSubvolDestroy deletes the subvolume named name in the directory
+// dirfd, whatever it holds: the kernel unlinks it at once and its cleaner
+// frees the tree in the background. The kernel looks the name up in dirfd
+// alone and refuses (EINVAL) a name that is not a subvolume's root.
+func btrfsSubvolDestroy(dirfd int, name string) error {
+	a, err := volArgs(name)
+	if err != nil {
+		return err
+	}
+	return btrfsIoctl(dirfd, btrfsIocSnapDestroy, unsafe.Pointer(a))
+}
+
+// btrfsSubvolID is the id of the subvolume holding fd (its tree id, and
+// the id of its level-0 qgroup).
+func btrfsSubvolID(fd int) (uint64, error) {
+	var a struct {
+		TreeID   uint64
+		ObjectID uint64
+		Name     [4080]byte
+	}
+	a.ObjectID = btrfsFirstFreeObjectID
+	if err := btrfsIoctl(fd, btrfsIocInoLookup, unsafe.Pointer(&a)); err != nil {
+		return 0, err
+	}
+	return a.TreeID, nil
+}
+
+// btrfsFsID is the filesystem's id as /sys/fs/btrfs/ names it.
+func btrfsFsID(fd int) (string, error) {
+	var a struct {
+		MaxID      uint64
+		NumDevices uint64
+		FsID       [16]byte
+		_          [1024 - 32]byte
+	}
+	if err := btrfsIoctl(fd, btrfsIocFsInfo, unsafe.Pointer(&a)); err != nil {
+		return "", err
+	}
+	u := a.FsID
+	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16]), nil
+}
+
+// btrfsLimitReferenced sets the max-referenced limit of the qgroup of the
+// subvolume holding fd (qgroup id 0 means that one).
+func btrfsLimitReferenced(fd int, bytes uint64) error {
+	a := struct {
+		QgroupID uint64
+		Flags    uint64
+		MaxRfer  uint64
+		MaxExcl  uint64
+		RsvRfer  uint64
+		RsvExcl  uint64
+	}{Flags: btrfsQgroupLimitMaxRfer, MaxRfer: bytes}
+	return btrfsIoctl(fd, btrfsIocQgroupLimit, unsafe.Pointer(&a))
+}
+
+// btrfsSearchKey is struct btrfs_ioctl_search_key.
+type btrfsSearchKey struct {
+	TreeID                   uint64
+	MinObjectID, MaxObjectID uint64
+	MinOffset, MaxOffset     uint64
+	MinTransID, MaxTransID   uint64
+	MinType, MaxType         uint32
+	NrItems                  uint32
+	_                        uint32
+	_                        [4]uint64
+}
+
+// searchHeaderSize is sizeof(struct btrfs_ioctl_search_header).
+const searchHeaderSize = 32
+
+// searchBufSize is the result buffer of one tree search: 1 MiB takes
+// 100k small files' items in a few dozen calls.
+const searchBufSize = 1 << 20
+
+// btrfsCountInodes counts the inode items of subvolume tree, from fd on
+// the same filesystem: every inode of the subvolume, read from the live
+// tree (what is written but not yet committed included). The search
+// cannot ask for one item type alone (its range is over whole keys), so
+// every item comes back and the inode items are counted.
+func btrfsCountInodes(fd int, tree uint64) (int64, error) {
+	buf := make([]byte, int(unsafe.Sizeof(btrfsSearchKey{}))+8+searchBufSize)
+	key := (*btrfsSearchKey)(unsafe.Pointer(&buf[0]))
+	*key = btrfsSearchKey{
+		TreeID:      tree,
+		MinObjectID: btrfsFirstFreeObjectID, MaxObjectID: ^uint64(0),
+		MaxOffset: ^uint64(0), MaxTransID: ^uint64(0),
+		MaxType: 255,
+	}
+	off := int(unsafe.Sizeof(*key))
+	binary.NativeEndian.PutUint64(buf[off:], searchBufSize)
+	items := buf[off+8:]
+	var n int64
+	for {
+		key.NrItems = ^uint32(0)
+		if err := btrfsIoctl(fd, btrfsIocTreeSearchV2, unsafe.Pointer(&buf[0])); err != nil {
+			return 0, err
+		}
+		if key.NrItems == 0 {
+			return n, nil
+		}
+		var obj, offset uint64
+		var typ uint32
+		p := 0
+		for range key.NrItems {
+			h := items[p : p+searchHeaderSize]
+			obj = binary.NativeEndian.Uint64(h[8:])
+			offset = binary.NativeEndian.Uint64(h[16:])
+			typ = binary.NativeEndian.Uint32(h[24:])
+			if typ == btrfsInodeItemKey {
+				n++
+			}
+			p += searchHeaderSize + int(binary.NativeEndian.Uint32(h[28:]))
+		}
+		// Go on from the key after the last one returned.
+		key.MinObjectID, key.MinType, key.MinOffset = obj, typ, offset
+		switch {
+		case offset < ^uint64(0):
+			key.MinOffset++
+		case typ < 255:
+			key.MinType, key.MinOffset = typ+1, 0
+		case obj < ^uint64(0):
+			key.MinObjectID, key.MinType, key.MinOffset = obj+1, 0, 0
+		default:
+			return n, nil
+		}
+	}
+}
