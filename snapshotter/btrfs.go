@@ -18,12 +18,13 @@ import (
 // here works on a descriptor the caller opened.
 
 const (
-	btrfsIocSubvolCreate = 0x5000940e // _IOW(0x94, 14, struct btrfs_ioctl_vol_args)
-	btrfsIocSnapDestroy  = 0x5000940f // _IOW(0x94, 15, struct btrfs_ioctl_vol_args)
-	btrfsIocTreeSearchV2 = 0xc0709411 // _IOWR(0x94, 17, struct btrfs_ioctl_search_args_v2)
-	btrfsIocInoLookup    = 0xd0009412 // _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args)
-	btrfsIocFsInfo       = 0x8400941f // _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args)
-	btrfsIocQgroupLimit  = 0x8030942b // _IOR(0x94, 43, struct btrfs_ioctl_qgroup_limit_args)
+	btrfsIocSubvolCreate  = 0x5000940e // _IOW(0x94, 14, struct btrfs_ioctl_vol_args)
+	btrfsIocSnapDestroy   = 0x5000940f // _IOW(0x94, 15, struct btrfs_ioctl_vol_args)
+	btrfsIocTreeSearchV2  = 0xc0709411 // _IOWR(0x94, 17, struct btrfs_ioctl_search_args_v2)
+	btrfsIocInoLookup     = 0xd0009412 // _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args)
+	btrfsIocFsInfo        = 0x8400941f // _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args)
+	btrfsIocQgroupLimit   = 0x8030942b // _IOR(0x94, 43, struct btrfs_ioctl_qgroup_limit_args)
+	btrfsIocGetSubvolInfo = 0x81f8943c // _IOR(0x94, 60, struct btrfs_ioctl_get_subvol_info_args)
 
 	btrfsPathNameMax = 4087
 
@@ -93,19 +94,68 @@ func btrfsSubvolID(fd int) (uint64, error) {
 	return a.TreeID, nil
 }
 
+// btrfsFsInfo is struct btrfs_ioctl_fs_info_args.
+type btrfsFsInfo struct {
+	MaxID          uint64
+	NumDevices     uint64
+	FsID           [16]byte
+	NodeSize       uint32
+	SectorSize     uint32
+	CloneAlignment uint32
+	CsumType       uint16
+	CsumSize       uint16
+	Flags          uint64
+	Generation     uint64
+	_              [1024 - 64]byte
+}
+
+// btrfsFsInfoFlagGeneration asks BTRFS_IOC_FS_INFO for the generation.
+const btrfsFsInfoFlagGeneration = 1 << 1
+
 // btrfsFsID is the filesystem's id as /sys/fs/btrfs/ names it.
 func btrfsFsID(fd int) (string, error) {
-	var a struct {
-		MaxID      uint64
-		NumDevices uint64
-		FsID       [16]byte
-		_          [1024 - 32]byte
-	}
+	var a btrfsFsInfo
 	if err := btrfsIoctl(fd, btrfsIocFsInfo, unsafe.Pointer(&a)); err != nil {
 		return "", err
 	}
 	u := a.FsID
 	return fmt.Sprintf("%x-%x-%x-%x-%x", u[0:4], u[4:6], u[6:8], u[8:10], u[10:16]), nil
+}
+
+// btrfsRootGenerations reads the subvolume holding fd's root item:
+// generation, the transaction that last wrote its tree as recorded when
+// that transaction committed (or, for a new subvolume, the transaction
+// that made it: set at once); and otransid, that creating transaction.
+func btrfsRootGenerations(fd int) (generation, otransid uint64, err error) {
+	var a struct {
+		TreeID     uint64
+		Name       [256]byte
+		ParentID   uint64
+		DirID      uint64
+		Generation uint64
+		Flags      uint64
+		UUIDs      [3][16]byte
+		CTransID   uint64
+		OTransID   uint64
+		_          [504 - 360]byte
+	}
+	if err := btrfsIoctl(fd, btrfsIocGetSubvolInfo, unsafe.Pointer(&a)); err != nil {
+		return 0, 0, err
+	}
+	return a.Generation, a.OTransID, nil
+}
+
+// btrfsGeneration is the filesystem's generation: its running
+// transaction's id, or its last one's when none is running.
+func btrfsGeneration(fd int) (uint64, error) {
+	a := btrfsFsInfo{Flags: btrfsFsInfoFlagGeneration}
+	if err := btrfsIoctl(fd, btrfsIocFsInfo, unsafe.Pointer(&a)); err != nil {
+		return 0, err
+	}
+	if a.Flags&btrfsFsInfoFlagGeneration == 0 {
+		return 0, fmt.Errorf("this kernel's BTRFS_IOC_FS_INFO gives no generation: %w", unix.EOPNOTSUPP)
+	}
+	return a.Generation, nil
 }
 
 // btrfsLimitReferenced sets the max-referenced limit of the qgroup of the
@@ -155,8 +205,32 @@ var searchBufs = sync.Pool{New: func() any {
 // the same filesystem: every inode of the subvolume, read from the live
 // tree (what is written but not yet committed included). The search
 // cannot ask for one item type alone (its range is over whole keys), so
-// every item comes back and the inode items are counted.
-func btrfsCountInodes(fd int, tree uint64) (int64, error) {
+// every item comes back and the inode items are counted. newest is the
+// highest generation of the leaves read.
+func btrfsCountInodes(fd int, tree uint64) (n int64, newest uint64, err error) {
+	err = btrfsSearch(fd, tree, 0, false, func(h []byte) {
+		newest = max(newest, binary.NativeEndian.Uint64(h[0:]))
+		if binary.NativeEndian.Uint32(h[24:]) == btrfsInodeItemKey {
+			n++
+		}
+	})
+	return n, newest, err
+}
+
+// btrfsChangedSince tells whether subvolume tree has a leaf written in a
+// transaction after gen. The search skips every subtree whose node is
+// older, so an unchanged tree costs one call that reads its root node.
+// Every change to the set of inodes shows: a create or an unlink writes
+// its parent directory's inode item, whose leaf survives the change.
+func btrfsChangedSince(fd int, tree, gen uint64) (bool, error) {
+	changed := false
+	err := btrfsSearch(fd, tree, gen+1, true, func([]byte) { changed = true })
+	return changed, err
+}
+
+// btrfsSearch calls fn with the header of every item of tree in leaves of
+// generation minTrans or newer, or of the first one only.
+func btrfsSearch(fd int, tree, minTrans uint64, first bool, fn func(header []byte)) error {
 	bp := searchBufs.Get().(*[]byte)
 	defer searchBufs.Put(bp)
 	buf := *bp
@@ -164,20 +238,23 @@ func btrfsCountInodes(fd int, tree uint64) (int64, error) {
 	*key = btrfsSearchKey{
 		TreeID:      tree,
 		MinObjectID: btrfsFirstFreeObjectID, MaxObjectID: ^uint64(0),
-		MaxOffset: ^uint64(0), MaxTransID: ^uint64(0),
+		MaxOffset:  ^uint64(0),
+		MinTransID: minTrans, MaxTransID: ^uint64(0),
 		MaxType: 255,
 	}
 	off := int(unsafe.Sizeof(*key))
 	binary.NativeEndian.PutUint64(buf[off:], searchBufSize)
 	items := buf[off+8:]
-	var n int64
 	for {
 		key.NrItems = ^uint32(0)
+		if first {
+			key.NrItems = 1
+		}
 		if err := btrfsIoctl(fd, btrfsIocTreeSearchV2, unsafe.Pointer(&buf[0])); err != nil {
-			return 0, err
+			return err
 		}
 		if key.NrItems == 0 {
-			return n, nil
+			return nil
 		}
 		var obj, offset uint64
 		var typ uint32
@@ -187,10 +264,11 @@ func btrfsCountInodes(fd int, tree uint64) (int64, error) {
 			obj = binary.NativeEndian.Uint64(h[8:])
 			offset = binary.NativeEndian.Uint64(h[16:])
 			typ = binary.NativeEndian.Uint32(h[24:])
-			if typ == btrfsInodeItemKey {
-				n++
-			}
+			fn(h)
 			p += searchHeaderSize + int(binary.NativeEndian.Uint32(h[28:]))
+		}
+		if first {
+			return nil
 		}
 		// Go on from the key after the last one returned.
 		key.MinObjectID, key.MinType, key.MinOffset = obj, typ, offset
@@ -202,7 +280,7 @@ func btrfsCountInodes(fd int, tree uint64) (int64, error) {
 		case obj < ^uint64(0):
 			key.MinObjectID, key.MinType, key.MinOffset = obj+1, 0, 0
 		default:
-			return n, nil
+			return nil
 		}
 	}
 }

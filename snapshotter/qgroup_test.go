@@ -3,6 +3,7 @@ package snapshotter
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
+	cfs "github.com/containerd/continuity/fs"
 	"golang.org/x/sys/unix"
 
 	"github.com/overclone/overclone/test/loopfs"
@@ -234,4 +236,64 @@ func TestQgroupImageBackend(t *testing.T) {
 	if m.Backend != LimitImage || !strings.Contains(m.Note, "btrfs quota enable "+plain) {
 		t.Fatalf("a btrfs root without quotas: %+v, want the image backend and a note naming `btrfs quota enable %s`", m, plain)
 	}
+}
+
+// TestQgroupInodeCountKept: the inode count kept for an idle limited
+// snapshot follows every change, committed or not: creates and unlinks
+// with and without a commit in between, twice in one transaction, and a
+// directory tree removed; each time Usage's inodes equal a walk's.
+func TestQgroupInodeCountKept(t *testing.T) {
+	root, _ := qgroupRoot(t, loopfs.Qgroups)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	m, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rootfs := mountAt(t, m)
+	upper := s.upperPath(s.idOf(ctx, t, "limited"))
+	check := func(step string) {
+		t.Helper()
+		u, err := s.Usage(ctx, "limited")
+		if err != nil {
+			t.Fatal(err)
+		}
+		walk, err := cfs.DiskUsage(ctx, upper)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if u.Inodes != walk.Inodes {
+			t.Fatalf("%s: Usage says %d inodes, a walk %d", step, u.Inodes, walk.Inodes)
+		}
+	}
+	sync := unix.Sync
+	if err := os.MkdirAll(filepath.Join(rootfs, "d", "e"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		name := filepath.Join(rootfs, "d", "e", strconv.Itoa(i))
+		if err := os.WriteFile(name, []byte("x"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		check(fmt.Sprintf("create %d", i))
+		if i%2 == 0 {
+			sync()
+			check(fmt.Sprintf("create %d, committed", i))
+		}
+		if i%3 == 0 {
+			if err := os.Remove(name); err != nil {
+				t.Fatal(err)
+			}
+			check(fmt.Sprintf("unlink %d", i))
+			check(fmt.Sprintf("unlink %d, again", i))
+		}
+	}
+	sync()
+	check("all committed")
+	check("all committed, kept")
+	if err := os.RemoveAll(filepath.Join(rootfs, "d")); err != nil {
+		t.Fatal(err)
+	}
+	check("tree removed")
+	sync()
+	check("tree removed, committed")
 }
