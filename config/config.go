@@ -98,8 +98,9 @@ type Config struct {
 	// active snapshot carries no containerd.io/snapshot/max-size label,
 	// in bytes: writes past it fail with ENOSPC inside the container.
 	// Layers being unpacked are never limited by it. A label of "0"
-	// opts a container out. Needs overlay mode, mkfs.ext4 and loop
-	// devices (`overclone check` says); the daemon refuses to start if it
+	// opts a container out. Needs overlay mode, and mkfs.ext4 and loop
+	// devices or a btrfs root with quotas enabled (`overclone check`
+	// says); the daemon refuses to start if it
 	// is set and cannot be honoured. Default 0 (no limit).
 	DefaultMaxSize int64 `toml:"default_max_size"`
 	// LimitBackend is how size limits are enforced: "auto" makes a
