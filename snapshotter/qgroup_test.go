@@ -14,6 +14,7 @@ import (
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/core/snapshots/storage"
 	cfs "github.com/containerd/continuity/fs"
 	"golang.org/x/sys/unix"
@@ -296,4 +297,52 @@ func TestQgroupInodeCountKept(t *testing.T) {
 	check("tree removed")
 	sync()
 	check("tree removed, committed")
+}
+
+// TestQgroupQuotasDisabled: a root whose quotas the operator turned off
+// after limited snapshots were made keeps them usable: the daemon starts
+// (on the image path for new limits), answers their Usage with a walk,
+// and Remove still destroys their subvolumes.
+func TestQgroupQuotasDisabled(t *testing.T) {
+	needLimits(t)
+	root, mnt := qgroupRoot(t, loopfs.Qgroups)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
+		t.Fatal(err)
+	}
+	dir := s.snapshotDir(s.idOf(ctx, t, "limited"))
+	if err := os.WriteFile(filepath.Join(s.upperPath(s.idOf(ctx, t, "limited")), "kept"), make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("btrfs", "quota", "disable", mnt).CombinedOutput(); err != nil {
+		t.Fatalf("btrfs quota disable: %v: %s", err, out)
+	}
+	ctx, s = openTest(t, root)
+	if s.limits.Backend != LimitImage {
+		t.Fatalf("limits after quotas were disabled: %+v, want the image path", s.limits)
+	}
+	u, err := s.Usage(ctx, "limited")
+	if err != nil {
+		t.Fatalf("Usage of a limited subvolume without quotas: %v", err)
+	}
+	walk, err := cfs.DiskUsage(ctx, s.upperPath(s.idOf(ctx, t, "limited")))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u != snapshots.Usage(walk) {
+		t.Fatalf("Usage %+v, a walk %+v", u, walk)
+	}
+	if err := s.Remove(ctx, "limited"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	gone(t, dir)
+	if subs, _ := filepath.Glob(filepath.Join(root, trashDir, "*")); len(subs) != 0 {
+		t.Fatalf("left in the trash: %v", subs)
+	}
 }
