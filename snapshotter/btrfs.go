@@ -23,6 +23,7 @@ const (
 	btrfsIocTreeSearchV2  = 0xc0709411 // _IOWR(0x94, 17, struct btrfs_ioctl_search_args_v2)
 	btrfsIocInoLookup     = 0xd0009412 // _IOWR(0x94, 18, struct btrfs_ioctl_ino_lookup_args)
 	btrfsIocFsInfo        = 0x8400941f // _IOR(0x94, 31, struct btrfs_ioctl_fs_info_args)
+	btrfsIocQgroupCreate  = 0x4010942a // _IOW(0x94, 42, struct btrfs_ioctl_qgroup_create_args)
 	btrfsIocQgroupLimit   = 0x8030942b // _IOR(0x94, 43, struct btrfs_ioctl_qgroup_limit_args)
 	btrfsIocGetSubvolInfo = 0x81f8943c // _IOR(0x94, 60, struct btrfs_ioctl_get_subvol_info_args)
 
@@ -156,6 +157,13 @@ func btrfsGeneration(fd int) (uint64, error) {
 		return 0, fmt.Errorf("this kernel's BTRFS_IOC_FS_INFO gives no generation: %w", unix.EOPNOTSUPP)
 	}
 	return a.Generation, nil
+}
+
+// btrfsQgroupDelete deletes the level-0 qgroup of subvolume id, from fd
+// on the same filesystem.
+func btrfsQgroupDelete(fd int, id uint64) error {
+	a := struct{ Create, QgroupID uint64 }{QgroupID: id}
+	return btrfsIoctl(fd, btrfsIocQgroupCreate, unsafe.Pointer(&a))
 }
 
 // btrfsLimitReferenced sets the max-referenced limit of the qgroup of the

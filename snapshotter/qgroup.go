@@ -38,7 +38,8 @@ import (
 // there (removeTree): one ioctl, whatever the subvolume holds; the kernel's
 // cleaner frees its tree in the background and, when the subvolume is
 // gone, deletes its qgroup (measured on 6.18: `btrfs qgroup show` lists no
-// stale 0/<id> once `btrfs subvolume sync` returns). A crash before the
+// stale 0/<id> once `btrfs subvolume sync` returns; older kernels let the
+// daemon delete it at once, see destroySubvolume). A crash before the
 // rename into place leaves a new-* subvolume, trashed at the next start.
 
 // LimitBackend chooses how size limits are enforced.
@@ -328,15 +329,36 @@ func (q *btrfsQuotas) forget(dir string) {
 // destroy, anything else (or a subvolume the destroy refused) by
 // RemoveAll, which can remove an emptied subvolume too.
 func removeTree(path string) error {
-	if isSubvolume(path) {
-		dirfd, err := unix.Open(filepath.Dir(path), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-		if err == nil {
-			err = btrfsSubvolDestroy(dirfd, filepath.Base(path))
-			unix.Close(dirfd)
-			if err == nil {
-				return nil
-			}
-		}
+	if isSubvolume(path) && destroySubvolume(path) == nil {
+		return nil
 	}
 	return os.RemoveAll(path)
+}
+
+// destroySubvolume destroys the subvolume path and asks for its qgroup to
+// go too. A recent kernel refuses that while the cleaner has not yet
+// freed the subvolume (EBUSY, measured on 6.18, with qgroups and simple
+// quotas) and deletes the qgroup itself once it has; an older one, which
+// would leave it stale for good, deletes it here. A root without quotas
+// says ENOTCONN. Either way the error changes nothing.
+func destroySubvolume(path string) error {
+	dirfd, err := unix.Open(filepath.Dir(path), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(dirfd)
+	fd, err := openSubvolume(dirfd, filepath.Base(path))
+	if err != nil {
+		return err
+	}
+	id, err := btrfsSubvolID(fd)
+	unix.Close(fd)
+	if err != nil {
+		return err
+	}
+	if err := btrfsSubvolDestroy(dirfd, filepath.Base(path)); err != nil {
+		return err
+	}
+	_ = btrfsQgroupDelete(dirfd, id)
+	return nil
 }

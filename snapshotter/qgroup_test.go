@@ -346,3 +346,37 @@ func TestQgroupQuotasDisabled(t *testing.T) {
 		t.Fatalf("left in the trash: %v", subs)
 	}
 }
+
+// TestRemoveTreeSubvolume: the deleter destroys a trashed subvolume whole,
+// with one ioctl: even one holding a file nobody may unlink (immutable),
+// which a RemoveAll could not delete.
+func TestRemoveTreeSubvolume(t *testing.T) {
+	root, mnt := qgroupRoot(t, loopfs.Qgroups)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
+		t.Fatal(err)
+	}
+	id := s.idOf(ctx, t, "limited")
+	dir := s.snapshotDir(id)
+	qgroup := subvolIDOf(t, dir)
+	f, err := os.Create(filepath.Join(s.upperPath(id), "immutable"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = unix.IoctlSetPointerInt(int(f.Fd()), unix.FS_IOC_SETFLAGS, 0x10) // FS_IMMUTABLE_FL, linux/fs.h
+	f.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ctx, "limited"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil { // waits for the trash
+		t.Fatal(err)
+	}
+	gone(t, dir)
+	if left, _ := filepath.Glob(filepath.Join(root, trashDir, "*")); len(left) != 0 {
+		t.Fatalf("left in the trash: %v", left)
+	}
+	noQgroup(t, mnt, qgroup)
+}
