@@ -167,23 +167,21 @@ func limited(info snapshots.Info) bool {
 }
 
 // prepareLimitDir makes the temporary directory of a snapshot of this
-// kind and limit: on the qgroup path a limited active's is a subvolume.
+// kind and limit: on the qgroup path a limited active's is a subvolume,
+// limited here.
 func (s *Snapshotter) prepareLimitDir(kind snapshots.Kind, limit int64) (string, error) {
 	if limit > 0 && s.quotas != nil {
-		return s.prepareSubvolume()
+		return s.prepareSubvolume(limit)
 	}
 	return s.prepareDirectory(kind)
 }
 
 // prepareLimit makes the image of a limited snapshot in its temporary
 // directory td; nil when there is no limit, or when the limit is td's
-// qgroup's (set here).
+// qgroup's (prepareLimitDir set it).
 func (s *Snapshotter) prepareLimit(ctx context.Context, td string, size int64) (*loopImage, error) {
-	if size == 0 {
+	if size == 0 || s.quotas != nil {
 		return nil, nil
-	}
-	if s.quotas != nil {
-		return nil, limitSubvolume(td, size)
 	}
 	if img := s.pool.take(ctx, filepath.Join(td, imageName), size); img != nil {
 		return img, nil

@@ -128,9 +128,10 @@ func readSysfsInt(path string) (int64, error) {
 	return n, nil
 }
 
-// prepareSubvolume makes snapshots/new-XXXX as a btrfs subvolume, with fs
-// and work (and work/work) inside it, all through descriptors.
-func (s *Snapshotter) prepareSubvolume() (_ string, err error) {
+// prepareSubvolume makes snapshots/new-XXXX as a btrfs subvolume whose
+// qgroup is limited to size bytes, with fs and work (and work/work) inside
+// it, all through descriptors.
+func (s *Snapshotter) prepareSubvolume(size int64) (_ string, err error) {
 	parent := filepath.Join(s.root, snapshotsDir)
 	dirfd, err := unix.Open(parent, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -161,6 +162,9 @@ func (s *Snapshotter) prepareSubvolume() (_ string, err error) {
 		return "", fmt.Errorf("open new subvolume %s: %w", td, err)
 	}
 	defer unix.Close(fd)
+	if err := btrfsLimitReferenced(fd, uint64(size)); err != nil {
+		return "", fmt.Errorf("set the qgroup limit of %s to %d bytes: %w", td, size, err)
+	}
 	// 0700, as every other snapshot directory (MkdirTemp): a new
 	// subvolume's root is 0755.
 	if err := unix.Fchmod(fd, 0o700); err != nil {
@@ -194,24 +198,6 @@ func openSubvolume(dirfd int, name string) (int, error) {
 		return -1, fmt.Errorf("not a btrfs subvolume (inode %d)", st.Ino)
 	}
 	return fd, nil
-}
-
-// limitSubvolume sets the qgroup limit of the subvolume td.
-func limitSubvolume(td string, size int64) error {
-	dirfd, err := unix.Open(filepath.Dir(td), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", filepath.Dir(td), err)
-	}
-	defer unix.Close(dirfd)
-	fd, err := openSubvolume(dirfd, filepath.Base(td))
-	if err != nil {
-		return fmt.Errorf("open %s: %w", td, err)
-	}
-	defer unix.Close(fd)
-	if err := btrfsLimitReferenced(fd, uint64(size)); err != nil {
-		return fmt.Errorf("set the qgroup limit of %s to %d bytes: %w", td, size, err)
-	}
-	return nil
 }
 
 // isSubvolume tells whether dir is the root of a btrfs subvolume: a

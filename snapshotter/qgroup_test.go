@@ -164,11 +164,8 @@ func noQgroup(t *testing.T, mnt string, qgroup string) {
 func TestQgroupCrash(t *testing.T) {
 	root, mnt := qgroupRoot(t, loopfs.Qgroups)
 	ctx, s := openTest(t, root, WithMode(ModeOverlay))
-	td, err := s.prepareSubvolume()
+	td, err := s.prepareSubvolume(testLimit)
 	if err != nil {
-		t.Fatal(err)
-	}
-	if err := limitSubvolume(td, testLimit); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := s.Prepare(ctx, "removed", "", withMaxSize(testLimit)); err != nil {
@@ -379,4 +376,28 @@ func TestRemoveTreeSubvolume(t *testing.T) {
 		t.Fatalf("left in the trash: %v", left)
 	}
 	noQgroup(t, mnt, qgroup)
+}
+
+// TestQgroupLostRename: a power cut that lost a limited snapshot's
+// subvolume (the metadata names it) gets a new one, limited, at start.
+func TestQgroupLostRename(t *testing.T) {
+	root, _ := qgroupRoot(t, loopfs.Qgroups)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
+		t.Fatal(err)
+	}
+	dir := s.snapshotDir(s.idOf(ctx, t, "limited"))
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := removeTree(dir); err != nil {
+		t.Fatal(err)
+	}
+	ctx, s = openTest(t, root)
+	if !isSubvolume(dir) {
+		t.Fatalf("the lost directory %s was not made again as a subvolume", dir)
+	}
+	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "limited"), "big"), 2*testLimit); !errors.Is(err, syscall.EDQUOT) {
+		t.Fatalf("after the lost rename, the limit: %v", err)
+	}
 }
