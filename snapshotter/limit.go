@@ -57,9 +57,7 @@ func probeRootLimits(mode Mode, root string, backend LimitBackend) (LimitMechani
 	}
 	q, why := probeBtrfsQuotas(root)
 	if q == nil {
-		if why != "not btrfs" {
-			img.Note = why
-		}
+		img.Note = why
 		return img, nil
 	}
 	return LimitMechanism{OK: true, Backend: LimitQgroup,

@@ -81,7 +81,8 @@ type inodeCount struct {
 }
 
 // probeBtrfsQuotas finds whether root is on btrfs and, if it is, whether
-// quotas are enabled there. It returns a nil *btrfsQuotas and why not.
+// quotas are enabled there. It returns a nil *btrfsQuotas and, on btrfs,
+// why not: what the operator could do.
 func probeBtrfsQuotas(root string) (*btrfsQuotas, string) {
 	fd, err := unix.Open(root, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -93,7 +94,7 @@ func probeBtrfsQuotas(root string) (*btrfsQuotas, string) {
 		return nil, fmt.Sprintf("statfs %s: %v", root, err)
 	}
 	if st.Type != unix.BTRFS_SUPER_MAGIC {
-		return nil, "not btrfs"
+		return nil, ""
 	}
 	fsid, err := btrfsFsID(fd)
 	if err != nil {
