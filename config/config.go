@@ -35,6 +35,9 @@ const (
 	// diff service writes the layers it makes to containerd's content
 	// store through it.
 	DefaultContainerdAddress = "/run/containerd/containerd.sock"
+	// DefaultLimitBackend uses btrfs qgroups for size limits where the
+	// operator enabled quotas on the root's btrfs, images elsewhere.
+	DefaultLimitBackend = "auto"
 	// DefaultUsageMaxAge is off: Usage as fresh as the built-in's unless
 	// the operator trades freshness for CPU (snapshotter/usagecache.go).
 	DefaultUsageMaxAge = Duration(0)
@@ -95,10 +98,18 @@ type Config struct {
 	// active snapshot carries no containerd.io/snapshot/max-size label,
 	// in bytes: writes past it fail with ENOSPC inside the container.
 	// Layers being unpacked are never limited by it. A label of "0"
-	// opts a container out. Needs overlay mode, mkfs.ext4 and loop
-	// devices (`overclone check` says); the daemon refuses to start if it
+	// opts a container out. Needs overlay mode, and mkfs.ext4 and loop
+	// devices or a btrfs root with quotas enabled (`overclone check`
+	// says); the daemon refuses to start if it
 	// is set and cannot be honoured. Default 0 (no limit).
 	DefaultMaxSize int64 `toml:"default_max_size"`
+	// LimitBackend is how size limits are enforced: "auto" makes a
+	// limited container's writable layer a btrfs subvolume with a qgroup
+	// limit where the root is on btrfs and quotas are enabled on its
+	// filesystem (the daemon never enables them: `btrfs quota enable
+	// ROOT`), and an ext4 image elsewhere; "image" always uses an image.
+	// Default "auto".
+	LimitBackend string `toml:"limit_backend"`
 	// UsageMaxAge is how stale the Usage of an unlimited active snapshot
 	// may be when polled (CRI asks every 10 s; each answer is a walk of
 	// the container's upper). "0s" walks on every call, as containerd's
@@ -148,6 +159,7 @@ func Default() Config {
 		DiffService:       true,
 		ContainerdAddress: DefaultContainerdAddress,
 		UsageMaxAge:       DefaultUsageMaxAge,
+		LimitBackend:      DefaultLimitBackend,
 		Dedupe:            DefaultDedupe,
 		DedupeMinSize:     DefaultDedupeMinSize,
 	}
@@ -229,6 +241,11 @@ func (c *Config) Validate() error {
 	}
 	if c.DefaultMaxSize != 0 && c.DefaultMaxSize < MinMaxSize {
 		return fmt.Errorf("default_max_size %d: want 0 (no limit) or at least %d bytes", c.DefaultMaxSize, MinMaxSize)
+	}
+	switch c.LimitBackend {
+	case "auto", "image":
+	default:
+		return fmt.Errorf("limit_backend %q: want auto or image", c.LimitBackend)
 	}
 	if c.UsageMaxAge < 0 {
 		return fmt.Errorf("usage_max_age %s must not be negative", c.UsageMaxAge)

@@ -51,6 +51,17 @@ func TestParse(t *testing.T) {
 				t.Fatalf("dedupe %q min %d", c.Dedupe, c.DedupeMinSize)
 			}
 		}},
+		{name: "limit_backend auto by default", toml: "", check: func(t *testing.T, c Config) {
+			if c.LimitBackend != "auto" {
+				t.Fatalf("limit_backend %q", c.LimitBackend)
+			}
+		}},
+		{name: "limit_backend image", toml: "limit_backend = \"image\"\n", check: func(t *testing.T, c Config) {
+			if c.LimitBackend != "image" {
+				t.Fatalf("limit_backend %q", c.LimitBackend)
+			}
+		}},
+		{name: "bad limit_backend", toml: "limit_backend = \"xfs\"\n", wantErr: "limit_backend \"xfs\""},
 		{name: "bad dedupe", toml: "dedupe = \"always\"\n", wantErr: "dedupe \"always\""},
 		{name: "negative dedupe_min_size", toml: "dedupe_min_size = -1\n", wantErr: "dedupe_min_size"},
 	} {

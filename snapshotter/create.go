@@ -50,13 +50,13 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 
 	// The directory is built before the write transaction, so that the
 	// transaction (which blocks every other writer) holds only a rename.
-	td, err := s.prepareDirectory(kind)
+	td, err := s.prepareLimitDir(kind, limit)
 	if err != nil {
 		return nil, err
 	}
 	defer func() {
 		if td != "" {
-			if err := os.RemoveAll(td); err != nil {
+			if err := removeTree(td); err != nil {
 				log.G(ctx).WithError(err).WithField("path", td).Warn("failed to remove temporary snapshot directory")
 			}
 		}

@@ -153,7 +153,7 @@ func (q queued) delete() {
 			return
 		}
 	}
-	if err := os.RemoveAll(q.path); err != nil {
+	if err := removeTree(q.path); err != nil {
 		log.L.WithError(err).WithField("path", q.path).Warn("failed to delete from the trash")
 	}
 }

@@ -11,7 +11,10 @@
 //	ROOT/snapshots/<id>/work   overlay workdir, active snapshots only
 //	ROOT/snapshots/<id>/image  a size-limited active's ext4 image, loop-mounted
 //	                           on snapshots/<id> itself, so that its fs and
-//	                           work are inside it (loopimage.go)
+//	                           work are inside it (loopimage.go); or, on a
+//	                           btrfs root with quotas enabled, snapshots/<id>
+//	                           is itself a subvolume with a qgroup limit
+//	                           (qgroup.go)
 //	ROOT/images/               ext4-*: formatted image templates, one per
 //	                           limit size (template.go); pool-*: images kept
 //	                           ready, mounted detached (imagepool.go)

@@ -61,8 +61,9 @@ func (s *Snapshotter) Usage(ctx context.Context, key string) (snapshots.Usage, e
 			return snapshots.Usage{}, fmt.Errorf("usage of %q: %w", key, err)
 		}
 		if limited(info) {
-			// Its image's own counters: no walk (loopimage.go).
-			return imageUsage(s.snapshotDir(id))
+			// Its filesystem's own counters: no walk (loopimage.go,
+			// qgroup.go).
+			return s.limitedUsage(ctx, id, info)
 		}
 		return s.usages.get(ctx, id, func() (snapshots.Usage, error) {
 			return s.usage(ctx, s.snapshotDir(id), s.upperPath(id), info.Created)

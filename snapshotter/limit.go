@@ -34,6 +34,34 @@ type LimitMechanism struct {
 	// How names the mechanism ("ext4 image per snapshot") or, when not
 	// OK, what is missing.
 	How string `json:"how"`
+	// Backend is the mechanism chosen: LimitImage or LimitQgroup.
+	Backend LimitBackend `json:"backend,omitempty"`
+	// Note, if set, says what the operator could change: on a btrfs
+	// root without quotas, the command that would enable them.
+	Note string `json:"note,omitempty"`
+}
+
+// ProbeRootLimits is how size limits are enforced on root with the
+// configured backend: a btrfs subvolume with a qgroup limit per limited
+// snapshot where root is on btrfs and its filesystem has quotas enabled
+// (qgroup.go) and backend is auto, otherwise an image (ProbeLimits).
+func ProbeRootLimits(mode Mode, root string, backend LimitBackend) LimitMechanism {
+	m, _ := probeRootLimits(mode, root, backend)
+	return m
+}
+
+func probeRootLimits(mode Mode, root string, backend LimitBackend) (LimitMechanism, *btrfsQuotas) {
+	img := ProbeLimits(mode)
+	if mode == ModeUserspace || backend == LimitImage {
+		return img, nil
+	}
+	q, why := probeBtrfsQuotas(root)
+	if q == nil {
+		img.Note = why
+		return img, nil
+	}
+	return LimitMechanism{OK: true, Backend: LimitQgroup,
+		How: fmt.Sprintf("btrfs subvolume per limited snapshot, its qgroup limited (quota mode %s, %s)", q.mode, q.sysfs)}, q
 }
 
 // ProbeLimits finds how a root can enforce size limits: a loop-mounted
@@ -57,7 +85,21 @@ func ProbeLimits(mode Mode) LimitMechanism {
 		return LimitMechanism{How: "cannot mount ext4 through fsopen: " + err.Error()}
 	}
 	unix.Close(fd)
-	return LimitMechanism{OK: true, How: "ext4 image per limited snapshot, loop-mounted (" + mkfs + ")"}
+	return LimitMechanism{OK: true, Backend: LimitImage, How: "ext4 image per limited snapshot, loop-mounted (" + mkfs + ")"}
+}
+
+// WithLimitBackend chooses how size limits are enforced: LimitAuto (the
+// default) or LimitImage.
+func WithLimitBackend(b LimitBackend) Opt {
+	return func(c *Config) error {
+		switch b {
+		case "", LimitAuto, LimitImage:
+		default:
+			return fmt.Errorf("limit_backend %q: want auto or image", b)
+		}
+		c.LimitBackend = b
+		return nil
+	}
 }
 
 // WithDefaultMaxSize limits every container's active snapshot that does
@@ -116,16 +158,27 @@ func parseMaxSize(labels map[string]string) (size int64, labelled bool, err erro
 }
 
 // limited tells whether an active snapshot with these labels has its
-// upper in an image.
+// upper in an image or a limited subvolume.
 func limited(info snapshots.Info) bool {
 	size, _, err := parseMaxSize(info.Labels)
 	return err == nil && size > 0 && info.Kind == snapshots.KindActive
 }
 
+// prepareLimitDir makes the temporary directory of a snapshot of this
+// kind and limit: on the qgroup path a limited active's is a subvolume,
+// limited here.
+func (s *Snapshotter) prepareLimitDir(kind snapshots.Kind, limit int64) (string, error) {
+	if limit > 0 && s.quotas != nil {
+		return s.prepareSubvolume(limit)
+	}
+	return s.prepareDirectory(kind)
+}
+
 // prepareLimit makes the image of a limited snapshot in its temporary
-// directory td; nil when there is no limit.
+// directory td; nil when there is no limit, or when the limit is td's
+// qgroup's (prepareLimitDir set it).
 func (s *Snapshotter) prepareLimit(ctx context.Context, td string, size int64) (*loopImage, error) {
-	if size == 0 {
+	if size == 0 || s.quotas != nil {
 		return nil, nil
 	}
 	if img := s.pool.take(ctx, filepath.Join(td, imageName), size); img != nil {
@@ -188,6 +241,12 @@ func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string)
 		if s.missing.check(id) != nil {
 			return nil
 		}
+		if isSubvolume(s.snapshotDir(id)) {
+			if s.quotas == nil {
+				log.G(ctx).WithField("key", info.Name).WithField("id", id).Warn("a size-limited snapshot's subvolume has no qgroup limit any more (quotas disabled on the root's filesystem?): its limit is not enforced")
+			}
+			return nil
+		}
 		if mounted, err := isMountPoint(s.snapshotDir(id)); err == nil && !mounted {
 			log.G(ctx).WithField("key", info.Name).WithField("id", id).Error("the image of a size-limited snapshot is gone: it is unusable")
 			s.missing.add(id, info.Name)
@@ -200,12 +259,31 @@ func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string)
 	return err
 }
 
+// limitedUsage is the Usage of the limited active snapshot id, from its
+// filesystem's own accounting: its subvolume's qgroup, or its image's
+// statfs. A subvolume whose qgroup is gone (quotas disabled since) is
+// walked.
+func (s *Snapshotter) limitedUsage(ctx context.Context, id string, info snapshots.Info) (snapshots.Usage, error) {
+	dir := s.snapshotDir(id)
+	if !isSubvolume(dir) {
+		return imageUsage(dir)
+	}
+	if s.quotas != nil {
+		return s.quotas.subvolUsage(dir)
+	}
+	return s.usage(ctx, dir, s.upperPath(id), info.Created)
+}
+
 // logLimits says at start how size limits will be enforced, or why a
 // max-size label will be refused.
 func logLimits(ctx context.Context, m LimitMechanism, defaultSize int64) {
 	l := log.G(ctx).WithField("default_max_size", defaultSize)
 	if m.OK {
-		l.WithField("how", m.How).Info("size limits (containerd.io/snapshot/max-size) enforced")
+		l = l.WithField("how", m.How).WithField("backend", m.Backend)
+		if m.Note != "" {
+			l = l.WithField("note", m.Note)
+		}
+		l.Info("size limits (containerd.io/snapshot/max-size) enforced")
 		return
 	}
 	l.WithField("why", m.How).Warn("size limits unavailable: Prepare with containerd.io/snapshot/max-size fails with FailedPrecondition")

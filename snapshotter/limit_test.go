@@ -158,7 +158,11 @@ func TestLimitWritePastFails(t *testing.T) {
 // lower file (a whiteout) and a directory tree.
 func TestLimitUsageMatchesWalk(t *testing.T) {
 	needLimits(t)
-	ctx, s := openTest(t, limitRoot(t), WithMode(ModeOverlay))
+	usageMatchesWalk(t, limitRoot(t))
+}
+
+func usageMatchesWalk(t *testing.T, root string) {
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
 	committedBase(ctx, t, s)
 	m, err := s.Prepare(ctx, "limited", "base", withMaxSize(256<<20))
 	if err != nil {

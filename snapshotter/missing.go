@@ -166,15 +166,19 @@ func (s *Snapshotter) recreate(ctx context.Context, key string) (bool, error) {
 	if err := s.missing.check(snap.ParentIDs...); err != nil {
 		return false, err
 	}
-	td, err := s.prepareDirectory(snap.Kind)
+	var size int64
+	if limited(info) {
+		size, _, _ = parseMaxSize(info.Labels)
+	}
+	td, err := s.prepareLimitDir(snap.Kind, size)
 	if err != nil {
 		return false, err
 	}
-	defer os.RemoveAll(td) // gone after the rename, unless it failed
-	// A limited snapshot's image went with the lost rename: a new one.
+	defer removeTree(td) // gone after the rename, unless it failed
+	// A limited snapshot's image or subvolume went with the lost
+	// rename: a new one.
 	var img *loopImage
-	if limited(info) {
-		size, _, _ := parseMaxSize(info.Labels)
+	if size > 0 {
 		if img, err = s.prepareLimit(ctx, td, size); err != nil {
 			return false, err
 		}

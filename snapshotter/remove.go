@@ -59,6 +59,7 @@ func (s *Snapshotter) remove(ctx context.Context, key, want string) error {
 	s.placing.wait(id)
 	s.missing.drop(id)
 	s.usages.drop(id)
+	s.quotas.forget(s.snapshotDir(id))
 	s.linked.Delete(id)
 	s.deepActives.Delete(id)
 	if err := os.Remove(s.linkPath(id)); err != nil && !os.IsNotExist(err) {

@@ -45,6 +45,9 @@ type Config struct {
 	// DefaultMaxSize limits containers' active snapshots that carry no
 	// max-size label, in bytes; 0 means no limit (see limit.go).
 	DefaultMaxSize int64
+	// LimitBackend chooses how limits are enforced (qgroup.go); ""
+	// is LimitAuto.
+	LimitBackend LimitBackend
 	// UsageMaxAge is how stale a polled Usage of an unlimited active
 	// snapshot may be; 0 walks on every call (see usagecache.go).
 	UsageMaxAge time.Duration
@@ -125,6 +128,7 @@ type Snapshotter struct {
 	// defaultMaxSize and limits: how size limits are applied (limit.go).
 	defaultMaxSize int64
 	limits         LimitMechanism
+	quotas         *btrfsQuotas // set on the qgroup path (qgroup.go)
 	usages         usageCache
 	templates      imageTemplates
 	pool           imagePool
@@ -258,10 +262,14 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	}
 	s.mode = mode
 	s.defaultMaxSize = cfg.DefaultMaxSize
-	s.limits = ProbeLimits(mode)
+	s.limits, s.quotas = probeRootLimits(mode, root, cfg.LimitBackend)
 	s.usages.maxAge = cfg.UsageMaxAge
 	s.templates.dir = filepath.Join(root, templatesDir)
-	s.pool.init(&s.templates, s.defaultMaxSize)
+	poolFor := s.defaultMaxSize // images are made ready only for the image path
+	if s.quotas != nil {
+		poolFor = 0
+	}
+	s.pool.init(&s.templates, poolFor)
 	if !s.limits.OK && s.defaultMaxSize > 0 {
 		abort()
 		ms.Close()

@@ -101,5 +101,8 @@ func UsageMechanism(limits LimitMechanism, maxAge time.Duration) string {
 	if !limits.OK {
 		return walk
 	}
+	if limits.Backend == LimitQgroup {
+		return "limited snapshots: their btrfs qgroup's counters (bytes) and a search of their subvolume's tree (inodes), no walk; " + walk
+	}
 	return "limited snapshots: statfs of their image (no walk); " + walk
 }

@@ -96,6 +96,7 @@ func run(args []string) error {
 		snapshotter.WithMountOptions(cfg.MountOptions),
 		snapshotter.WithSyncOnCommit(cfg.SyncOnCommit),
 		snapshotter.WithDefaultMaxSize(cfg.DefaultMaxSize),
+		snapshotter.WithLimitBackend(snapshotter.LimitBackend(cfg.LimitBackend)),
 		snapshotter.WithUsageMaxAge(time.Duration(cfg.UsageMaxAge)),
 		snapshotter.WithDedupe(snapshotter.DedupeMode(cfg.Dedupe), cfg.DedupeMinSize),
 	}

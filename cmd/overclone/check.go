@@ -45,6 +45,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	root := fs.String("root", defaultRoot, "snapshotter root; probes run in a scratch dir under it")
 	asJSON := fs.Bool("json", false, "print the findings as JSON")
 	mode := fs.String("mode", "auto", "the daemon's configured mode, to show what it resolves to")
+	limitBackend := fs.String("limit-backend", config.DefaultLimitBackend, "the daemon's limit_backend (auto or image), to show how size limits are enforced")
 	usageMaxAge := fs.Duration("usage-max-age", time.Duration(config.DefaultUsageMaxAge), "the daemon's usage_max_age, to show how Usage is answered")
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
@@ -66,7 +67,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	m, why, modeErr := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
 	limits := snapshotter.LimitMechanism{How: fmt.Sprint("no mode can serve: ", modeErr)}
 	if modeErr == nil {
-		limits = snapshotter.ProbeLimits(m)
+		limits = snapshotter.ProbeRootLimits(m, f.Root, snapshotter.LimitBackend(*limitBackend))
 	}
 	usage := snapshotter.UsageMechanism(limits, *usageMaxAge)
 	if *asJSON {
@@ -94,6 +95,9 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			fmt.Fprintf(stdout, "remap-ids:   %s: %s\n", remap, rwhy)
 		}
 		fmt.Fprintf(stdout, "size limits: %s: %s\n", yesNo(limits.OK), limits.How)
+		if limits.Note != "" {
+			fmt.Fprintf(stdout, "             %s\n", limits.Note)
+		}
 		fmt.Fprintf(stdout, "usage:       %s\n", usage)
 		if d := f.Get(overlayutil.CheckDedupe); d.OK {
 			fmt.Fprintln(stdout, "dedupe: layers can share extents here (config dedupe = \"commit\" or \"background\" turns it on)")

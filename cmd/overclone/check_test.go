@@ -190,3 +190,34 @@ func TestCheckLeavesMissingRootAlone(t *testing.T) {
 		t.Errorf("exit %d, text check does not say the root is missing:\n%s", code, stdout)
 	}
 }
+
+// TestCheckLimitsBtrfs: on a btrfs root, check says which size-limit
+// mechanism applies: without quotas an image, with the command that
+// would enable them; with quotas a subvolume per limited snapshot and
+// Usage from its qgroup; with --limit-backend image an image again.
+func TestCheckLimitsBtrfs(t *testing.T) {
+	mnt := loopfs.Mount(t, loopfs.Btrfs)
+	root := filepath.Join(mnt, "root")
+	for _, tc := range []struct {
+		quotas  bool
+		backend string
+		want    []string
+	}{
+		{false, "auto", []string{"size limits: yes: ext4 image per limited snapshot", "btrfs quota enable " + root}},
+		{true, "auto", []string{"size limits: yes: btrfs subvolume per limited snapshot, its qgroup limited (quota mode qgroup", "usage:       limited snapshots: their btrfs qgroup's counters"}},
+		{true, "image", []string{"size limits: yes: ext4 image per limited snapshot"}},
+	} {
+		if tc.quotas {
+			loopfs.EnableQuotas(t, mnt, loopfs.Qgroups)
+		}
+		code, stdout, stderr := run("check", "--root", root, "--mode", "overlay", "--limit-backend", tc.backend)
+		if code != exitOK {
+			t.Fatalf("exit %d: %s", code, stderr)
+		}
+		for _, want := range tc.want {
+			if !strings.Contains(stdout, want) {
+				t.Errorf("quotas %v, --limit-backend %s: output lacks %q:\n%s", tc.quotas, tc.backend, want, stdout)
+			}
+		}
+	}
+}

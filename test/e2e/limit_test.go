@@ -6,12 +6,14 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 
 	"github.com/overclone/overclone/test/e2e/harness"
+	"github.com/overclone/overclone/test/loopfs"
 	"github.com/overclone/overclone/test/require"
 )
 
@@ -29,6 +31,10 @@ const (
 //     is removed its image is unmounted;
 //   - a container without the label on the same overclone writes the
 //     same amount;
+//   - on a root on btrfs with qgroups enabled (the same daemon restarted
+//     on it) the limited container's writable layer is a subvolume and
+//     the write fails with "disk quota exceeded"; containerd's GC leaves
+//     no subvolume in snapshots/;
 //   - overclone in userspace mode refuses the label, and containerd's
 //     error says why, rather than running the container unlimited.
 func TestContainerd2SizeLimit(t *testing.T) {
@@ -52,6 +58,7 @@ func TestContainerd2SizeLimit(t *testing.T) {
 	if left := mountsUnder(t, s.oc.Root+"/snapshots/"); len(left) > 0 {
 		t.Errorf("mounts left after containerd's GC: %v", left)
 	}
+	qgroupSizeLimit(ctx, t, s, label, fill)
 
 	us := harness.UserspaceName
 	s.ctr(t, "images", "import", "--snapshotter", us, s.f.archive)
@@ -164,5 +171,43 @@ func TestCRISizeLimit(t *testing.T) {
 	n.checkClean(t)
 	if left := mountsUnder(t, n.oc.Root+"/snapshots/"); len(left) > 0 {
 		t.Errorf("images still mounted with every pod gone: %v", left)
+	}
+}
+
+// qgroupSizeLimit restarts the suite's overclone on a root on btrfs with
+// qgroups enabled (containerd holds none of its snapshots now) and runs a
+// limited container there.
+func qgroupSizeLimit(ctx context.Context, t *testing.T, s *suite, label string, fill []string) {
+	t.Helper()
+	start := time.Now()
+	defer func() { t.Logf("the btrfs-qgroup root took %v", time.Since(start).Round(time.Millisecond)) }()
+	mnt := loopfs.Mount(t, loopfs.Btrfs)
+	loopfs.EnableQuotas(t, mnt, loopfs.Qgroups)
+	if err := s.oc.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	s.oc.Root = filepath.Join(mnt, "root")
+	// Stopped before the btrfs is unmounted (cleanups run last first);
+	// the suite's close finds it stopped.
+	t.Cleanup(func() { s.oc.Stop() })
+	if err := s.oc.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	sn := harness.SnapshotterName
+	s.ctr(t, "images", "import", "--snapshotter", sn, s.f.archive)
+	out, err := s.c.Ctr(ctx, append([]string{"run", "--rm", label, "--snapshotter", sn, imageName, "limited-qgroup"}, fill...)...)
+	if err == nil || !strings.Contains(out+err.Error(), "disk quota exceeded") {
+		t.Fatalf("writing %d bytes in a container limited to %d on a btrfs root with qgroups: %v, output %q; want disk quota exceeded\n%s", e2eFill, e2eLimit, err, out, s.oc.Tail(20))
+	}
+	s.removeImages(t)
+	entries, err := os.ReadDir(filepath.Join(s.oc.Root, "snapshots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		var st syscall.Stat_t
+		if err := syscall.Lstat(filepath.Join(s.oc.Root, "snapshots", e.Name()), &st); err == nil && st.Ino == 256 {
+			t.Errorf("subvolume snapshots/%s left after containerd's GC", e.Name())
+		}
 	}
 }

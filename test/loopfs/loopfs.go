@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -155,4 +156,80 @@ func FSType(dir string) (string, error) {
 		return "overlay", nil
 	}
 	return fmt.Sprintf("0x%x", st.Type), nil
+}
+
+// Quota is how EnableQuotas turns on btrfs quotas.
+type Quota string
+
+const (
+	// Qgroups: full qgroup accounting, `btrfs quota enable`.
+	Qgroups Quota = "qgroup"
+	// SimpleQuotas: simple quotas (kernel 6.7+), `btrfs quota enable
+	// --simple` in btrfs-progs 6.7+; made here with the ioctl itself,
+	// since Debian's btrfs-progs may be older than the kernel.
+	SimpleQuotas Quota = "squota"
+)
+
+// btrfsIocQuotaCtl is _IOWR(0x94, 40, struct btrfs_ioctl_quota_ctl_args).
+const (
+	btrfsIocQuotaCtl         = 0xc0109428
+	btrfsQuotaCtlEnableSimpl = 4
+)
+
+// EnableQuotas turns on quotas of kind q on the btrfs filesystem mounted on
+// mnt (from MountSize), as an operator would; it skips where this kernel
+// cannot.
+func EnableQuotas(t testing.TB, mnt string, q Quota) {
+	t.Helper()
+	if q == Qgroups {
+		if out, err := exec.Command("btrfs", "quota", "enable", mnt).CombinedOutput(); err != nil {
+			t.Fatalf("btrfs quota enable %s: %v: %s", mnt, err, out)
+		}
+		return
+	}
+	fd, err := unix.Open(mnt, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	args := struct{ Cmd, Status uint64 }{Cmd: btrfsQuotaCtlEnableSimpl}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, uintptr(fd), btrfsIocQuotaCtl, uintptr(unsafe.Pointer(&args))); errno != 0 {
+		if errno == unix.EINVAL || errno == unix.EOPNOTSUPP {
+			require.Skipf(t, "this kernel has no btrfs simple quotas: %v", errno)
+		}
+		t.Fatalf("enable btrfs simple quotas on %s: %v", mnt, errno)
+	}
+}
+
+// QgroupIDs lists the level-0 qgroups of the btrfs filesystem holding mnt,
+// as `btrfs qgroup show` does ("0/256"), stale ones too.
+func QgroupIDs(t testing.TB, mnt string) []string {
+	t.Helper()
+	out, err := exec.Command("btrfs", "qgroup", "show", mnt).CombinedOutput()
+	if err != nil {
+		t.Fatalf("btrfs qgroup show %s: %v: %s", mnt, err, out)
+	}
+	var ids []string
+	for _, line := range strings.Split(string(out), "\n") {
+		if f := strings.Fields(line); len(f) > 0 && strings.HasPrefix(f[0], "0/") {
+			ids = append(ids, f[0])
+		}
+	}
+	return ids
+}
+
+// SubvolumeSync waits until every deleted subvolume of the btrfs
+// filesystem on mnt is gone (the kernel's cleaner freed it) and commits
+// what that freed. It commits the filesystem first (`btrfs filesystem
+// sync`, which also wakes the cleaner): otherwise the cleaner starts only
+// at the next periodic commit, up to 30 s later. And it commits once more
+// at the end: with simple quotas the freed extents, and so the deletion of
+// the subvolume's qgroup, are accounted at that commit.
+func SubvolumeSync(t testing.TB, mnt string) {
+	t.Helper()
+	for _, args := range [][]string{{"filesystem", "sync"}, {"subvolume", "sync"}, {"filesystem", "sync"}} {
+		if out, err := exec.Command("btrfs", append(args, mnt)...).CombinedOutput(); err != nil {
+			t.Fatalf("btrfs %v %s: %v: %s", args, mnt, err, out)
+		}
+	}
 }
