@@ -57,17 +57,26 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		fmt.Fprintf(stderr, "overclone check: unexpected arguments %v\n", fs.Args())
 		return exitUsage
 	}
-	f, rootMissing, err := probeRoot(ctx, *root)
+	f, rootMissing, at, done, err := probeRoot(ctx, *root)
 	if err != nil {
 		fmt.Fprintf(stderr, "overclone check: %v\n", err)
 		return exitFail
 	}
+	defer func() {
+		if err := done(); err != nil {
+			fmt.Fprintf(stderr, "overclone check: %v\n", err)
+		}
+	}()
 	// Size limits depend on the mode the daemon would serve in; a mode
 	// that cannot serve has none to offer.
 	m, why, modeErr := snapshotter.ChooseMode(snapshotter.Mode(*mode), f)
 	limits := snapshotter.LimitMechanism{How: fmt.Sprint("no mode can serve: ", modeErr)}
 	if modeErr == nil {
-		limits = snapshotter.ProbeRootLimits(m, f.Root, snapshotter.LimitBackend(*limitBackend))
+		limits = snapshotter.ProbeRootLimits(m, at, snapshotter.LimitBackend(*limitBackend))
+		// What a missing root was probed at is gone after check: name
+		// the root instead.
+		limits.How = strings.ReplaceAll(limits.How, at, f.Root)
+		limits.Note = strings.ReplaceAll(limits.Note, at, f.Root)
 	}
 	usage := snapshotter.UsageMechanism(limits, *usageMaxAge)
 	if *asJSON {

@@ -17,15 +17,17 @@ import (
 // daemon's first start, or a typo) is not created: the daemon would create
 // it on the filesystem of its nearest existing ancestor, so the probes run
 // in a scratch dir made there and removed afterwards. The findings are
-// reported under root, with missing set.
-func probeRoot(ctx context.Context, root string) (f *overlayutil.Features, missing bool, err error) {
+// reported under root, with missing set. Probes that follow (size limits)
+// run at at, and done removes the scratch dir when they are through.
+func probeRoot(ctx context.Context, root string) (f *overlayutil.Features, missing bool, at string, done func() error, err error) {
 	abs, err := filepath.Abs(root)
 	if err != nil {
-		return nil, false, err
+		return nil, false, "", nil, err
 	}
+	nothing := func() error { return nil }
 	if _, err := os.Lstat(abs); !errors.Is(err, fs.ErrNotExist) {
 		f, err := overlayutil.Probe(ctx, abs)
-		return f, false, err
+		return f, false, abs, nothing, err
 	}
 	parent := filepath.Dir(abs)
 	for {
@@ -36,21 +38,23 @@ func probeRoot(ctx context.Context, root string) (f *overlayutil.Features, missi
 	}
 	scratch, err := os.MkdirTemp(parent, ".overclone-check-")
 	if err != nil {
-		return nil, true, fmt.Errorf("%s does not exist, and no scratch dir can be made in %s to probe its filesystem: %w", abs, parent, err)
+		return nil, true, "", nil, fmt.Errorf("%s does not exist, and no scratch dir can be made in %s to probe its filesystem: %w", abs, parent, err)
 	}
-	defer func() {
+	done = func() error {
 		overlayutil.Forget(scratch)
-		if rerr := os.RemoveAll(scratch); rerr != nil && err == nil {
-			err = fmt.Errorf("remove the probe's scratch dir: %w", rerr)
+		if err := os.RemoveAll(scratch); err != nil {
+			return fmt.Errorf("remove the probe's scratch dir: %w", err)
 		}
-	}()
+		return nil
+	}
 	found, err := overlayutil.Probe(ctx, scratch)
 	if err != nil {
-		return nil, true, err
+		done()
+		return nil, true, "", nil, err
 	}
 	// A copy, so that the cached features of the scratch dir keep their
 	// own root.
 	c := *found
 	c.Root = abs
-	return &c, true, nil
+	return &c, true, scratch, done, nil
 }
