@@ -150,7 +150,7 @@ func (s *Snapshotter) afterCommit(ctx context.Context, key, id string) {
 			return
 		}
 		l.WithField("files", res.Files).WithField("shared_bytes", res.SharedBytes).
-			WithField("by_path", res.byPath).WithField("hash", res.hashed).WithField("share", res.shared).WithField("record", res.recorded).Debug("layer deduped")
+			WithField("by_path", res.byPath).WithField("by_path_files", res.pathFiles).WithField("hash", res.hashed).WithField("share", res.shared).WithField("record", res.recorded).Debug("layer deduped")
 	case DedupeBackground:
 		select {
 		case s.dedupe.poke <- struct{}{}:
@@ -189,6 +189,8 @@ type DedupeResult struct {
 	// copy at their path (shareByPath), hashing the others and looking
 	// them up, their FIDEDUPERANGE, the index's transaction.
 	byPath, hashed, shared, recorded time.Duration
+	// pathFiles is how many files shareByPath shared, unread.
+	pathFiles int
 }
 
 // DedupeSummary sums a pass.

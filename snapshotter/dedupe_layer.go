@@ -84,6 +84,7 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 		}
 	}
 	res.byPath = time.Since(began)
+	res.pathFiles = len(byPath)
 	if files, err = s.hashFiles(root, files); err != nil {
 		return res, err
 	}
