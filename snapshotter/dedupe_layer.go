@@ -139,6 +139,17 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 		}
 		return res, nil
 	}
+	// The record must not outlive the remaps it counts: bolt's fdatasync
+	// of its own file does not force xfs's log (the remaps are other
+	// inodes' transactions, still in memory), and after a power cut the
+	// layer would stop counting blocks it no longer shares. One syncfs
+	// forces the log (TestDedupeSurvivesShutdown/recorded); without
+	// sync_on_commit the layer itself is not made durable either.
+	if s.syncs && res.SharedFiles > 0 {
+		if err := syncFilesystem(root.Name()); err != nil {
+			return res, err
+		}
+	}
 	err = s.update(ctx, func(ctx context.Context) error {
 		return recordLayer(ctx, ref, entries, stale)
 	})

@@ -27,13 +27,16 @@ const dedupeShutdownMinSize = 4096
 
 // TestDedupeSurvivesShutdown shuts an xfs root down (no log flush, as a
 // power cut) while a Commit's dedupe is sharing the layer's files with an
-// earlier layer's copies, mounts it again and opens the snapshotter: every
-// layer holds its bytes, the cut-short layer has no dedupe record (the
-// index never claims a share the kernel may have lost), a dedupe pass
-// finishes it, and each layer's usage then lies between its exclusive
-// extents and all of its extents, as FIEMAP reads them.
+// earlier layer's copies ("midway"), or just after the Commit that deduped
+// and recorded it returned ("recorded"), mounts it again and opens the
+// snapshotter: every layer holds its bytes; midway, the cut-short layer
+// has no dedupe record and a dedupe pass finishes it; recorded, the record
+// outlived the shutdown, and so did the remaps it counts (the index never
+// claims a share the kernel lost); either way each layer's usage then
+// lies between its exclusive extents and all of its extents, as FIEMAP
+// reads them.
 //
-// The shutdown lands at a known point without a sleep: a fanotify
+// Midway, the shutdown lands at a known point without a sleep: a fanotify
 // permission mark on one file of the first layer holds the dedupe's open
 // of it (as the copy the third layer's files share with), which only the
 // share phase of the third layer's Commit makes; the test shuts the
@@ -43,6 +46,13 @@ func TestDedupeSurvivesShutdown(t *testing.T) {
 	if _, err := exec.LookPath("xfs_io"); err != nil {
 		require.Skipf(t, "xfs_io (xfsprogs) not installed: %v", err)
 	}
+	for _, midway := range []bool{true, false} {
+		name := map[bool]string{true: "midway", false: "recorded"}[midway]
+		t.Run(name, func(t *testing.T) { dedupeShutdownRun(t, midway) })
+	}
+}
+
+func dedupeShutdownRun(t *testing.T, midway bool) {
 	ctx := namespaces.WithNamespace(context.Background(), "durability")
 	// Probed on another xfs: dedupe is on where the probe finds that
 	// the filesystem shares extents, and a probe mount left alive on
@@ -88,7 +98,7 @@ func TestDedupeSurvivesShutdown(t *testing.T) {
 		}
 		l["d00/big"] = own["big"]
 		var cut func()
-		if i == shutdownLayers-1 {
+		if i == shutdownLayers-1 && midway {
 			cut = shutdownOnOpen(t, mnt, filepath.Join(dirs["layer-0"], heldFile(t, want["layer-0"])))
 		}
 		if err := s.Commit(ctx, name, key); err != nil {
@@ -98,6 +108,11 @@ func TestDedupeSurvivesShutdown(t *testing.T) {
 			cut()
 		}
 		want[name], dirs[name], parent = l, dir, name
+	}
+	if !midway {
+		if out, err := exec.Command("xfs_io", "-x", "-c", "shutdown", mnt).CombinedOutput(); err != nil {
+			t.Fatalf("xfs_io shutdown: %v: %s", err, out)
+		}
 	}
 	s.Close()
 	remount(t, loopfs.XFS, mnt)
@@ -115,9 +130,13 @@ func TestDedupeSurvivesShutdown(t *testing.T) {
 		t.Fatalf("dedupe pass after the shutdown: %v", err)
 	}
 	// The first two layers were deduped (and recorded, after their
-	// remaps were on disk) before the shutdown; the third was not.
-	if sum.Layers != 1 || sum.SharedFiles == 0 {
+	// remaps were on disk) before the shutdown; midway, the third was
+	// not.
+	if midway && (sum.Layers != 1 || sum.SharedFiles == 0) {
 		t.Errorf("dedupe pass after the shutdown: %+v, want the one layer cut short, sharing files", sum)
+	}
+	if !midway && sum.Layers != 0 {
+		t.Errorf("dedupe pass after the shutdown: %+v, want nothing: every layer was recorded", sum)
 	}
 	checkLayers(ctx, t, s, want)
 	if sum, err := s.Dedupe(ctx, false, nil); err != nil || sum.Layers != 0 {
