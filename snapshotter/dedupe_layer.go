@@ -139,12 +139,13 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 		}
 		return res, nil
 	}
-	// The record must not outlive the remaps it counts: bolt's fdatasync
-	// of its own file does not force xfs's log (the remaps are other
-	// inodes' transactions, still in memory), and after a power cut the
-	// layer would stop counting blocks it no longer shares. One syncfs
-	// forces the log (TestDedupeSurvivesShutdown/recorded); without
-	// sync_on_commit the layer itself is not made durable either.
+	// The record must not outlive the remaps it counts, or after a power
+	// cut the layer would stop counting blocks it no longer shares. The
+	// remaps are other inodes' transactions in xfs's log, which bolt's
+	// fdatasync of its own file forces only when that file has metadata
+	// of its own to log (blocks to allocate): one syncfs forces it
+	// (TestDedupeSurvivesShutdown/recorded). Without sync_on_commit the
+	// layer itself is not made durable either.
 	if s.syncs && res.SharedFiles > 0 {
 		if err := syncFilesystem(root.Name()); err != nil {
 			return res, err
