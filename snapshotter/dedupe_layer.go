@@ -436,6 +436,17 @@ func isMetacopy(fd int) bool {
 // dedupeFile shares f's extents with those of c's copy, opening both by
 // descriptor beneath their layers' roots.
 func (s *Snapshotter) dedupeFile(ctx context.Context, roots *rootCache, c indexEntry, root *os.File, f hashedFile) (int64, bool, error) {
+	dst, err := fileops.OpenBeneath(root, f.path)
+	if err != nil {
+		return 0, false, err
+	}
+	defer dst.Close()
+	return dedupeInto(ctx, roots, c, dst, f.size)
+}
+
+// dedupeInto shares the first size bytes of dst, open, with c's copy,
+// opened by descriptor beneath its layer's root.
+func dedupeInto(ctx context.Context, roots *rootCache, c indexEntry, dst *os.File, size int64) (int64, bool, error) {
 	srcRoot, err := roots.get(c.ID)
 	if err != nil {
 		return 0, false, err
@@ -449,13 +460,8 @@ func (s *Snapshotter) dedupeFile(ctx context.Context, roots *rootCache, c indexE
 	if err := unix.Fstat(int(src.Fd()), &st); err != nil {
 		return 0, false, err
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != f.size {
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != size {
 		return 0, true, nil // not the file the index says: as if it differed
 	}
-	dst, err := fileops.OpenBeneath(root, f.path)
-	if err != nil {
-		return 0, false, err
-	}
-	defer dst.Close()
-	return fileops.DedupeFiles(ctx, int(src.Fd()), int(dst.Fd()), 0, 0, f.size)
+	return fileops.DedupeFiles(ctx, int(src.Fd()), int(dst.Fd()), 0, 0, size)
 }

@@ -53,12 +53,12 @@ func (s *Snapshotter) shareByPath(ctx context.Context, roots *rootCache, root *o
 			state[i] = skip
 			return
 		}
-		file.Close()
+		defer file.Close()
 		for _, c := range cands[i] {
 			if c.Size != f.size {
 				continue
 			}
-			shared, _, err := s.dedupeFile(ctx, roots, c, root, *f)
+			shared, _, err := dedupeInto(ctx, roots, c, file, f.size)
 			if errors.Is(err, errors.ErrUnsupported) || ctx.Err() != nil {
 				outcomes[i].fatal = errors.Join(err, ctx.Err())
 				state[i] = skip
