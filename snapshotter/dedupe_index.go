@@ -18,7 +18,7 @@ import (
 //	overclone/dedupe-files/<hash><id>\x00<path>  size, borrowed, source id
 //	overclone/dedupe-layer/<id>\x00<hash><path>  (empty): a layer's entries
 //	overclone/dedupe-done/<id>                     borrowed, files, shared
-//	overclone/dedupe-path/<path>\x00<hash><id>     (empty): by path
+//	overclone/dedupe-path/<path>\x00<hash><id>     (empty): sources by path
 //
 // An entry says that committed layer <id> holds a regular file at <path>
 // (relative to its fs dir) whose content hashed to <hash> (contentHash). It is a hint,
@@ -27,8 +27,10 @@ import (
 //
 // A rebuilt image holds most of its files at the paths, and with the
 // sizes, of the layer it replaces: dedupe-path finds that copy without
-// reading the file (see shareByPath). Layers indexed before it existed are
-// found by hash only.
+// reading the file (see shareByPath). It lists sources only (a copy that
+// shares a source's extents adds nothing to try), so it grows with the
+// contents a node holds, not with their copies. Layers indexed before it
+// existed are found by hash only.
 //
 // Usage: a layer whose file was deduped against another layer's copy no
 // longer counts that file's blocks ("borrowed"); the copy it shares with
@@ -243,8 +245,10 @@ func (ix dedupeIndex) put(e indexEntry) error {
 	if err := ix.files.Put(e.fileKey(), e.value()); err != nil {
 		return err
 	}
-	if err := ix.paths.Put(e.pathKey(), nil); err != nil {
-		return err
+	if e.Source == "" {
+		if err := ix.paths.Put(e.pathKey(), nil); err != nil {
+			return err
+		}
 	}
 	return ix.layers.Put(e.layerKey(), nil)
 }
@@ -344,6 +348,11 @@ func (ix dedupeIndex) promote(h contentHash, gone string) error {
 				return err
 			}
 			e.Borrowed, e.Source = 0, ""
+			if ix.paths != nil {
+				if err := ix.paths.Put(e.pathKey(), nil); err != nil {
+					return err
+				}
+			}
 		} else {
 			e.Source = heir
 		}

@@ -437,7 +437,8 @@ func TestDedupeStaleEntry(t *testing.T) {
 // content from another path once the first copy is gone. A file at the
 // same path and size with other bytes is no stale entry: it is hashed and
 // shares with the copy of its own content, and the earlier layer's file
-// keeps its entry for the next layer that holds it.
+// keeps its entry for the next layer that holds it. Only sources are
+// listed by path: b's shared copy is once a is gone.
 func TestDedupeByPath(t *testing.T) {
 	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
 	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDedupe(DedupeOff, 0))
@@ -467,6 +468,9 @@ func TestDedupeByPath(t *testing.T) {
 	}
 	assertContent(t, dirA, filesA)
 	assertContent(t, dirB, filesB)
+	if got := atPath(ctx, t, s, "usr/lib/x.so"); len(got) != 1 || got[0].ID != s.idOf(ctx, t, "a") {
+		t.Errorf("by path, usr/lib/x.so is %+v, want a's copy (b's borrows from it)", got)
+	}
 
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
@@ -485,10 +489,29 @@ func TestDedupeByPath(t *testing.T) {
 	if err := s.Remove(ctx, "a"); err != nil {
 		t.Fatal(err)
 	}
+	if got := atPath(ctx, t, s, "usr/lib/x.so"); len(got) != 1 || got[0].Source != "" || got[0].ID != s.idOf(ctx, t, "b") {
+		t.Errorf("by path, usr/lib/x.so is %+v once a is gone, want b's copy as the source", got)
+	}
 	dirD := commitLayer(ctx, t, s, "d", map[string][]byte{"lib/elsewhere.so": lib})
 	if !sameExtents(t, filepath.Join(dirB, "usr/lib/x.so"), filepath.Join(dirD, "lib/elsewhere.so")) {
 		t.Error("a file shared by path is not found by its content once the copy it shared with is gone")
 	}
 	assertContent(t, dirB, filesB)
 	assertContent(t, dirD, map[string][]byte{"lib/elsewhere.so": lib})
+}
+
+// atPath lists the index's entries at path of dedupeFileSize bytes.
+func atPath(ctx context.Context, t *testing.T, s *Snapshotter, path string) []indexEntry {
+	t.Helper()
+	var out []indexEntry
+	if err := transact(ctx, s.ms, false, func(ctx context.Context) error {
+		ix, err := openIndex(ctx, false)
+		if err == nil {
+			out, err = ix.atPath(path, dedupeFileSize)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return out
 }
