@@ -150,7 +150,7 @@ func (s *Snapshotter) afterCommit(ctx context.Context, key, id string) {
 			return
 		}
 		l.WithField("files", res.Files).WithField("shared_bytes", res.SharedBytes).
-			WithField("hash", res.hashed).WithField("share", res.shared).WithField("record", res.recorded).Debug("layer deduped")
+			WithField("by_path", res.byPath).WithField("by_path_files", res.pathFiles).WithField("hash", res.hashed).WithField("share", res.shared).WithField("record", res.recorded).Debug("layer deduped")
 	case DedupeBackground:
 		select {
 		case s.dedupe.poke <- struct{}{}:
@@ -185,9 +185,12 @@ type DedupeResult struct {
 	Done        int    `json:"done"`         // layers done so far in this pass
 	Total       int    `json:"total"`        // layers in this pass
 
-	// Where the time went, for the debug log: hashing and looking up,
-	// FIDEDUPERANGE, the index's transaction.
-	hashed, shared, recorded time.Duration
+	// Where the time went, for the debug log: the files shared with a
+	// copy at their path (shareByPath), hashing the others and looking
+	// them up, their FIDEDUPERANGE, the index's transaction.
+	byPath, hashed, shared, recorded time.Duration
+	// pathFiles is how many files shareByPath shared, unread.
+	pathFiles int
 }
 
 // DedupeSummary sums a pass.

@@ -18,11 +18,19 @@ import (
 //	overclone/dedupe-files/<hash><id>\x00<path>  size, borrowed, source id
 //	overclone/dedupe-layer/<id>\x00<hash><path>  (empty): a layer's entries
 //	overclone/dedupe-done/<id>                     borrowed, files, shared
+//	overclone/dedupe-path/<path>\x00<hash><id>     (empty): sources by path
 //
 // An entry says that committed layer <id> holds a regular file at <path>
 // (relative to its fs dir) whose content hashed to <hash> (contentHash). It is a hint,
 // never trusted: FIDEDUPERANGE compares the bytes itself and shares nothing
 // that differs, and an entry found to differ is dropped.
+//
+// A rebuilt image holds most of its files at the paths, and with the
+// sizes, of the layer it replaces: dedupe-path finds that copy without
+// reading the file (see shareByPath). It lists sources only (a copy that
+// shares a source's extents adds nothing to try), so it grows with the
+// contents a node holds, not with their copies. Layers indexed before it
+// existed are found by hash only.
 //
 // Usage: a layer whose file was deduped against another layer's copy no
 // longer counts that file's blocks ("borrowed"); the copy it shares with
@@ -34,6 +42,7 @@ var (
 	dedupeFilesBucket = []byte("dedupe-files")
 	dedupeLayerBucket = []byte("dedupe-layer")
 	dedupeDoneBucket  = []byte("dedupe-done")
+	dedupePathBucket  = []byte("dedupe-path")
 )
 
 // contentHash names a file's content in the index: its xxHash64 and its
@@ -71,6 +80,14 @@ func (e indexEntry) layerKey() []byte {
 	k = append(k, 0)
 	k = append(k, e.Hash[:]...)
 	return append(k, e.Path...)
+}
+
+func (e indexEntry) pathKey() []byte {
+	k := make([]byte, 0, len(e.Path)+1+len(e.Hash)+len(e.ID))
+	k = append(k, e.Path...)
+	k = append(k, 0)
+	k = append(k, e.Hash[:]...)
+	return append(k, e.ID...)
 }
 
 func (e indexEntry) value() []byte {
@@ -127,7 +144,7 @@ func parseRecord(v []byte) layerRecord {
 // dedupeIndex is the index's buckets in one transaction; in a read-only
 // transaction on a root that never deduped, they are nil and read as empty.
 type dedupeIndex struct {
-	files, layers, done *bolt.Bucket
+	files, layers, done, paths *bolt.Bucket
 }
 
 func openIndex(ctx context.Context, write bool) (dedupeIndex, error) {
@@ -148,7 +165,7 @@ func openIndex(ctx context.Context, write bool) (dedupeIndex, error) {
 	for _, b := range []struct {
 		name []byte
 		to   **bolt.Bucket
-	}{{dedupeFilesBucket, &ix.files}, {dedupeLayerBucket, &ix.layers}, {dedupeDoneBucket, &ix.done}} {
+	}{{dedupeFilesBucket, &ix.files}, {dedupeLayerBucket, &ix.layers}, {dedupeDoneBucket, &ix.done}, {dedupePathBucket, &ix.paths}} {
 		*b.to = top.Bucket(b.name)
 		if *b.to == nil && write {
 			if *b.to, err = top.CreateBucket(b.name); err != nil {
@@ -193,9 +210,45 @@ func (ix dedupeIndex) borrowed(id string) int64 {
 	return r.Borrowed
 }
 
+// atPath returns the entries of files at path with size bytes.
+func (ix dedupeIndex) atPath(path string, size int64) ([]indexEntry, error) {
+	if ix.paths == nil {
+		return nil, nil
+	}
+	prefix := append([]byte(path), 0)
+	var out []indexEntry
+	c := ix.paths.Cursor()
+	for k, _ := c.Seek(prefix); k != nil && bytes.HasPrefix(k, prefix); k, _ = c.Next() {
+		rest := k[len(prefix):]
+		if len(rest) <= len(contentHash{}) {
+			return nil, fmt.Errorf("dedupe index: malformed path entry %x", k)
+		}
+		e := indexEntry{Path: path, ID: string(rest[len(contentHash{}):])}
+		copy(e.Hash[:], rest)
+		if int64(binary.BigEndian.Uint64(e.Hash[8:])) != size {
+			continue
+		}
+		v := ix.files.Get(e.fileKey())
+		if v == nil {
+			continue // a path entry outlived its file entry: only a hint
+		}
+		e, err := parseEntry(e.fileKey(), v)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, e)
+	}
+	return out, nil
+}
+
 func (ix dedupeIndex) put(e indexEntry) error {
 	if err := ix.files.Put(e.fileKey(), e.value()); err != nil {
 		return err
+	}
+	if e.Source == "" {
+		if err := ix.paths.Put(e.pathKey(), nil); err != nil {
+			return err
+		}
 	}
 	return ix.layers.Put(e.layerKey(), nil)
 }
@@ -207,6 +260,11 @@ func (ix dedupeIndex) has(e indexEntry) bool {
 func (ix dedupeIndex) delete(e indexEntry) error {
 	if err := ix.files.Delete(e.fileKey()); err != nil {
 		return err
+	}
+	if ix.paths != nil {
+		if err := ix.paths.Delete(e.pathKey()); err != nil {
+			return err
+		}
 	}
 	return ix.layers.Delete(e.layerKey())
 }
@@ -290,6 +348,11 @@ func (ix dedupeIndex) promote(h contentHash, gone string) error {
 				return err
 			}
 			e.Borrowed, e.Source = 0, ""
+			if ix.paths != nil {
+				if err := ix.paths.Put(e.pathKey(), nil); err != nil {
+					return err
+				}
+			}
 		} else {
 			e.Source = heir
 		}

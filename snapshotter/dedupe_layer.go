@@ -70,20 +70,30 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 		return res, err
 	}
 	defer root.Close()
+	roots := &rootCache{s: s, open: map[string]*os.File{ref.ID: root}}
+	defer roots.close(ref.ID)
 	began := time.Now()
-	files, err := s.hashLayer(ctx, root)
+	files, err := s.listLayer(ctx, root)
 	if err != nil {
 		return res, err
 	}
-	res.Files = len(files)
+	var byPath []shareOutcome
+	if plan == nil { // a dry run has no kernel to tell it a path's copy is equal
+		if byPath, files, err = s.shareByPath(ctx, roots, root, ref.ID, files); err != nil {
+			return res, err
+		}
+	}
+	res.byPath = time.Since(began)
+	res.pathFiles = len(byPath)
+	if files, err = s.hashFiles(root, files); err != nil {
+		return res, err
+	}
+	res.Files = len(byPath) + len(files)
 	candidates, err := s.candidates(ctx, ref.ID, files, plan)
 	if err != nil {
 		return res, err
 	}
-	res.hashed = time.Since(began)
-
-	roots := &rootCache{s: s, open: map[string]*os.File{ref.ID: root}}
-	defer roots.close(ref.ID)
+	res.hashed = time.Since(began) - res.byPath
 	// The first copy of each content in this layer goes first; copies
 	// of it in the same layer follow once it is done, so that they share
 	// the extents it ends up with, not the ones it gave up.
@@ -109,10 +119,10 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 	for _, phase := range [][]int{firsts, dups} {
 		parallel(phase, share)
 	}
-	res.shared = time.Since(began) - res.hashed
+	res.shared = time.Since(began) - res.byPath - res.hashed
 
 	var entries, stale []indexEntry
-	for _, o := range outcomes {
+	for _, o := range append(byPath, outcomes...) {
 		if o.fatal != nil {
 			return res, o.fatal
 		}
@@ -129,10 +139,22 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 		}
 		return res, nil
 	}
+	// The record must not outlive the remaps it counts, or after a power
+	// cut the layer would stop counting blocks it no longer shares. The
+	// remaps are other inodes' transactions in xfs's log, which bolt's
+	// fdatasync of its own file forces only when that file has metadata
+	// of its own to log (blocks to allocate): one syncfs forces it
+	// (TestDedupeSurvivesShutdown/recorded). Without sync_on_commit the
+	// layer itself is not made durable either.
+	if s.syncs && res.SharedFiles > 0 {
+		if err := syncFilesystem(root.Name()); err != nil {
+			return res, err
+		}
+	}
 	err = s.update(ctx, func(ctx context.Context) error {
 		return recordLayer(ctx, ref, entries, stale)
 	})
-	res.recorded = time.Since(began) - res.hashed - res.shared
+	res.recorded = time.Since(began) - res.byPath - res.hashed - res.shared
 	return res, err
 }
 
@@ -284,12 +306,10 @@ func (r *rootCache) close(keep string) {
 	}
 }
 
-// hashLayer lists the layer's regular files of at least the minimum size,
-// each inode once, with the contentHash of their content. Files are opened by
-// descriptor beneath the layer's root, never through a symlink; overlay
-// metacopy files (metadata only, their data is in a lower layer) are
-// left out.
-func (s *Snapshotter) hashLayer(ctx context.Context, root *os.File) ([]hashedFile, error) {
+// listLayer lists the layer's regular files of at least the minimum size
+// (as lstat sees them: hashFile and shareByPath check again on the file
+// they open), each inode once.
+func (s *Snapshotter) listLayer(ctx context.Context, root *os.File) ([]hashedFile, error) {
 	type inode struct{ dev, ino uint64 }
 	seen := map[inode]bool{}
 	var files []hashedFile
@@ -317,12 +337,20 @@ func (s *Snapshotter) hashLayer(ctx context.Context, root *os.File) ([]hashedFil
 		if err != nil {
 			return err
 		}
-		files = append(files, hashedFile{path: rel})
+		files = append(files, hashedFile{path: rel, size: st.Size})
 		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("index layer %s: %w", root.Name(), err)
 	}
+	return files, nil
+}
+
+// hashFiles fills in the contentHash of files, opened by descriptor
+// beneath the layer's root, never through a symlink, and leaves out overlay
+// metacopy files (metadata only, their data is in a lower layer) and what
+// is no longer a regular file of the minimum size.
+func (s *Snapshotter) hashFiles(root *os.File, files []hashedFile) ([]hashedFile, error) {
 	errs := make([]error, len(files))
 	keep := make([]bool, len(files))
 	idx := make([]int, len(files))
@@ -347,28 +375,38 @@ func (s *Snapshotter) hashLayer(ctx context.Context, root *os.File) ([]hashedFil
 // hashFile opens f beneath root and fills in its size, blocks and hash;
 // it reports false for what is not to be indexed after all.
 func hashFile(root *os.File, f *hashedFile, minSize int64) (bool, error) {
-	file, err := fileops.OpenBeneath(root, f.path)
-	if err != nil {
+	file, ok, err := openIndexable(root, f, minSize)
+	if !ok || err != nil {
 		return false, err
 	}
 	defer file.Close()
+	if f.hash, err = hashContent(file, f.size); err != nil {
+		return false, fmt.Errorf("hash %s: %w", f.path, err)
+	}
+	return true, nil
+}
+
+// openIndexable opens f beneath root and fills in its size and blocks; it
+// reports false (and no file) for what is not to be indexed after all.
+func openIndexable(root *os.File, f *hashedFile, minSize int64) (*os.File, bool, error) {
+	file, err := fileops.OpenBeneath(root, f.path)
+	if err != nil {
+		return nil, false, err
+	}
 	var st unix.Stat_t
 	if err := unix.Fstat(int(file.Fd()), &st); err != nil {
-		return false, fmt.Errorf("stat %s: %w", f.path, err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size < minSize {
-		return false, nil
+		file.Close()
+		return nil, false, fmt.Errorf("stat %s: %w", f.path, err)
 	}
 	// A metacopy file has no data blocks of its own; only a file with
 	// fewer blocks than bytes can be one.
-	if st.Blocks*512 < st.Size && isMetacopy(int(file.Fd())) {
-		return false, nil
-	}
-	if f.hash, err = hashContent(file, st.Size); err != nil {
-		return false, fmt.Errorf("hash %s: %w", f.path, err)
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size < minSize ||
+		st.Blocks*512 < st.Size && isMetacopy(int(file.Fd())) {
+		file.Close()
+		return nil, false, nil
 	}
 	f.size, f.blocks = st.Size, st.Blocks*512
-	return true, nil
+	return file, true, nil
 }
 
 // hashContent is the contentHash of the first size bytes of f, read from
@@ -398,6 +436,17 @@ func isMetacopy(fd int) bool {
 // dedupeFile shares f's extents with those of c's copy, opening both by
 // descriptor beneath their layers' roots.
 func (s *Snapshotter) dedupeFile(ctx context.Context, roots *rootCache, c indexEntry, root *os.File, f hashedFile) (int64, bool, error) {
+	dst, err := fileops.OpenBeneath(root, f.path)
+	if err != nil {
+		return 0, false, err
+	}
+	defer dst.Close()
+	return dedupeInto(ctx, roots, c, dst, f.size)
+}
+
+// dedupeInto shares the first size bytes of dst, open, with c's copy,
+// opened by descriptor beneath its layer's root.
+func dedupeInto(ctx context.Context, roots *rootCache, c indexEntry, dst *os.File, size int64) (int64, bool, error) {
 	srcRoot, err := roots.get(c.ID)
 	if err != nil {
 		return 0, false, err
@@ -411,13 +460,8 @@ func (s *Snapshotter) dedupeFile(ctx context.Context, roots *rootCache, c indexE
 	if err := unix.Fstat(int(src.Fd()), &st); err != nil {
 		return 0, false, err
 	}
-	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != f.size {
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size != size {
 		return 0, true, nil // not the file the index says: as if it differed
 	}
-	dst, err := fileops.OpenBeneath(root, f.path)
-	if err != nil {
-		return 0, false, err
-	}
-	defer dst.Close()
-	return fileops.DedupeFiles(ctx, int(src.Fd()), int(dst.Fd()), 0, 0, f.size)
+	return fileops.DedupeFiles(ctx, int(src.Fd()), int(dst.Fd()), 0, 0, size)
 }

@@ -430,3 +430,88 @@ func TestDedupeStaleEntry(t *testing.T) {
 		t.Errorf("index holds %+v for the content, want only b's copy, as its own source", holders)
 	}
 }
+
+// TestDedupeByPath: a rebuilt layer's file at the path, and with the size,
+// of a copy in an earlier layer is shared with it without being hashed,
+// and indexed under the copy's hash, so that a later layer finds it by
+// content from another path once the first copy is gone. A file at the
+// same path and size with other bytes is no stale entry: it is hashed and
+// shares with the copy of its own content, and the earlier layer's file
+// keeps its entry for the next layer that holds it. Only sources are
+// listed by path: b's shared copy is once a is gone.
+func TestDedupeByPath(t *testing.T) {
+	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDedupe(DedupeOff, 0))
+	lib, conf, moved := randomBytes(20, dedupeFileSize), randomBytes(21, dedupeFileSize), randomBytes(22, dedupeFileSize)
+	filesA := map[string][]byte{"usr/lib/x.so": lib, "etc/conf": conf, "opt/moved": moved}
+	filesB := map[string][]byte{"usr/lib/x.so": lib, "etc/conf": moved}
+	dirA := commitLayer(ctx, t, s, "a", filesA)
+	dirB := commitLayer(ctx, t, s, "b", filesB)
+	var results []DedupeResult
+	if _, err := s.Dedupe(ctx, false, func(r DedupeResult) { results = append(results, r) }); err != nil {
+		t.Fatal(err)
+	}
+	if len(results) != 2 || results[1].Key != "b" {
+		t.Fatalf("dedupe pass: %+v, want a then b", results)
+	}
+	if b := results[1]; b.pathFiles != 1 || b.SharedFiles != 2 || b.Files != 2 {
+		t.Errorf("layer b: %d files shared by path, %d of %d shared; want 1 (usr/lib/x.so), 2 of 2", b.pathFiles, b.SharedFiles, b.Files)
+	}
+	if !sameExtents(t, filepath.Join(dirA, "usr/lib/x.so"), filepath.Join(dirB, "usr/lib/x.so")) {
+		t.Error("a file at the same path with the same bytes does not share its extents")
+	}
+	if !sameExtents(t, filepath.Join(dirA, "opt/moved"), filepath.Join(dirB, "etc/conf")) {
+		t.Error("a file whose path holds other bytes in a does not share with a's copy of its own bytes")
+	}
+	if sharesAny(t, filepath.Join(dirA, "etc/conf"), filepath.Join(dirB, "etc/conf")) {
+		t.Error("files differing at the same path share extents")
+	}
+	assertContent(t, dirA, filesA)
+	assertContent(t, dirB, filesB)
+	if got := atPath(ctx, t, s, "usr/lib/x.so"); len(got) != 1 || got[0].ID != s.idOf(ctx, t, "a") {
+		t.Errorf("by path, usr/lib/x.so is %+v, want a's copy (b's borrows from it)", got)
+	}
+
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, s = openTest(t, root, WithMode(ModeOverlay), WithDedupe(DedupeCommit, 0))
+	// a's etc/conf kept its entry: c finds it at its path.
+	dirC := commitLayer(ctx, t, s, "c", map[string][]byte{"etc/conf": conf})
+	if !sameExtents(t, filepath.Join(dirA, "etc/conf"), filepath.Join(dirC, "etc/conf")) {
+		t.Error("a's etc/conf, refused at the same path by b, lost its entry")
+	}
+	// b's x.so, never read, is indexed under lib's hash: with a gone,
+	// d finds it by content from another path.
+	if err := s.Remove(ctx, "c"); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ctx, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if got := atPath(ctx, t, s, "usr/lib/x.so"); len(got) != 1 || got[0].Source != "" || got[0].ID != s.idOf(ctx, t, "b") {
+		t.Errorf("by path, usr/lib/x.so is %+v once a is gone, want b's copy as the source", got)
+	}
+	dirD := commitLayer(ctx, t, s, "d", map[string][]byte{"lib/elsewhere.so": lib})
+	if !sameExtents(t, filepath.Join(dirB, "usr/lib/x.so"), filepath.Join(dirD, "lib/elsewhere.so")) {
+		t.Error("a file shared by path is not found by its content once the copy it shared with is gone")
+	}
+	assertContent(t, dirB, filesB)
+	assertContent(t, dirD, map[string][]byte{"lib/elsewhere.so": lib})
+}
+
+// atPath lists the index's entries at path of dedupeFileSize bytes.
+func atPath(ctx context.Context, t *testing.T, s *Snapshotter, path string) []indexEntry {
+	t.Helper()
+	var out []indexEntry
+	if err := transact(ctx, s.ms, false, func(ctx context.Context) error {
+		ix, err := openIndex(ctx, false)
+		if err == nil {
+			out, err = ix.atPath(path, dedupeFileSize)
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
