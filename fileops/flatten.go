@@ -76,8 +76,38 @@ func (l *linker) remember(key inodeKey, fd int) {
 // would fail to read it too, and a layer silently missing an entry is
 // worse than no layer. dst is then left partly written for the caller to
 // remove.
-func Flatten(ctx context.Context, s *Stack, dst string) (FlattenStats, error) {
-	return s.copyOut(ctx, "", dst, true, false)
+func Flatten(ctx context.Context, s *Stack, dst string, opts ...FlattenOpt) (FlattenStats, error) {
+	var cfg flattenConfig
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return s.copyOut(ctx, "", dst, true, false, cfg.owners)
+}
+
+// capabilityXattr holds a file's capabilities, which may name their
+// owner (see OwnerMap).
+const capabilityXattr = "security.capability"
+
+// FlattenOpt configures a Flatten.
+type FlattenOpt func(*flattenConfig)
+
+type flattenConfig struct {
+	owners OwnerMap
+}
+
+// OwnerMap gives a copied entry the owner it is to have instead of its
+// source's, and the security.capability value to go with it (nil when the
+// source has none): the capability names the user namespace root it
+// belongs to, so a copy for another namespace may have to carry another.
+type OwnerMap func(uid, gid uint32, capability []byte) (newUID, newGID uint32, newCapability []byte, err error)
+
+// WithOwnerMap makes Flatten create every entry with the owner m gives
+// it, as a copy for a user namespace needs. The owner is set on the
+// descriptor of the entry just made, in the order applyMeta keeps for any
+// copy, so set-id bits and capabilities survive it: no second walk
+// changes owners afterwards.
+func WithOwnerMap(m OwnerMap) FlattenOpt {
+	return func(c *flattenConfig) { c.owners = m }
 }
 
 // CopyOut copies the merged entry at path (a file, or a whole tree) to the
@@ -95,7 +125,7 @@ func Flatten(ctx context.Context, s *Stack, dst string) (FlattenStats, error) {
 // nerdctl cp; that name must not exist there yet. Otherwise hostDst must
 // not exist and becomes the copy.
 func (s *Stack) CopyOut(ctx context.Context, path, hostDst string) (FlattenStats, error) {
-	return s.copyOut(ctx, path, hostDst, false, true)
+	return s.copyOut(ctx, path, hostDst, false, true, nil)
 }
 
 type outCopier struct {
@@ -103,9 +133,10 @@ type outCopier struct {
 	stats   FlattenStats
 	links   *linker
 	lenient bool
+	owners  OwnerMap
 }
 
-func (s *Stack) copyOut(ctx context.Context, path, hostDst string, intoEmpty, lenient bool) (FlattenStats, error) {
+func (s *Stack) copyOut(ctx context.Context, path, hostDst string, intoEmpty, lenient bool, owners OwnerMap) (FlattenStats, error) {
 	v := s.newView()
 	defer v.close()
 	r, err := v.walk(path, false, nil)
@@ -137,7 +168,7 @@ func (s *Stack) copyOut(ctx context.Context, path, hostDst string, intoEmpty, le
 			return FlattenStats{}, fmt.Errorf("flatten into %s: not an empty directory: %w", hostDst, os.ErrExist)
 		}
 	}
-	c := &outCopier{v: v, links: newLinker(), lenient: lenient}
+	c := &outCopier{v: v, links: newLinker(), lenient: lenient, owners: owners}
 	defer c.links.close()
 	err = c.copy(ctx, e, pfd, name, exists)
 	return c.stats, err
@@ -197,6 +228,11 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 		return err
 	}
 	var fd int
+	if e.Kind != KindFile {
+		if xs, err = c.mapOwner(&e, xs); err != nil {
+			return err
+		}
+	}
 	switch e.Kind {
 	case KindDir:
 		if exists {
@@ -238,6 +274,10 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 				return nil
 			}
 		}
+		// Mapped once per inode: a hard link is made above.
+		if xs, err = c.mapOwner(&e, xs); err != nil {
+			return err
+		}
 		if fd, err = c.copyFile(ctx, e, dpfd, name, xs); err != nil {
 			return err
 		}
@@ -273,6 +313,37 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 	// /tmp): whoever swapped a name there got nothing of ours through it,
 	// but the copy is not what it claims to be.
 	return checkEntry(dpfd, name, fd)
+}
+
+// mapOwner gives e (a copy of the entry, not shared with the view) the
+// owner and the capability the copy is to have instead of its source's,
+// when the copy has an OwnerMap.
+func (c *outCopier) mapOwner(e *Entry, xs []xattr) ([]xattr, error) {
+	if c.owners == nil {
+		return xs, nil
+	}
+	ci := -1
+	var caps []byte
+	for i, x := range xs {
+		if x.name == capabilityXattr {
+			ci, caps = i, x.value
+		}
+	}
+	uid, gid, caps, err := c.owners(e.Stat.Uid, e.Stat.Gid, caps)
+	if err != nil {
+		return nil, fmt.Errorf("map owner %d:%d: %w", e.Stat.Uid, e.Stat.Gid, err)
+	}
+	e.Stat.Uid, e.Stat.Gid = uid, gid
+	if ci >= 0 {
+		out := append([]xattr(nil), xs...)
+		if caps == nil {
+			out = append(out[:ci], out[ci+1:]...)
+		} else {
+			out[ci].value = caps
+		}
+		return out, nil
+	}
+	return xs, nil
 }
 
 // copyFile writes the file entry e as dpfd/name and returns it open.

@@ -57,7 +57,7 @@ import (
 //     links' common directory would be l/, and containerd's idmapped mount
 //     of it cannot reach the layers the links point at;
 //   - in userspace mode an active snapshot is a copy made by this process,
-//     so the copy itself is given the mapped owners (shiftOwners): no
+//     so the copy itself is given the mapped owners (ownerMap): no
 //     idmapped mount is needed, and it works where the kernel has none;
 //   - where the kernel cannot idmap layers, the other mapped snapshots
 //     stand on a shifted copy of their parent's view (remap_copy.go),
@@ -202,13 +202,14 @@ func (s *Snapshotter) remapping(ctx context.Context, parent string, labels map[s
 	return m, nil
 }
 
-// remapPrepared gives a prepared directory its mapped owners: the whole
-// copy of the parent in userspace mode, the fs dir itself otherwise.
-func (s *Snapshotter) remapPrepared(ctx context.Context, td string, m *idMapping, materialized bool) error {
-	fsDir := filepath.Join(td, "fs")
+// remapPrepared gives a prepared directory its mapped owners: the fs dir's
+// root, unless it is a copy of the parent made with the owners mapped
+// already (materialized, in userspace mode).
+func (s *Snapshotter) remapPrepared(td string, m *idMapping, materialized bool) error {
 	if materialized {
-		return shiftOwners(ctx, fsDir, m)
+		return nil
 	}
+	fsDir := filepath.Join(td, "fs")
 	uid, gid, err := m.root()
 	if err != nil {
 		return err
@@ -219,19 +220,17 @@ func (s *Snapshotter) remapPrepared(ctx context.Context, td string, m *idMapping
 	return nil
 }
 
-// ownRecreated gives a directory recreate made again the owners its create
-// gave it: the mapped ones for a mapped snapshot (its userspace copy
-// shifted again), the parent's root owner otherwise (ownUpper).
-func (s *Snapshotter) ownRecreated(ctx context.Context, snap storage.Snapshot, info snapshots.Info, td string) error {
+// recreatedMapping is the mapping a snapshot recreate makes again was
+// created with: nil for one without, or on containerd's client-side copy.
+func (s *Snapshotter) recreatedMapping(ctx context.Context, snap storage.Snapshot, info snapshots.Info) (*idMapping, error) {
 	m, err := remapOf(info.Labels)
-	if err != nil {
-		return err
+	if err != nil || m == nil {
+		return nil, err
 	}
-	if m == nil || (len(snap.ParentIDs) > 0 && s.remappedByClient(ctx, info.Parent, m)) {
-		return s.ownUpper(snap, td)
+	if len(snap.ParentIDs) > 0 && s.remappedByClient(ctx, info.Parent, m) {
+		return nil, nil
 	}
-	materialized := s.mode == ModeUserspace && snap.Kind == snapshots.KindActive && len(snap.ParentIDs) > 0
-	return s.remapPrepared(ctx, td, m, materialized)
+	return m, nil
 }
 
 // mounts builds a snapshot's mounts (plainMounts) and, for a snapshot

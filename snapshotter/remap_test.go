@@ -103,14 +103,26 @@ func TestRemapIDs(t *testing.T) {
 					t.Errorf("upper %s owned by %s, want the mapped root %s", p, got, remap.Mapped(0, 0))
 				}
 			}
-			if mode == ModeUserspace {
-				// The shifted copy keeps what chown drops.
-				st, err := os.Stat(filepath.Join(upper, "s"))
+			// The shifted copy, made with the owners mapped as each
+			// inode is created, keeps what chown drops.
+			shifted := ""
+			switch {
+			case mode == ModeUserspace:
+				shifted = upper
+			case !tc.idmapped:
+				copies, _ := filepath.Glob(filepath.Join(s.root, remapCopiesDir, "*"))
+				if len(copies) != 1 {
+					t.Fatalf("shifted copies %v, want one", copies)
+				}
+				shifted = copies[0]
+			}
+			if shifted != "" {
+				st, err := os.Stat(filepath.Join(shifted, "s"))
 				if err != nil || st.Mode()&os.ModeSetuid == 0 {
 					t.Errorf("s lost its setuid bit in the shifted copy: %v %v", st.Mode(), err)
 				}
 				caps := make([]byte, 64)
-				n, err := unix.Lgetxattr(filepath.Join(upper, "s"), "security.capability", caps)
+				n, err := unix.Lgetxattr(filepath.Join(shifted, "s"), "security.capability", caps)
 				// Version 3, owned by the mapped root: what the kernel
 				// stores when the container's root sets them.
 				want := append([]byte{0x01, 0x00, 0x00, 0x03}, remap.CapNetRaw[4:]...)
