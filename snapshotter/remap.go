@@ -74,21 +74,56 @@ const (
 	RemapChownedCopy = "chowned copy"
 )
 
+// RemapPolicy is the operator's choice between the two (config remap).
+type RemapPolicy string
+
+const (
+	// RemapAuto uses idmapped layers where the kernel has them.
+	RemapAuto RemapPolicy = "auto"
+	// RemapCopy always stands mapped snapshots on a shifted copy, for
+	// kernels whose idmapped mounts misbehave.
+	RemapCopy RemapPolicy = "copy"
+)
+
+// ParseRemap checks a configured policy; "" is auto.
+func ParseRemap(s string) (RemapPolicy, error) {
+	switch p := RemapPolicy(s); p {
+	case "", RemapAuto:
+		return RemapAuto, nil
+	case RemapCopy:
+		return p, nil
+	}
+	return "", fmt.Errorf("remap %q: want auto or copy: %w", s, errdefs.ErrInvalidArgument)
+}
+
+// WithRemap sets how mapped snapshots are served (RemapAuto by default).
+func WithRemap(p RemapPolicy) Opt {
+	return func(c *Config) error {
+		var err error
+		c.Remap, err = ParseRemap(string(p))
+		return err
+	}
+}
+
 // RemapMechanism says how a snapshotter serving in mode on a root with
-// features f honours containerd's uid/gid mapping labels, and what that
-// means for containerd's config: for `overclone check` and the start-up
-// log.
-func RemapMechanism(mode Mode, f *overlayutil.Features) (mechanism, why string) {
-	idmapped := f.OK(overlayutil.CheckIDMapped)
+// features f, under policy, honours containerd's uid/gid mapping labels,
+// and what that means for containerd's config: for `overclone check` and
+// the start-up log.
+func RemapMechanism(mode Mode, f *overlayutil.Features, policy RemapPolicy) (mechanism, why string) {
+	idmapped := f.OK(overlayutil.CheckIDMapped) && policy != RemapCopy
+	noIdmap := "no idmapped mounts: " + f.Get(overlayutil.CheckIDMapped).Reason
+	if policy == RemapCopy {
+		noIdmap = "remap = \"copy\" in the config"
+	}
 	switch {
 	case mode == ModeUserspace && idmapped:
 		return RemapChownedCopy, "containers get a copy of their image with the owners shifted, views idmapped layers; advertise capabilities = [\"remap-ids\"] (containerd 2.0+)"
 	case mode == ModeUserspace:
-		return RemapChownedCopy, "containers and views get a copy of their image with the owners shifted (no idmapped mounts: " + f.Get(overlayutil.CheckIDMapped).Reason + "); advertise capabilities = [\"remap-ids\"]"
+		return RemapChownedCopy, "containers and views get a copy of their image with the owners shifted (" + noIdmap + "); advertise capabilities = [\"remap-ids\"]"
 	case idmapped:
 		return RemapIdmapped, "mounts carry uidmap= and gidmap=, which containerd 2.0+ turns into idmapped lower layers; advertise capabilities = [\"remap-ids\"] (not on containerd 1.7, whose mounts do not know these options)"
 	}
-	return RemapChownedCopy, "mapped snapshots stand on a reflinked copy of their image with the owners shifted, one per parent and mapping (no idmapped overlay layers: " + f.Get(overlayutil.CheckIDMapped).Reason + "); advertise capabilities = [\"remap-ids\"]"
+	return RemapChownedCopy, "mapped snapshots stand on a reflinked copy of their image with the owners shifted, one per parent and mapping (" + noIdmap + "); advertise capabilities = [\"remap-ids\"]"
 }
 
 // idRange is one container-to-host range of a mapping label,

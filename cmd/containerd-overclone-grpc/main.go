@@ -98,6 +98,7 @@ func run(args []string) error {
 		snapshotter.WithDefaultMaxSize(cfg.DefaultMaxSize),
 		snapshotter.WithUsageMaxAge(time.Duration(cfg.UsageMaxAge)),
 		snapshotter.WithDedupe(snapshotter.DedupeMode(cfg.Dedupe), cfg.DedupeMinSize),
+		snapshotter.WithRemap(snapshotter.RemapPolicy(cfg.Remap)),
 	}
 	if cfg.Volatile {
 		opts = append(opts, snapshotter.WithVolatile)

@@ -43,6 +43,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	root := fs.String("root", defaultRoot, "snapshotter root; probes run in a scratch dir under it")
 	asJSON := fs.Bool("json", false, "print the findings as JSON")
 	mode := fs.String("mode", "auto", "the daemon's configured mode, to show what it resolves to")
+	remapFlag := fs.String("remap", config.DefaultRemap, "the daemon's remap setting (auto or copy), to show how user-namespaced snapshots are served")
 	usageMaxAge := fs.Duration("usage-max-age", time.Duration(config.DefaultUsageMaxAge), "the daemon's usage_max_age, to show how Usage is answered")
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
@@ -52,6 +53,11 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "overclone check: unexpected arguments %v\n", fs.Args())
+		return exitUsage
+	}
+	policy, err := snapshotter.ParseRemap(*remapFlag)
+	if err != nil {
+		fmt.Fprintf(stderr, "overclone check: %v\n", err)
 		return exitUsage
 	}
 	f, err := overlayutil.Probe(ctx, *root)
@@ -71,7 +77,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		r := checkReport{Features: f, CanServe: f.CanServe(), Intercepts: f.Intercepts(), MaxLowers: f.MaxLowers(), SizeLimits: limits, Usage: usage}
 		if modeErr == nil {
 			r.Mode = string(m)
-			r.RemapIDs, r.RemapIDsWhy = snapshotter.RemapMechanism(m, f)
+			r.RemapIDs, r.RemapIDsWhy = snapshotter.RemapMechanism(m, f, policy)
 		}
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -85,7 +91,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, modeErr)
 		} else {
 			fmt.Fprintf(stdout, "\nmode (%s): %s: %s\n", *mode, m, why)
-			remap, rwhy := snapshotter.RemapMechanism(m, f)
+			remap, rwhy := snapshotter.RemapMechanism(m, f, policy)
 			fmt.Fprintf(stdout, "remap-ids:   %s: %s\n", remap, rwhy)
 		}
 		fmt.Fprintf(stdout, "size limits: %s: %s\n", yesNo(limits.OK), limits.How)
