@@ -278,7 +278,7 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 		if xs, err = c.mapOwner(&e, xs); err != nil {
 			return err
 		}
-		if fd, err = c.copyFile(ctx, e, dpfd, name, xs); err != nil {
+		if fd, err = c.copyFile(ctx, e, dpfd, name, xs, spfd, sname); err != nil {
 			return err
 		}
 		defer closeFD(fd)
@@ -346,9 +346,17 @@ func (c *outCopier) mapOwner(e *Entry, xs []xattr) ([]xattr, error) {
 	return xs, nil
 }
 
-// copyFile writes the file entry e as dpfd/name and returns it open.
-func (c *outCopier) copyFile(ctx context.Context, e Entry, dpfd int, name string, xs []xattr) (int, error) {
-	sfd, err := c.v.openData(e)
+// copyFile writes the file entry e, which is spfd/sname in its layer, as
+// dpfd/name and returns it open.
+func (c *outCopier) copyFile(ctx context.Context, e Entry, dpfd int, name string, xs []xattr, spfd int, sname string) (int, error) {
+	var sfd int
+	var err error
+	if e.DataLayer == e.Layer && e.DataPath == e.RealPath {
+		// The data is the entry's own: its directory is open already.
+		sfd, err = openSource(spfd, sname)
+	} else {
+		sfd, err = c.v.openData(e) // a metacopy file's data is below
+	}
 	if err != nil {
 		return -1, fmt.Errorf("open source: %w", err)
 	}
