@@ -170,7 +170,7 @@ func (s *Stack) copyOut(ctx context.Context, path, hostDst string, intoEmpty, le
 	}
 	c := &outCopier{v: v, links: newLinker(), lenient: lenient, owners: owners}
 	defer c.links.close()
-	err = c.copy(ctx, e, pfd, name, exists)
+	err = c.copy(ctx, e, pfd, name, exists, nil)
 	return c.stats, err
 }
 
@@ -200,7 +200,44 @@ func isEmptyDir(dir string) (bool, error) {
 	return false, nil
 }
 
-func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, exists bool) (err error) {
+// srcDirs holds the source directories of one directory's entries open
+// while they are copied: each layer's part of a merged directory is one
+// directory, opened once for all its entries, not once per entry.
+type srcDirs map[srcDir]int
+
+type srcDir struct {
+	layer int
+	dir   string
+}
+
+// maxSrcDirs caps the directories one srcDirs keeps open: a directory in
+// each of hundreds of layers, at every depth of the walk, would otherwise
+// hold thousands of descriptors.
+const maxSrcDirs = 16
+
+// open returns layer's dir open as O_PATH, beneath root, and whether d
+// keeps it (until close); if not, the caller closes it.
+func (d srcDirs) open(root, layer int, dir string) (int, bool, error) {
+	if fd, ok := d[srcDir{layer, dir}]; ok {
+		return fd, true, nil
+	}
+	fd, err := openBeneath(root, dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil || len(d) >= maxSrcDirs {
+		return fd, false, err
+	}
+	d[srcDir{layer, dir}] = fd
+	return fd, true, nil
+}
+
+func (d srcDirs) close() {
+	for _, fd := range d {
+		closeFD(fd)
+	}
+}
+
+// copy copies entry e as dpfd/name; dirs, when not nil, holds the source
+// directories of e and its siblings.
+func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, exists bool, dirs srcDirs) (err error) {
 	defer func() {
 		var named *namedError
 		if err != nil && !errors.As(err, &named) {
@@ -218,11 +255,17 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 	if e.RealPath == "" {
 		sname = "."
 	}
-	spfd, err := openBeneath(root, sdir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if dirs == nil {
+		dirs = srcDirs{}
+		defer dirs.close()
+	}
+	spfd, kept, err := dirs.open(root, e.Layer, sdir)
 	if err != nil {
 		return err
 	}
-	defer closeFD(spfd)
+	if !kept {
+		defer closeFD(spfd)
+	}
 	xs, err := c.v.s.srcXattrs(procPath(spfd, sname))
 	if err != nil {
 		return err
@@ -248,6 +291,8 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 		if err != nil {
 			return err
 		}
+		chDirs := srcDirs{}
+		defer chDirs.close()
 		for _, ch := range children {
 			if ch.Err != nil {
 				// The kernel lists the name but fails to stat it, so a
@@ -256,7 +301,7 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 				return &namedError{fmt.Errorf("copy out %s: %w", ch.Path, ch.Err)}
 			}
 			_, chName := parentName(ch.Path)
-			if err := c.copy(ctx, ch, fd, chName, false); err != nil {
+			if err := c.copy(ctx, ch, fd, chName, false, chDirs); err != nil {
 				return err
 			}
 		}
