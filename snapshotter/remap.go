@@ -35,8 +35,9 @@ import (
 //     root maps to, so that the container's root may write in it;
 //   - its mounts carry uidmap= and gidmap= options, which containerd's
 //     mount code (2.0 and later) turns into idmapped mounts of the lower
-//     layers before it mounts the overlay: one per layer up to 2.1.4, one
-//     of the layers' common directory since 2.1.5. The upper is not
+//     layers before it mounts the overlay: one per layer in 2.0.0-2.0.6
+//     and 2.1.0-2.1.4, one of the layers' common directory since 2.0.7
+//     and 2.1.5. The upper is not
 //     idmapped, so what the container writes lands there under the mapped
 //     host ids;
 //   - Stat, Usage and Commit do not look at the labels: a committed
@@ -66,7 +67,8 @@ import (
 //
 // containerd 1.7 does not know the uidmap= and gidmap= options (its mount
 // code passes them to the kernel, and overlay refuses them): leave the
-// capability out there, and its client makes the chowned copy.
+// capability out there, and its client makes the chowned copy, or serve
+// it with remap = "copy", whose mounts carry no such option.
 
 // How mapped snapshots are served, as RemapMechanism names them.
 const (
@@ -320,9 +322,10 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 // advertise remap-ids and then prepares the container on with the
 // mapping labels all the same (client.resolveSnapshotOptions): mapped
 // again, every id would be shifted twice. Its name is containerd's digest
-// of its own parent's name and the mapping (remappedSnapshot.ID), so the
-// copy is known exactly, whether or not containerd's config lists the
-// capability.
+// of its own parent's name and the mapping (remappedSnapshot.ID, 2.0 and
+// later), or "<parent>-<host uid>-<host gid>" of the container's root
+// (1.7, which maps only from id 0), so the copy is known exactly, whether
+// or not containerd's config lists the capability.
 func (s *Snapshotter) remappedByClient(ctx context.Context, parent string, m *idMapping) bool {
 	var grandparent string
 	lookup := func(ctx context.Context) error {
@@ -339,7 +342,12 @@ func (s *Snapshotter) remappedByClient(ctx context.Context, parent string, m *id
 	if err != nil || grandparent == "" {
 		return false
 	}
-	return userKey(parent) == clientRemapName(userKey(grandparent), m)
+	name, from := userKey(parent), userKey(grandparent)
+	if name == clientRemapName(from, m) {
+		return true
+	}
+	uid, gid, err := m.root()
+	return err == nil && name == fmt.Sprintf("%s-%d-%d", from, uid, gid)
 }
 
 // userKey is the name a client gave a snapshot: containerd's metadata
