@@ -25,9 +25,11 @@ import (
 // slow_chown, where containerd's client prepares a snapshot on the image,
 // chowns every file through its overlay mount (a copy-up of each: the
 // data is copied) and commits it, then prepares the container on that.
-// A second container with the same mapping finds the copy made on both
-// sides (the built-in's committed, overclone's in ROOT/remap); both are set
-// against a container without a mapping on the same snapshotter.
+// Further containers with a mapping met before find the copy made on both
+// sides (the built-in's committed, overclone's in ROOT/remap); they are
+// set against containers without a mapping on the same snapshotter,
+// interleaved, so that a mapped Prepare's own cost shows (it was the
+// metadata file's growth: dbtail.go).
 // It runs in every `make test` (about 4 s): it asserts nothing but that
 // every path works, and logs the medians and ratios (-v shows them).
 func TestRemapCopyCost(t *testing.T) {
