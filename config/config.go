@@ -43,6 +43,9 @@ const (
 	DefaultUsageMaxAge = Duration(0)
 	// MinMaxSize is the smallest default_max_size (snapshotter.MinMaxSize).
 	MinMaxSize = 32 << 20
+	// DefaultRemap uses idmapped layers for user-namespaced snapshots
+	// where the kernel has them, and the shifted copy elsewhere.
+	DefaultRemap = "auto"
 	// DefaultDedupe is off until a node's images are known to share
 	// files across layers: a pass reads every indexed file once.
 	DefaultDedupe = "off"
@@ -117,6 +120,15 @@ type Config struct {
 	// figures up to 30 s older. Size-limited snapshots answer from their
 	// image's counters and are never stale. Default "0s".
 	UsageMaxAge Duration `toml:"usage_max_age"`
+	// Remap is how user-namespaced snapshots (containerd's uid/gid
+	// mapping labels) are served: "auto" hands out idmapped lower layers
+	// where the kernel and the root's filesystem have them, and a
+	// reflinked copy of the image with the owners shifted elsewhere;
+	// "copy" always makes that copy, for nodes whose kernel has idmapped
+	// mounts that misbehave (a copy per image and mapping, shared by the
+	// snapshots that use it; see README "User-namespaced containers").
+	// Default "auto".
+	Remap string `toml:"remap"`
 	// Dedupe makes identical files in different committed layers share
 	// their extents (FIDEDUPERANGE: the kernel compares the bytes and
 	// shares only what is equal), on filesystems that can (xfs with
@@ -160,6 +172,7 @@ func Default() Config {
 		ContainerdAddress: DefaultContainerdAddress,
 		UsageMaxAge:       DefaultUsageMaxAge,
 		LimitBackend:      DefaultLimitBackend,
+		Remap:             DefaultRemap,
 		Dedupe:            DefaultDedupe,
 		DedupeMinSize:     DefaultDedupeMinSize,
 	}
@@ -249,6 +262,11 @@ func (c *Config) Validate() error {
 	}
 	if c.UsageMaxAge < 0 {
 		return fmt.Errorf("usage_max_age %s must not be negative", c.UsageMaxAge)
+	}
+	switch c.Remap {
+	case "auto", "copy":
+	default:
+		return fmt.Errorf("remap %q: want auto (idmapped layers where the kernel has them) or copy (always a shifted copy of the image)", c.Remap)
 	}
 	switch c.Dedupe {
 	case "off", "commit", "background":

@@ -41,6 +41,17 @@ func TestParse(t *testing.T) {
 		{name: "bad mode", toml: "mode = \"kernel\"\n", wantErr: "mode"},
 		{name: "max_stack of one", toml: "max_stack = 1\n", wantErr: "max_stack"},
 		{name: "empty root", toml: "root = \"\"\n", wantErr: "root must not be empty"},
+		{name: "remap auto by default", toml: "", check: func(t *testing.T, c Config) {
+			if c.Remap != "auto" {
+				t.Fatalf("remap %q", c.Remap)
+			}
+		}},
+		{name: "remap copy", toml: "remap = \"copy\"\n", check: func(t *testing.T, c Config) {
+			if c.Remap != "copy" {
+				t.Fatalf("remap %q", c.Remap)
+			}
+		}},
+		{name: "bad remap", toml: "remap = \"chown\"\n", wantErr: `remap "chown": want auto`},
 		{name: "dedupe off by default", toml: "", check: func(t *testing.T, c Config) {
 			if c.Dedupe != "off" || c.DedupeMinSize != 16<<10 {
 				t.Fatalf("dedupe %q min %d", c.Dedupe, c.DedupeMinSize)

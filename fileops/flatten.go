@@ -76,8 +76,38 @@ func (l *linker) remember(key inodeKey, fd int) {
 // would fail to read it too, and a layer silently missing an entry is
 // worse than no layer. dst is then left partly written for the caller to
 // remove.
-func Flatten(ctx context.Context, s *Stack, dst string) (FlattenStats, error) {
-	return s.copyOut(ctx, "", dst, true, false)
+func Flatten(ctx context.Context, s *Stack, dst string, opts ...FlattenOpt) (FlattenStats, error) {
+	var cfg flattenConfig
+	for _, o := range opts {
+		o(&cfg)
+	}
+	return s.copyOut(ctx, "", dst, true, false, cfg.owners)
+}
+
+// capabilityXattr holds a file's capabilities, which may name their
+// owner (see OwnerMap).
+const capabilityXattr = "security.capability"
+
+// FlattenOpt configures a Flatten.
+type FlattenOpt func(*flattenConfig)
+
+type flattenConfig struct {
+	owners OwnerMap
+}
+
+// OwnerMap gives a copied entry the owner it is to have instead of its
+// source's, and the security.capability value to go with it (nil when the
+// source has none): the capability names the user namespace root it
+// belongs to, so a copy for another namespace may have to carry another.
+type OwnerMap func(uid, gid uint32, capability []byte) (newUID, newGID uint32, newCapability []byte, err error)
+
+// WithOwnerMap makes Flatten create every entry with the owner m gives
+// it, as a copy for a user namespace needs. The owner is set on the
+// descriptor of the entry just made, in the order applyMeta keeps for any
+// copy, so set-id bits and capabilities survive it: no second walk
+// changes owners afterwards.
+func WithOwnerMap(m OwnerMap) FlattenOpt {
+	return func(c *flattenConfig) { c.owners = m }
 }
 
 // CopyOut copies the merged entry at path (a file, or a whole tree) to the
@@ -95,7 +125,7 @@ func Flatten(ctx context.Context, s *Stack, dst string) (FlattenStats, error) {
 // nerdctl cp; that name must not exist there yet. Otherwise hostDst must
 // not exist and becomes the copy.
 func (s *Stack) CopyOut(ctx context.Context, path, hostDst string) (FlattenStats, error) {
-	return s.copyOut(ctx, path, hostDst, false, true)
+	return s.copyOut(ctx, path, hostDst, false, true, nil)
 }
 
 type outCopier struct {
@@ -103,9 +133,10 @@ type outCopier struct {
 	stats   FlattenStats
 	links   *linker
 	lenient bool
+	owners  OwnerMap
 }
 
-func (s *Stack) copyOut(ctx context.Context, path, hostDst string, intoEmpty, lenient bool) (FlattenStats, error) {
+func (s *Stack) copyOut(ctx context.Context, path, hostDst string, intoEmpty, lenient bool, owners OwnerMap) (FlattenStats, error) {
 	v := s.newView()
 	defer v.close()
 	r, err := v.walk(path, false, nil)
@@ -137,9 +168,9 @@ func (s *Stack) copyOut(ctx context.Context, path, hostDst string, intoEmpty, le
 			return FlattenStats{}, fmt.Errorf("flatten into %s: not an empty directory: %w", hostDst, os.ErrExist)
 		}
 	}
-	c := &outCopier{v: v, links: newLinker(), lenient: lenient}
+	c := &outCopier{v: v, links: newLinker(), lenient: lenient, owners: owners}
 	defer c.links.close()
-	err = c.copy(ctx, e, pfd, name, exists)
+	err = c.copy(ctx, e, pfd, name, exists, nil)
 	return c.stats, err
 }
 
@@ -169,7 +200,44 @@ func isEmptyDir(dir string) (bool, error) {
 	return false, nil
 }
 
-func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, exists bool) (err error) {
+// srcDirs holds the source directories of one directory's entries open
+// while they are copied: each layer's part of a merged directory is one
+// directory, opened once for all its entries, not once per entry.
+type srcDirs map[srcDir]int
+
+type srcDir struct {
+	layer int
+	dir   string
+}
+
+// maxSrcDirs caps the directories one srcDirs keeps open: a directory in
+// each of hundreds of layers, at every depth of the walk, would otherwise
+// hold thousands of descriptors.
+const maxSrcDirs = 16
+
+// open returns layer's dir open as O_PATH, beneath root, and whether d
+// keeps it (until close); if not, the caller closes it.
+func (d srcDirs) open(root, layer int, dir string) (int, bool, error) {
+	if fd, ok := d[srcDir{layer, dir}]; ok {
+		return fd, true, nil
+	}
+	fd, err := openBeneath(root, dir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if err != nil || len(d) >= maxSrcDirs {
+		return fd, false, err
+	}
+	d[srcDir{layer, dir}] = fd
+	return fd, true, nil
+}
+
+func (d srcDirs) close() {
+	for _, fd := range d {
+		closeFD(fd)
+	}
+}
+
+// copy copies entry e as dpfd/name; dirs, when not nil, holds the source
+// directories of e and its siblings.
+func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, exists bool, dirs srcDirs) (err error) {
 	defer func() {
 		var named *namedError
 		if err != nil && !errors.As(err, &named) {
@@ -187,16 +255,27 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 	if e.RealPath == "" {
 		sname = "."
 	}
-	spfd, err := openBeneath(root, sdir, unix.O_PATH|unix.O_DIRECTORY, 0)
+	if dirs == nil {
+		dirs = srcDirs{}
+		defer dirs.close()
+	}
+	spfd, kept, err := dirs.open(root, e.Layer, sdir)
 	if err != nil {
 		return err
 	}
-	defer closeFD(spfd)
+	if !kept {
+		defer closeFD(spfd)
+	}
 	xs, err := c.v.s.srcXattrs(procPath(spfd, sname))
 	if err != nil {
 		return err
 	}
 	var fd int
+	if e.Kind != KindFile {
+		if xs, err = c.mapOwner(&e, xs); err != nil {
+			return err
+		}
+	}
 	switch e.Kind {
 	case KindDir:
 		if exists {
@@ -212,6 +291,8 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 		if err != nil {
 			return err
 		}
+		chDirs := srcDirs{}
+		defer chDirs.close()
 		for _, ch := range children {
 			if ch.Err != nil {
 				// The kernel lists the name but fails to stat it, so a
@@ -220,7 +301,7 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 				return &namedError{fmt.Errorf("copy out %s: %w", ch.Path, ch.Err)}
 			}
 			_, chName := parentName(ch.Path)
-			if err := c.copy(ctx, ch, fd, chName, false); err != nil {
+			if err := c.copy(ctx, ch, fd, chName, false, chDirs); err != nil {
 				return err
 			}
 		}
@@ -238,7 +319,11 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 				return nil
 			}
 		}
-		if fd, err = c.copyFile(ctx, e, dpfd, name, xs); err != nil {
+		// Mapped once per inode: a hard link is made above.
+		if xs, err = c.mapOwner(&e, xs); err != nil {
+			return err
+		}
+		if fd, err = c.copyFile(ctx, e, dpfd, name, xs, spfd, sname); err != nil {
 			return err
 		}
 		defer closeFD(fd)
@@ -275,9 +360,48 @@ func (c *outCopier) copy(ctx context.Context, e Entry, dpfd int, name string, ex
 	return checkEntry(dpfd, name, fd)
 }
 
-// copyFile writes the file entry e as dpfd/name and returns it open.
-func (c *outCopier) copyFile(ctx context.Context, e Entry, dpfd int, name string, xs []xattr) (int, error) {
-	sfd, err := c.v.openData(e)
+// mapOwner gives e (a copy of the entry, not shared with the view) the
+// owner and the capability the copy is to have instead of its source's,
+// when the copy has an OwnerMap.
+func (c *outCopier) mapOwner(e *Entry, xs []xattr) ([]xattr, error) {
+	if c.owners == nil {
+		return xs, nil
+	}
+	ci := -1
+	var caps []byte
+	for i, x := range xs {
+		if x.name == capabilityXattr {
+			ci, caps = i, x.value
+		}
+	}
+	uid, gid, caps, err := c.owners(e.Stat.Uid, e.Stat.Gid, caps)
+	if err != nil {
+		return nil, fmt.Errorf("map owner %d:%d: %w", e.Stat.Uid, e.Stat.Gid, err)
+	}
+	e.Stat.Uid, e.Stat.Gid = uid, gid
+	if ci >= 0 {
+		out := append([]xattr(nil), xs...)
+		if caps == nil {
+			out = append(out[:ci], out[ci+1:]...)
+		} else {
+			out[ci].value = caps
+		}
+		return out, nil
+	}
+	return xs, nil
+}
+
+// copyFile writes the file entry e, which is spfd/sname in its layer, as
+// dpfd/name and returns it open.
+func (c *outCopier) copyFile(ctx context.Context, e Entry, dpfd int, name string, xs []xattr, spfd int, sname string) (int, error) {
+	var sfd int
+	var err error
+	if e.DataLayer == e.Layer && e.DataPath == e.RealPath {
+		// The data is the entry's own: its directory is open already.
+		sfd, err = openSource(spfd, sname)
+	} else {
+		sfd, err = c.v.openData(e) // a metacopy file's data is below
+	}
 	if err != nil {
 		return -1, fmt.Errorf("open source: %w", err)
 	}

@@ -32,7 +32,8 @@ func (s *Snapshotter) update(ctx context.Context, fn storage.TransactionCallback
 // then runs alone, so that its error is its own and it can undo nobody
 // else's change.
 type batcher struct {
-	ms *storage.MetaStore
+	ms   *storage.MetaStore
+	tail dbTail // zeroed ahead by the write transactions (dbtail.go)
 
 	mu      sync.Mutex
 	pending []*batchCall
@@ -100,7 +101,7 @@ func (b *batcher) run(calls []*batchCall) {
 		calls = slices.Delete(slices.Clone(calls), failed, failed+1)
 	}
 	for _, c := range alone {
-		c.err = transact(c.ctx, b.ms, true, c.fn)
+		c.err = transact(c.ctx, b.ms, true, b.withTail(c.fn))
 		close(c.done)
 	}
 }
@@ -110,7 +111,7 @@ func (b *batcher) run(calls []*batchCall) {
 // the commit's result, which is every call's.
 func (b *batcher) try(calls []*batchCall) (int, error) {
 	if len(calls) == 1 {
-		return -1, transact(calls[0].ctx, b.ms, true, calls[0].fn)
+		return -1, transact(calls[0].ctx, b.ms, true, b.withTail(calls[0].fn))
 	}
 	// The transaction is the batch's, not one caller's: no caller's
 	// cancellation may roll back the others.
@@ -127,7 +128,24 @@ func (b *batcher) try(calls []*batchCall) (int, error) {
 			return i, nil
 		}
 	}
+	if btx, ok := tx.(*bolt.Tx); ok {
+		b.tail.prepare(ctx, btx)
+	}
 	return -1, tx.Commit()
+}
+
+// withTail runs fn, then, if it succeeded, zeroes ahead in the file the
+// transaction is about to write.
+func (b *batcher) withTail(fn storage.TransactionCallback) storage.TransactionCallback {
+	return func(ctx context.Context) error {
+		if err := fn(ctx); err != nil {
+			return err
+		}
+		if tx, err := boltTx(ctx); err == nil {
+			b.tail.prepare(ctx, tx)
+		}
+		return nil
+	}
 }
 
 // testHookBatch, when a test sets it, is told the size of every batch

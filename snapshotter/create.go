@@ -80,13 +80,13 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			if err := s.missing.check(materialized); err != nil {
 				return nil, fmt.Errorf("create snapshot %q on %q: %w", key, parent, err)
 			}
-			if err := s.materialize(ctx, materialized, td); err != nil {
+			if err := s.materialize(ctx, materialized, td, idmap); err != nil {
 				return nil, err
 			}
 		}
 	}
 	if idmap != nil {
-		if err := s.remapPrepared(ctx, td, idmap, materialized != ""); err != nil {
+		if err := s.remapPrepared(td, idmap, materialized != ""); err != nil {
 			return nil, fmt.Errorf("create snapshot %q: %w", key, err)
 		}
 	}

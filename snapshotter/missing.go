@@ -184,12 +184,22 @@ func (s *Snapshotter) recreate(ctx context.Context, key string) (bool, error) {
 		}
 		defer img.close()
 	}
-	if s.mode == ModeUserspace && snap.Kind == snapshots.KindActive && len(snap.ParentIDs) > 0 {
-		if err := s.materialize(ctx, snap.ParentIDs[0], td); err != nil {
+	idmap, err := s.recreatedMapping(ctx, snap, info)
+	if err != nil {
+		return false, err
+	}
+	materialized := s.mode == ModeUserspace && snap.Kind == snapshots.KindActive && len(snap.ParentIDs) > 0
+	if materialized {
+		if err := s.materialize(ctx, snap.ParentIDs[0], td, idmap); err != nil {
 			return false, err
 		}
 	}
-	if err := s.ownRecreated(ctx, snap, info, td); err != nil {
+	if idmap == nil {
+		err = s.ownUpper(snap, td)
+	} else {
+		err = s.remapPrepared(td, idmap, materialized)
+	}
+	if err != nil {
 		return false, err
 	}
 	if err := s.syncPrepared(td); err != nil {

@@ -35,8 +35,9 @@ import (
 //     root maps to, so that the container's root may write in it;
 //   - its mounts carry uidmap= and gidmap= options, which containerd's
 //     mount code (2.0 and later) turns into idmapped mounts of the lower
-//     layers before it mounts the overlay: one per layer up to 2.1.4, one
-//     of the layers' common directory since 2.1.5. The upper is not
+//     layers before it mounts the overlay: one per layer in 2.0.0-2.0.6
+//     and 2.1.0-2.1.4, one of the layers' common directory since 2.0.7
+//     and 2.1.5. The upper is not
 //     idmapped, so what the container writes lands there under the mapped
 //     host ids;
 //   - Stat, Usage and Commit do not look at the labels: a committed
@@ -57,7 +58,7 @@ import (
 //     links' common directory would be l/, and containerd's idmapped mount
 //     of it cannot reach the layers the links point at;
 //   - in userspace mode an active snapshot is a copy made by this process,
-//     so the copy itself is given the mapped owners (shiftOwners): no
+//     so the copy itself is given the mapped owners (ownerMap): no
 //     idmapped mount is needed, and it works where the kernel has none;
 //   - where the kernel cannot idmap layers, the other mapped snapshots
 //     stand on a shifted copy of their parent's view (remap_copy.go),
@@ -66,7 +67,8 @@ import (
 //
 // containerd 1.7 does not know the uidmap= and gidmap= options (its mount
 // code passes them to the kernel, and overlay refuses them): leave the
-// capability out there, and its client makes the chowned copy.
+// capability out there, and its client makes the chowned copy, or serve
+// it with remap = "copy", whose mounts carry no such option.
 
 // How mapped snapshots are served, as RemapMechanism names them.
 const (
@@ -74,21 +76,56 @@ const (
 	RemapChownedCopy = "chowned copy"
 )
 
+// RemapPolicy is the operator's choice between the two (config remap).
+type RemapPolicy string
+
+const (
+	// RemapAuto uses idmapped layers where the kernel has them.
+	RemapAuto RemapPolicy = "auto"
+	// RemapCopy always stands mapped snapshots on a shifted copy, for
+	// kernels whose idmapped mounts misbehave.
+	RemapCopy RemapPolicy = "copy"
+)
+
+// ParseRemap checks a configured policy; "" is auto.
+func ParseRemap(s string) (RemapPolicy, error) {
+	switch p := RemapPolicy(s); p {
+	case "", RemapAuto:
+		return RemapAuto, nil
+	case RemapCopy:
+		return p, nil
+	}
+	return "", fmt.Errorf("remap %q: want auto or copy: %w", s, errdefs.ErrInvalidArgument)
+}
+
+// WithRemap sets how mapped snapshots are served (RemapAuto by default).
+func WithRemap(p RemapPolicy) Opt {
+	return func(c *Config) error {
+		var err error
+		c.Remap, err = ParseRemap(string(p))
+		return err
+	}
+}
+
 // RemapMechanism says how a snapshotter serving in mode on a root with
-// features f honours containerd's uid/gid mapping labels, and what that
-// means for containerd's config: for `overclone check` and the start-up
-// log.
-func RemapMechanism(mode Mode, f *overlayutil.Features) (mechanism, why string) {
-	idmapped := f.OK(overlayutil.CheckIDMapped)
+// features f, under policy, honours containerd's uid/gid mapping labels,
+// and what that means for containerd's config: for `overclone check` and
+// the start-up log.
+func RemapMechanism(mode Mode, f *overlayutil.Features, policy RemapPolicy) (mechanism, why string) {
+	idmapped := f.OK(overlayutil.CheckIDMapped) && policy != RemapCopy
+	noIdmap := "no idmapped mounts: " + f.Get(overlayutil.CheckIDMapped).Reason
+	if policy == RemapCopy {
+		noIdmap = "remap = \"copy\" in the config"
+	}
 	switch {
 	case mode == ModeUserspace && idmapped:
 		return RemapChownedCopy, "containers get a copy of their image with the owners shifted, views idmapped layers; advertise capabilities = [\"remap-ids\"] (containerd 2.0+)"
 	case mode == ModeUserspace:
-		return RemapChownedCopy, "containers and views get a copy of their image with the owners shifted (no idmapped mounts: " + f.Get(overlayutil.CheckIDMapped).Reason + "); advertise capabilities = [\"remap-ids\"]"
+		return RemapChownedCopy, "containers and views get a copy of their image with the owners shifted (" + noIdmap + "); advertise capabilities = [\"remap-ids\"]"
 	case idmapped:
 		return RemapIdmapped, "mounts carry uidmap= and gidmap=, which containerd 2.0+ turns into idmapped lower layers; advertise capabilities = [\"remap-ids\"] (not on containerd 1.7, whose mounts do not know these options)"
 	}
-	return RemapChownedCopy, "mapped snapshots stand on a reflinked copy of their image with the owners shifted, one per parent and mapping (no idmapped overlay layers: " + f.Get(overlayutil.CheckIDMapped).Reason + "); advertise capabilities = [\"remap-ids\"]"
+	return RemapChownedCopy, "mapped snapshots stand on a reflinked copy of their image with the owners shifted, one per parent and mapping (" + noIdmap + "); advertise capabilities = [\"remap-ids\"]"
 }
 
 // idRange is one container-to-host range of a mapping label,
@@ -202,13 +239,14 @@ func (s *Snapshotter) remapping(ctx context.Context, parent string, labels map[s
 	return m, nil
 }
 
-// remapPrepared gives a prepared directory its mapped owners: the whole
-// copy of the parent in userspace mode, the fs dir itself otherwise.
-func (s *Snapshotter) remapPrepared(ctx context.Context, td string, m *idMapping, materialized bool) error {
-	fsDir := filepath.Join(td, "fs")
+// remapPrepared gives a prepared directory its mapped owners: the fs dir's
+// root, unless it is a copy of the parent made with the owners mapped
+// already (materialized, in userspace mode).
+func (s *Snapshotter) remapPrepared(td string, m *idMapping, materialized bool) error {
 	if materialized {
-		return shiftOwners(ctx, fsDir, m)
+		return nil
 	}
+	fsDir := filepath.Join(td, "fs")
 	uid, gid, err := m.root()
 	if err != nil {
 		return err
@@ -219,19 +257,17 @@ func (s *Snapshotter) remapPrepared(ctx context.Context, td string, m *idMapping
 	return nil
 }
 
-// ownRecreated gives a directory recreate made again the owners its create
-// gave it: the mapped ones for a mapped snapshot (its userspace copy
-// shifted again), the parent's root owner otherwise (ownUpper).
-func (s *Snapshotter) ownRecreated(ctx context.Context, snap storage.Snapshot, info snapshots.Info, td string) error {
+// recreatedMapping is the mapping a snapshot recreate makes again was
+// created with: nil for one without, or on containerd's client-side copy.
+func (s *Snapshotter) recreatedMapping(ctx context.Context, snap storage.Snapshot, info snapshots.Info) (*idMapping, error) {
 	m, err := remapOf(info.Labels)
-	if err != nil {
-		return err
+	if err != nil || m == nil {
+		return nil, err
 	}
-	if m == nil || (len(snap.ParentIDs) > 0 && s.remappedByClient(ctx, info.Parent, m)) {
-		return s.ownUpper(snap, td)
+	if len(snap.ParentIDs) > 0 && s.remappedByClient(ctx, info.Parent, m) {
+		return nil, nil
 	}
-	materialized := s.mode == ModeUserspace && snap.Kind == snapshots.KindActive && len(snap.ParentIDs) > 0
-	return s.remapPrepared(ctx, td, m, materialized)
+	return m, nil
 }
 
 // mounts builds a snapshot's mounts (plainMounts) and, for a snapshot
@@ -286,9 +322,10 @@ func (s *Snapshotter) mounts(ctx context.Context, snap storage.Snapshot, info sn
 // advertise remap-ids and then prepares the container on with the
 // mapping labels all the same (client.resolveSnapshotOptions): mapped
 // again, every id would be shifted twice. Its name is containerd's digest
-// of its own parent's name and the mapping (remappedSnapshot.ID), so the
-// copy is known exactly, whether or not containerd's config lists the
-// capability.
+// of its own parent's name and the mapping (remappedSnapshot.ID, 2.0 and
+// later), or "<parent>-<host uid>-<host gid>" of the container's root
+// (1.7, which maps only from id 0), so the copy is known exactly, whether
+// or not containerd's config lists the capability.
 func (s *Snapshotter) remappedByClient(ctx context.Context, parent string, m *idMapping) bool {
 	var grandparent string
 	lookup := func(ctx context.Context) error {
@@ -305,7 +342,12 @@ func (s *Snapshotter) remappedByClient(ctx context.Context, parent string, m *id
 	if err != nil || grandparent == "" {
 		return false
 	}
-	return userKey(parent) == clientRemapName(userKey(grandparent), m)
+	name, from := userKey(parent), userKey(grandparent)
+	if name == clientRemapName(from, m) {
+		return true
+	}
+	uid, gid, err := m.root()
+	return err == nil && name == fmt.Sprintf("%s-%d-%d", from, uid, gid)
 }
 
 // userKey is the name a client gave a snapshot: containerd's metadata

@@ -21,7 +21,7 @@ import (
 
 // Where the kernel cannot idmap the layers (overlay before 5.19, a root
 // filesystem without idmapped mounts), a mapped snapshot stands on a copy of
-// its parent's view with the owners shifted (shiftOwners), made by fileops
+// its parent's view with the owners shifted (ownerMap), made by fileops
 // with reflinks where the filesystem has them: the data stays shared with
 // the image, only the inodes are new. containerd's client makes such a copy
 // itself for a snapshotter without remap-ids, through an overlay mount, so
@@ -130,11 +130,9 @@ func (s *Snapshotter) buildRemapCopy(ctx context.Context, snap storage.Snapshot,
 	if err != nil {
 		return fmt.Errorf("shifted copy of %s: %w", snap.ParentIDs[0], err)
 	}
-	stats, err := fileops.Flatten(ctx, stack, tmp)
+	// One walk: each inode is made with its mapped owner.
+	stats, err := fileops.Flatten(ctx, stack, tmp, m.flattenOpts()...)
 	if err != nil {
-		return fmt.Errorf("shifted copy of %s: %w", snap.ParentIDs[0], err)
-	}
-	if err := shiftOwners(ctx, tmp, m); err != nil {
 		return fmt.Errorf("shifted copy of %s: %w", snap.ParentIDs[0], err)
 	}
 	// The copy is a lower trusted for the snapshot's life, as a flattened

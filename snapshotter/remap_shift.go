@@ -1,88 +1,51 @@
 package snapshotter
 
 import (
-	"context"
 	"encoding/binary"
-	"errors"
 	"fmt"
-	"io/fs"
-	"path/filepath"
 
 	"github.com/containerd/errdefs"
-	"golang.org/x/sys/unix"
+
+	"github.com/overclone/overclone/fileops"
 )
 
-// capabilityXattr holds a file's capabilities; chown drops it.
+// capabilityXattr holds a file's capabilities.
 const capabilityXattr = "security.capability"
 
-// shiftOwners gives every inode under dir the host ids its owner maps to,
-// as containerd's client does for a snapshotter without remap-ids, keeping
-// what chown takes away: the set-id bits and file capabilities.
-//
-// dir is a copy this process has just made (snapshots/new-*/fs, or
-// snapshots/<id>/remap-new-*), in the 0700 root and mounted nowhere: no
-// container can change a name under it while it is walked, and nothing in
-// it is followed (Lchown, and a symlink is never chmod'ed).
+// ownerMap shifts the owners of a copy fileops makes for a mapped
+// snapshot (fileops.WithOwnerMap) as containerd's client does for a
+// snapshotter without remap-ids, keeping what a chown would take away: the
+// set-id bits and file capabilities, which fileops sets after the owner.
+// The copy is made entry by entry on descriptors this process created, in
+// a directory no container can reach, so the owner is set once, when the
+// inode is made, and no walk changes it afterwards.
 //
 // An id the mapping does not hold is FailedPrecondition, as in containerd's
 // client: the container would see the file as owned by nobody.
-func shiftOwners(ctx context.Context, dir string, m *idMapping) error {
-	// A hard link's inode is shifted once, at its first name.
-	type inode struct{ dev, ino uint64 }
-	shifted := map[inode]bool{}
-	return filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if err != nil {
-			return err
-		}
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		var st unix.Stat_t
-		if err := unix.Lstat(path, &st); err != nil {
-			return fmt.Errorf("shift owner of %s: %w", path, err)
-		}
-		if st.Nlink > 1 && st.Mode&unix.S_IFMT != unix.S_IFDIR {
-			key := inode{uint64(st.Dev), st.Ino}
-			if shifted[key] {
-				return nil
-			}
-			shifted[key] = true
-		}
-		uid, uok := toHost(st.Uid, m.uids)
-		gid, gok := toHost(st.Gid, m.gids)
-		if !uok || !gok {
-			return fmt.Errorf("shift owner of %s: %d:%d is outside the mapping uid %q gid %q: %w",
-				path, st.Uid, st.Gid, m.uidLabel, m.gidLabel, errdefs.ErrFailedPrecondition)
-		}
-		if uid == st.Uid && gid == st.Gid {
-			return nil
-		}
-		isLink := st.Mode&unix.S_IFMT == unix.S_IFLNK
-		var caps []byte
-		if st.Mode&unix.S_IFMT == unix.S_IFREG {
-			if caps, err = getXattr(path, capabilityXattr); err != nil {
-				return fmt.Errorf("shift owner of %s: %w", path, err)
-			}
-			if caps, err = shiftCaps(caps, m); err != nil {
-				return fmt.Errorf("shift owner of %s: %w", path, err)
-			}
-		}
-		if err := unix.Lchown(path, int(uid), int(gid)); err != nil {
-			return fmt.Errorf("shift owner of %s to %d:%d: %w", path, uid, gid, err)
-		}
-		// Capabilities before mode: setting them clears set-id bits too.
-		if caps != nil {
-			if err := unix.Lsetxattr(path, capabilityXattr, caps, 0); err != nil {
-				return fmt.Errorf("shift owner of %s: keep %s: %w", path, capabilityXattr, err)
-			}
-		}
-		if !isLink && st.Mode&(unix.S_ISUID|unix.S_ISGID) != 0 {
-			if err := unix.Chmod(path, st.Mode&0o7777); err != nil {
-				return fmt.Errorf("shift owner of %s: keep mode %o: %w", path, st.Mode&0o7777, err)
-			}
-		}
+func (m *idMapping) ownerMap(uid, gid uint32, caps []byte) (uint32, uint32, []byte, error) {
+	hu, uok := toHost(uid, m.uids)
+	hg, gok := toHost(gid, m.gids)
+	if !uok || !gok {
+		return 0, 0, nil, fmt.Errorf("%d:%d is outside the mapping uid %q gid %q: %w",
+			uid, gid, m.uidLabel, m.gidLabel, errdefs.ErrFailedPrecondition)
+	}
+	if hu == uid && hg == gid {
+		return uid, gid, caps, nil
+	}
+	caps, err := shiftCaps(caps, m)
+	if err != nil {
+		return 0, 0, nil, err
+	}
+	return hu, hg, caps, nil
+}
+
+// flattenOpts are the options of a copy made for m: none without a
+// mapping.
+func (m *idMapping) flattenOpts() []fileops.FlattenOpt {
+	if m == nil {
 		return nil
-	})
+	}
+	return []fileops.FlattenOpt{fileops.WithOwnerMap(m.ownerMap)}
 }
 
 // File capability xattr layouts (linux/capability.h): a little-endian
@@ -129,23 +92,4 @@ func shiftCaps(caps []byte, m *idMapping) ([]byte, error) {
 	binary.LittleEndian.PutUint32(out, magic&^capRevisionMask|capRevision3)
 	binary.LittleEndian.PutUint32(out[capSize2:], host)
 	return out, nil
-}
-
-// getXattr reads one xattr of path, not following a symlink; nil when the
-// file has none.
-func getXattr(path, name string) ([]byte, error) {
-	buf := make([]byte, 256)
-	for {
-		n, err := unix.Lgetxattr(path, name, buf)
-		switch {
-		case err == nil:
-			return buf[:n], nil
-		case errors.Is(err, unix.ENODATA), errors.Is(err, unix.ENOTSUP):
-			return nil, nil
-		case errors.Is(err, unix.ERANGE):
-			buf = make([]byte, len(buf)*4)
-		default:
-			return nil, fmt.Errorf("get %s: %w", name, err)
-		}
-	}
 }

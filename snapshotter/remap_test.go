@@ -103,14 +103,26 @@ func TestRemapIDs(t *testing.T) {
 					t.Errorf("upper %s owned by %s, want the mapped root %s", p, got, remap.Mapped(0, 0))
 				}
 			}
-			if mode == ModeUserspace {
-				// The shifted copy keeps what chown drops.
-				st, err := os.Stat(filepath.Join(upper, "s"))
+			// The shifted copy, made with the owners mapped as each
+			// inode is created, keeps what chown drops.
+			shifted := ""
+			switch {
+			case mode == ModeUserspace:
+				shifted = upper
+			case !tc.idmapped:
+				copies, _ := filepath.Glob(filepath.Join(s.root, remapCopiesDir, "*"))
+				if len(copies) != 1 {
+					t.Fatalf("shifted copies %v, want one", copies)
+				}
+				shifted = copies[0]
+			}
+			if shifted != "" {
+				st, err := os.Stat(filepath.Join(shifted, "s"))
 				if err != nil || st.Mode()&os.ModeSetuid == 0 {
 					t.Errorf("s lost its setuid bit in the shifted copy: %v %v", st.Mode(), err)
 				}
 				caps := make([]byte, 64)
-				n, err := unix.Lgetxattr(filepath.Join(upper, "s"), "security.capability", caps)
+				n, err := unix.Lgetxattr(filepath.Join(shifted, "s"), "security.capability", caps)
 				// Version 3, owned by the mapped root: what the kernel
 				// stores when the container's root sets them.
 				want := append([]byte{0x01, 0x00, 0x00, 0x03}, remap.CapNetRaw[4:]...)
@@ -297,16 +309,26 @@ func TestRemapIDsDeepStack(t *testing.T) {
 // it by a digest of its parent and the mapping, and prepares the container
 // on it with the mapping labels all the same. The copy must not be mapped
 // a second time.
+//
+// containerd 1.7's client names its copy "<parent>-<host uid>-<host gid>"
+// instead, and its CRI runs user-namespaced pods with the labels too.
 func TestRemapIDsClientCopy(t *testing.T) {
 	require.Root(t, "mounts and chowns")
-	for _, mode := range []Mode{ModeOverlay, ModeUserspace} {
-		t.Run(string(mode), func(t *testing.T) {
-			ctx, s := openTest(t, t.TempDir(), WithMode(mode))
+	// What client.resolveSnapshotOptions does, with the 2.x name's JSON
+	// written out as containerd marshals it.
+	rsn := `{"Parent":"l2","IDMap":{"UidMap":[{"containerID":0,"hostID":100000,"size":65536}],"GidMap":[{"containerID":0,"hostID":100000,"size":65536}]}}`
+	names := map[string]string{
+		"2.x": fmt.Sprintf("sha256:%x", sha256.Sum256([]byte(rsn))),
+		"1.7": fmt.Sprintf("l2-%d-%d", remap.HostRoot, remap.HostRoot),
+	}
+	for _, tc := range []struct {
+		mode       Mode
+		containerd string
+	}{{ModeOverlay, "2.x"}, {ModeUserspace, "2.x"}, {ModeOverlay, "1.7"}, {ModeUserspace, "1.7"}} {
+		t.Run(string(tc.mode)+"-"+tc.containerd, func(t *testing.T) {
+			ctx, s := openTest(t, t.TempDir(), WithMode(tc.mode))
 			remap.Layers(ctx, t, s, "")
-			// What client.resolveSnapshotOptions does, with the
-			// name's JSON written out as containerd marshals it.
-			rsn := `{"Parent":"l2","IDMap":{"UidMap":[{"containerID":0,"hostID":100000,"size":65536}],"GidMap":[{"containerID":0,"hostID":100000,"size":65536}]}}`
-			name := fmt.Sprintf("sha256:%x", sha256.Sum256([]byte(rsn)))
+			name := names[tc.containerd]
 			ms, err := s.Prepare(ctx, name+"-remap", "l2")
 			if err != nil {
 				t.Fatal(err)

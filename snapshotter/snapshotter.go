@@ -1,6 +1,7 @@
 package snapshotter
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -55,6 +56,9 @@ type Config struct {
 	// DedupeMinSize is the smallest file it indexes.
 	Dedupe        DedupeMode
 	DedupeMinSize int64
+	// Remap says whether mapped snapshots may use idmapped layers
+	// (remap.go); RemapAuto when empty.
+	Remap RemapPolicy
 }
 
 // Opt configures a snapshotter.
@@ -137,7 +141,8 @@ type Snapshotter struct {
 	batch          batcher    // group commit of the calls' write transactions
 
 	// idmapped: containerd's idmapped lowers work on this root (the
-	// idmapped-mounts probe); remap.go needs them for mapped stacks.
+	// idmapped-mounts probe) and the config does not say remap = "copy";
+	// remap.go needs them for mapped stacks.
 	idmapped bool
 	// remapLocks holds a *sync.Mutex per shifted copy, where idmapped is
 	// false (remap_copy.go).
@@ -243,7 +248,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 
 		deletions: newDeleter(),
 
-		idmapped: features.OK(overlayutil.CheckIDMapped),
+		idmapped: features.OK(overlayutil.CheckIDMapped) && cfg.Remap != RemapCopy,
 	}
 	s.batch.ms = ms
 	if s.maxStack == 0 || s.maxStack > overlay.MaxLowers {
@@ -283,10 +288,10 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	if err := s.sweepRemapCopies(ctx); err != nil {
 		log.G(ctx).WithError(err).Warn("failed to remove unused shifted copies")
 	}
-	remap, _ := RemapMechanism(mode, features)
+	remap, _ := RemapMechanism(mode, features, cfg.Remap)
 	s.setupDedupe(ctx, cfg, features)
 	log.G(ctx).WithField("root", root).WithField("mode", mode).WithField("why", why).
-		WithField("max_stack", s.maxStack).WithField("remap_ids", remap).Info("overclone snapshotter ready")
+		WithField("max_stack", s.maxStack).WithField("remap_ids", remap).WithField("remap", cmp.Or(cfg.Remap, RemapAuto)).Info("overclone snapshotter ready")
 	logLimits(ctx, s.limits, s.defaultMaxSize)
 	s.pool.refill(ctx)
 	log.G(ctx).WithField("usage_max_age", cfg.UsageMaxAge).WithField("how", UsageMechanism(s.limits, cfg.UsageMaxAge)).Info("usage of active snapshots")

@@ -32,17 +32,18 @@ func (s *Snapshotter) parentID(ctx context.Context, parent string) string {
 	return id
 }
 
-// materialize writes the view of committed snapshot parentID into td/fs.
-// If any data was copied rather than reflinked it leaves td/copied, which
-// tells usage that the snapshot's untouched files may hold blocks of their
-// own.
-func (s *Snapshotter) materialize(ctx context.Context, parentID, td string) error {
+// materialize writes the view of committed snapshot parentID into td/fs,
+// with the owners shifted by m when it is not nil (a user-namespaced
+// container's). If any data was copied rather than reflinked it leaves
+// td/copied, which tells usage that the snapshot's untouched files may
+// hold blocks of their own.
+func (s *Snapshotter) materialize(ctx context.Context, parentID, td string, m *idMapping) error {
 	dst := filepath.Join(td, "fs")
 	stack, err := fileops.NewStack("", []string{s.upperPath(parentID)}, fileops.WithVerbatim())
 	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}
-	stats, err := fileops.Flatten(ctx, stack, dst)
+	stats, err := fileops.Flatten(ctx, stack, dst, m.flattenOpts()...)
 	if err != nil {
 		return fmt.Errorf("materialize snapshot %s: %w", parentID, err)
 	}

@@ -46,6 +46,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	asJSON := fs.Bool("json", false, "print the findings as JSON")
 	mode := fs.String("mode", "auto", "the daemon's configured mode, to show what it resolves to")
 	limitBackend := fs.String("limit-backend", config.DefaultLimitBackend, "the daemon's limit_backend (auto or image), to show how size limits are enforced")
+	remapFlag := fs.String("remap", config.DefaultRemap, "the daemon's remap setting (auto or copy), to show how user-namespaced snapshots are served")
 	usageMaxAge := fs.Duration("usage-max-age", time.Duration(config.DefaultUsageMaxAge), "the daemon's usage_max_age, to show how Usage is answered")
 	if err := fs.Parse(args); err != nil {
 		if err == flag.ErrHelp {
@@ -55,6 +56,11 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 	}
 	if fs.NArg() > 0 {
 		fmt.Fprintf(stderr, "overclone check: unexpected arguments %v\n", fs.Args())
+		return exitUsage
+	}
+	policy, err := snapshotter.ParseRemap(*remapFlag)
+	if err != nil {
+		fmt.Fprintf(stderr, "overclone check: %v\n", err)
 		return exitUsage
 	}
 	f, rootMissing, at, done, err := probeRoot(ctx, *root)
@@ -83,7 +89,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 		r := checkReport{Features: f, RootMissing: rootMissing, CanServe: f.CanServe(), Intercepts: f.Intercepts(), MaxLowers: f.MaxLowers(), SizeLimits: limits, Usage: usage}
 		if modeErr == nil {
 			r.Mode = string(m)
-			r.RemapIDs, r.RemapIDsWhy = snapshotter.RemapMechanism(m, f)
+			r.RemapIDs, r.RemapIDsWhy = snapshotter.RemapMechanism(m, f, policy)
 		}
 		enc := json.NewEncoder(stdout)
 		enc.SetIndent("", "  ")
@@ -100,7 +106,7 @@ func runCheck(ctx context.Context, args []string, stdout, stderr io.Writer) int 
 			fmt.Fprintf(stdout, "\nmode (%s): cannot serve: %v\n", *mode, modeErr)
 		} else {
 			fmt.Fprintf(stdout, "\nmode (%s): %s: %s\n", *mode, m, why)
-			remap, rwhy := snapshotter.RemapMechanism(m, f)
+			remap, rwhy := snapshotter.RemapMechanism(m, f, policy)
 			fmt.Fprintf(stdout, "remap-ids:   %s: %s\n", remap, rwhy)
 		}
 		fmt.Fprintf(stdout, "size limits: %s: %s\n", yesNo(limits.OK), limits.How)

@@ -115,6 +115,25 @@ func TestCheckJSON(t *testing.T) {
 	}
 }
 
+// TestCheckRemapCopy: with the daemon's remap = "copy" check says mapped
+// snapshots get the shifted copy whatever the kernel has, and why; a
+// setting the daemon would refuse is a usage error.
+func TestCheckRemapCopy(t *testing.T) {
+	root := filepath.Join(loopfs.Mount(t, loopfs.Tmpfs), "root")
+	code, stdout, stderr := run("check", "--root", root, "--mode", "overlay", "--remap", "copy")
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	want := "remap-ids:   " + snapshotter.RemapChownedCopy + ": "
+	if !strings.Contains(stdout, want) || !strings.Contains(stdout, `remap = "copy" in the config`) {
+		t.Errorf("check --remap copy does not say %q and why:\n%s", want, stdout)
+	}
+	code, _, stderr = run("check", "--root", root, "--remap", "chown")
+	if code != exitUsage || !strings.Contains(stderr, `remap "chown": want auto or copy`) {
+		t.Errorf("check --remap chown: exit %d, %s", code, stderr)
+	}
+}
+
 // TestCheckFailsOnOverlay: a root inside an overlay cannot serve, and the
 // exit code says so for scripts.
 func TestCheckFailsOnOverlay(t *testing.T) {
