@@ -131,6 +131,12 @@ type Config struct {
 	// DedupeMinSize is the smallest file, in bytes, dedupe indexes.
 	// Default 16384.
 	DedupeMinSize int64 `toml:"dedupe_min_size"`
+	// DedupeCommitMinSize, when above dedupe_min_size, splits "commit"
+	// mode: Commit dedupes the files of at least this many bytes and
+	// returns; the smaller ones (down to dedupe_min_size) are deduped by
+	// a worker once no layer is being unpacked. Default 0: every file in
+	// Commit.
+	DedupeCommitMinSize int64 `toml:"dedupe_commit_min_size"`
 	// DebugAddress serves Go's pprof on /debug/pprof/: a unix socket
 	// ("unix:///path") or a loopback "127.0.0.1:PORT" only. Default ""
 	// (off).
@@ -257,6 +263,9 @@ func (c *Config) Validate() error {
 	}
 	if c.DedupeMinSize < 0 {
 		return fmt.Errorf("dedupe_min_size %d must not be negative", c.DedupeMinSize)
+	}
+	if c.DedupeCommitMinSize < 0 {
+		return fmt.Errorf("dedupe_commit_min_size %d must not be negative", c.DedupeCommitMinSize)
 	}
 	if c.ShutdownTimeout < 0 {
 		return fmt.Errorf("shutdown_timeout %s must not be negative", c.ShutdownTimeout)

@@ -99,6 +99,7 @@ func run(args []string) error {
 		snapshotter.WithLimitBackend(snapshotter.LimitBackend(cfg.LimitBackend)),
 		snapshotter.WithUsageMaxAge(time.Duration(cfg.UsageMaxAge)),
 		snapshotter.WithDedupe(snapshotter.DedupeMode(cfg.Dedupe), cfg.DedupeMinSize),
+		snapshotter.WithDedupeCommitMinSize(cfg.DedupeCommitMinSize),
 	}
 	if cfg.Volatile {
 		opts = append(opts, snapshotter.WithVolatile)
