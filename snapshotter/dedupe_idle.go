@@ -92,6 +92,10 @@ func (g *idleGate) wait(ctx context.Context) error {
 	}
 }
 
+// idleDedupeHook, when set before New, is called after each layer the
+// idle worker did: tests wait on it rather than on time.
+var idleDedupeHook func(DedupeResult)
+
 // idleDedupeWorker dedupes, layer by layer and only while no unpack is
 // under way, the files Commit left: those below dedupe_commit_min_size,
 // and every file of a layer whose Commit did not dedupe it. A Commit that
@@ -121,6 +125,9 @@ func (s *Snapshotter) idleDedupeWorker(ctx context.Context) {
 			}
 			log.G(ctx).WithField("key", res.Key).WithField("files", res.Files).
 				WithField("shared_bytes", res.SharedBytes).Debug("layer's smaller files deduped")
+			if idleDedupeHook != nil {
+				idleDedupeHook(res)
+			}
 		}
 	}
 }
