@@ -42,8 +42,8 @@ func TestParse(t *testing.T) {
 		{name: "max_stack of one", toml: "max_stack = 1\n", wantErr: "max_stack"},
 		{name: "empty root", toml: "root = \"\"\n", wantErr: "root must not be empty"},
 		{name: "dedupe off by default", toml: "", check: func(t *testing.T, c Config) {
-			if c.Dedupe != "off" || c.DedupeMinSize != 16<<10 {
-				t.Fatalf("dedupe %q min %d", c.Dedupe, c.DedupeMinSize)
+			if c.Dedupe != "off" || c.DedupeMinSize != 1 || c.DedupeCommitMinSize != 64<<10 {
+				t.Fatalf("dedupe %q min %d commit min %d", c.Dedupe, c.DedupeMinSize, c.DedupeCommitMinSize)
 			}
 		}},
 		{name: "dedupe on", toml: "dedupe = \"background\"\ndedupe_min_size = 4096\n", check: func(t *testing.T, c Config) {
