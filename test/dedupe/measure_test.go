@@ -344,6 +344,7 @@ func TestMeasureDedupe(t *testing.T) {
 	// unpack), so that it takes no CPU from the other sides' unpacks; its
 	// time is reported on its own.
 	var idleWork time.Duration
+	var baseUsage [2]int64 // the last base layer's Usage after Commit, and after the worker
 	for i := 0; i < images; i++ {
 		for k := range 3 {
 			sd := sides[(i+k)%3]
@@ -356,11 +357,23 @@ func TestMeasureDedupe(t *testing.T) {
 			}
 			sd.unpack += time.Since(start)
 			if sd == sides[0] && commitMin > 0 {
+				// What CRI sees of the last base layer (its Usage
+				// once committed) against what it comes to.
+				baseKey := fmt.Sprintf("img%d-0", i)
+				u, err := sd.sn.Usage(ctx, baseKey)
+				if err != nil {
+					t.Fatal(err)
+				}
 				start := time.Now()
 				if _, err := sd.sn.(*snapshotter.Snapshotter).Dedupe(ctx, false, nil); err != nil {
 					t.Fatal(err)
 				}
 				idleWork += time.Since(start)
+				after, err := sd.sn.Usage(ctx, baseKey)
+				if err != nil {
+					t.Fatal(err)
+				}
+				baseUsage = [2]int64{u.Size, after.Size}
 			}
 		}
 	}
@@ -425,6 +438,8 @@ func TestMeasureDedupe(t *testing.T) {
 	}
 	if commitMin > 0 {
 		fmt.Fprintf(&rep, "(commit: the smaller files' passes after each image, the worker's share, took %s in all; disk counted after them)\n", idleWork.Round(time.Millisecond))
+		fmt.Fprintf(&rep, "(commit: Usage of image %d's base layer %.1f MiB once committed, as CRI keeps it; %.1f MiB after the worker)\n",
+			images-1, float64(baseUsage[0])/(1<<20), float64(baseUsage[1])/(1<<20))
 	}
 	var load [3]float64
 	if b, err := os.ReadFile("/proc/loadavg"); err == nil {
