@@ -22,6 +22,7 @@ import (
 	"github.com/containerd/log"
 	"golang.org/x/sys/unix"
 
+	"github.com/overclone/overclone/config"
 	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/builtin"
 	"github.com/overclone/overclone/test/loopfs"
@@ -255,7 +256,9 @@ type side struct {
 // one run: ten images built from the same Debian base (this machine's own
 // files, about 120 MiB) with one changed file each and every layer rebuilt
 // (different modification times, so different digests), unpacked by
-// overclone with dedupe = "commit", by overclone with dedupe off, and by
+// overclone with dedupe = "commit" (as the daemon ships it: Commit dedupes
+// files of 64 KiB and more, the idle worker the rest down to 1 byte, run
+// here between images on no side's clock), by overclone with dedupe off, and by
 // containerd's built-in overlayfs as containerd ships it. It reports the
 // disk used (statfs, after a sync) against the built-in's, unpack time with
 // dedupe against without, and the cold read speed, through a container's
@@ -281,7 +284,8 @@ func TestMeasureDedupe(t *testing.T) {
 	}
 	// OVERCLONE_DEDUPE_MIN_SIZE measures another threshold than the
 	// shipped default.
-	minSize := int64(snapshotter.DefaultDedupeMinSize)
+	// The daemon's shipped settings unless told otherwise.
+	minSize := int64(config.DefaultDedupeMinSize)
 	if v := os.Getenv("OVERCLONE_DEDUPE_MIN_SIZE"); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
 		if err != nil || n < 1 {
@@ -289,19 +293,21 @@ func TestMeasureDedupe(t *testing.T) {
 		}
 		minSize = n
 	}
-	// OVERCLONE_DEDUPE_COMMIT_MIN_SIZE splits "commit": Commit dedupes
-	// files of at least that size, the worker the smaller ones, between
-	// images (see below). The background side is then left out.
-	var commitMin int64
+	// OVERCLONE_DEDUPE_COMMIT_MIN_SIZE says where "commit" splits: Commit
+	// dedupes files of at least that size, the worker the smaller ones,
+	// between images (see below); 0 dedupes every file in Commit. With a
+	// split the background side is left out.
+	commitMin := int64(config.DefaultDedupeCommitMinSize)
 	if v := os.Getenv("OVERCLONE_DEDUPE_COMMIT_MIN_SIZE"); v != "" {
 		n, err := strconv.ParseInt(v, 10, 64)
-		if err != nil || n < 1 {
-			t.Fatalf("OVERCLONE_DEDUPE_COMMIT_MIN_SIZE=%q: want a positive number of bytes", v)
+		if err != nil || n < 0 {
+			t.Fatalf("OVERCLONE_DEDUPE_COMMIT_MIN_SIZE=%q: want a number of bytes (0: every file in Commit)", v)
 		}
 		commitMin = n
 	}
 	names := []string{"overclone dedupe=commit", "overclone dedupe=off", "built-in overlayfs", "overclone dedupe=background"}
-	if commitMin > 0 {
+	split := commitMin > minSize
+	if split {
 		names = names[:3]
 	}
 
@@ -356,7 +362,7 @@ func TestMeasureDedupe(t *testing.T) {
 				t.Fatalf("%s: %v", sd.name, err)
 			}
 			sd.unpack += time.Since(start)
-			if sd == sides[0] && commitMin > 0 {
+			if sd == sides[0] && split {
 				// What CRI sees of the last base layer (its Usage
 				// once committed) against what it comes to.
 				baseKey := fmt.Sprintf("img%d-0", i)
@@ -436,7 +442,7 @@ func TestMeasureDedupe(t *testing.T) {
 	if len(sides) > 3 {
 		fmt.Fprintf(&rep, "(background: unpacked after the others, alone; %s of dedupe left when its unpack ended)\n", bgLeft.Round(time.Millisecond))
 	}
-	if commitMin > 0 {
+	if split {
 		fmt.Fprintf(&rep, "(commit: the smaller files' passes after each image, the worker's share, took %s in all; disk counted after them)\n", idleWork.Round(time.Millisecond))
 		fmt.Fprintf(&rep, "(commit: Usage of image %d's base layer %.1f MiB once committed, as CRI keeps it; %.1f MiB after the worker)\n",
 			images-1, float64(baseUsage[0])/(1<<20), float64(baseUsage[1])/(1<<20))
