@@ -95,6 +95,56 @@ func TestDedupeCommitSplit(t *testing.T) {
 	assertContent(t, dirB, filesB)
 }
 
+// TestDedupeSplitAfterRestart: layers whose Commit left the small files
+// (an unpack held the worker off) and a snapshotter closed before the
+// worker ran: at the next start the worker finds them by their records and
+// shares the small files.
+func TestDedupeSplitAfterRestart(t *testing.T) {
+	done := make(chan DedupeResult, 8)
+	idleDedupeHook = func(r DedupeResult) { done <- r }
+	t.Cleanup(func() { idleDedupeHook = nil })
+
+	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
+	opts := []Opt{WithMode(ModeOverlay), WithSyncOnCommit(true), WithDedupe(DedupeCommit, 1), WithDedupeCommitMinSize(64 << 10)}
+	ctx, s := openTest(t, root, opts...)
+	small := randomBytes(13, 12<<10)
+	files := map[string][]byte{"etc/small.conf": small}
+	if _, err := s.Prepare(ctx, "extract-2 sha256:hold", ""); err != nil {
+		t.Fatal(err)
+	}
+	dirA := commitLayer(ctx, t, s, "a", files)
+	dirB := commitLayer(ctx, t, s, "b", files)
+	if sharesAny(t, filepath.Join(dirA, "etc/small.conf"), filepath.Join(dirB, "etc/small.conf")) {
+		t.Fatal("the small file was shared while an unpack was under way")
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case r := <-done:
+		t.Fatalf("the idle worker did %+v while an unpack was under way", r)
+	default:
+	}
+
+	openTest(t, root, opts...)
+	deadline := time.After(60 * time.Second) // a bound on failure, not a wait for success
+	for _, want := range []string{"a", "b"} {
+		select {
+		case r := <-done:
+			if r.Key != want || r.Files != 1 {
+				t.Errorf("idle worker did %+v, want layer %s's one small file", r, want)
+			}
+		case <-deadline:
+			t.Fatalf("the idle worker did not do layer %s after a restart", want)
+		}
+	}
+	if !sameExtents8k(t, filepath.Join(dirA, "etc/small.conf"), filepath.Join(dirB, "etc/small.conf")) {
+		t.Error("the idle worker did not share the small file after a restart")
+	}
+	assertContent(t, dirA, files)
+	assertContent(t, dirB, files)
+}
+
 // sameExtents8k is sameExtents for a file of two blocks.
 func sameExtents8k(t *testing.T, a, b string) bool {
 	t.Helper()
