@@ -53,8 +53,8 @@ func TestParse(t *testing.T) {
 		}},
 		{name: "bad remap", toml: "remap = \"chown\"\n", wantErr: `remap "chown": want auto`},
 		{name: "dedupe off by default", toml: "", check: func(t *testing.T, c Config) {
-			if c.Dedupe != "off" || c.DedupeMinSize != 16<<10 {
-				t.Fatalf("dedupe %q min %d", c.Dedupe, c.DedupeMinSize)
+			if c.Dedupe != "off" || c.DedupeMinSize != 1 || c.DedupeCommitMinSize != 64<<10 {
+				t.Fatalf("dedupe %q min %d commit min %d", c.Dedupe, c.DedupeMinSize, c.DedupeCommitMinSize)
 			}
 		}},
 		{name: "dedupe on", toml: "dedupe = \"background\"\ndedupe_min_size = 4096\n", check: func(t *testing.T, c Config) {

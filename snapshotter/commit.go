@@ -31,6 +31,7 @@ func (s *Snapshotter) Commit(ctx context.Context, name, key string, opts ...snap
 	if err != nil {
 		return err
 	}
+	defer s.dedupe.idle.done(key, true) // after its own dedupe
 
 	id, info, err := s.active(ctx, key)
 	if err != nil {

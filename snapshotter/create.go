@@ -17,7 +17,12 @@ import (
 
 // Prepare creates an active snapshot on parent and returns its mounts.
 func (s *Snapshotter) Prepare(ctx context.Context, key, parent string, opts ...snapshots.Opt) ([]mount.Mount, error) {
-	return s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts)
+	s.dedupe.idle.prepare(key)
+	m, err := s.createSnapshot(ctx, snapshots.KindActive, key, parent, opts)
+	if err != nil {
+		s.dedupe.idle.done(key, false)
+	}
+	return m, err
 }
 
 // View creates a read-only snapshot of parent and returns its mounts.

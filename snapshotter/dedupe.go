@@ -66,11 +66,30 @@ func WithDedupe(mode DedupeMode, minSize int64) Opt {
 	}
 }
 
+// WithDedupeCommitMinSize splits "commit" mode's work: Commit dedupes the
+// files of at least n bytes itself, and leaves the smaller ones (down to
+// the dedupe minimum size) to a worker that runs once no layer is being
+// unpacked (dedupe_idle.go). 0, or n not above the minimum size, dedupes
+// every file in Commit.
+func WithDedupeCommitMinSize(n int64) Opt {
+	return func(c *Config) error {
+		if n < 0 {
+			return fmt.Errorf("dedupe_commit_min_size %d must not be negative: %w", n, errdefs.ErrInvalidArgument)
+		}
+		c.DedupeCommitMinSize = n
+		return nil
+	}
+}
+
 // dedupeState is the snapshotter's dedupe: what it may do and the one pass
 // at a time it does.
 type dedupeState struct {
 	mode    DedupeMode // as it runs: off where the root cannot dedupe
 	minSize int64
+	// commitMin is the smallest file a Commit dedupes in "commit" mode;
+	// above minSize, the worker does the files between them when idle.
+	commitMin int64
+	idle      idleGate
 	// unable says why the root cannot dedupe at all ("" if it can):
 	// `overclone dedupe` is refused with it.
 	unable string
@@ -105,6 +124,7 @@ func (s *Snapshotter) setupDedupe(ctx context.Context, cfg Config, f *overlayuti
 	if d.minSize == 0 {
 		d.minSize = DefaultDedupeMinSize
 	}
+	d.commitMin = max(cfg.DedupeCommitMinSize, d.minSize)
 	switch {
 	case s.mode == ModeUserspace:
 		d.unable = "userspace mode keeps whole views reflinked from their parents, and their usage counts only what they do not share with them; dedupe is for overlay mode"
@@ -122,13 +142,27 @@ func (s *Snapshotter) setupDedupe(ctx context.Context, cfg Config, f *overlayuti
 	if d.mode == DedupeOff {
 		return
 	}
+	if d.split() {
+		l = l.WithField("commit_min_size", d.commitMin)
+	}
 	l.WithField("min_size", d.minSize).Info("dedupe of committed layers is on")
-	if d.mode == DedupeBackground {
+	switch {
+	case d.mode == DedupeBackground:
 		d.poke = make(chan struct{}, 1)
 		d.poke <- struct{}{} // layers committed while it was off
 		s.startup.Add(1)
 		go s.dedupeWorker(log.WithLogger(s.life, log.G(ctx)))
+	case d.split():
+		d.poke = make(chan struct{}, 1)
+		d.poke <- struct{}{} // the small files of layers committed before it stopped
+		s.startup.Add(1)
+		go s.idleDedupeWorker(log.WithLogger(s.life, log.G(ctx)))
 	}
+}
+
+// split reports whether Commit leaves the smaller files to the idle worker.
+func (d *dedupeState) split() bool {
+	return d.mode == DedupeCommit && d.commitMin > d.minSize
 }
 
 // DedupeMode returns the dedupe mode the snapshotter runs in.
@@ -143,7 +177,8 @@ func (s *Snapshotter) afterCommit(ctx context.Context, key, id string) {
 	case DedupeCommit:
 		s.dedupe.mu.Lock()
 		defer s.dedupe.mu.Unlock()
-		res, err := s.dedupeLayer(ctx, layerRef{Key: key, ID: id}, nil)
+		defer s.pokeDedupe() // the idle worker, for the smaller files
+		res, err := s.dedupeLayer(ctx, layerRef{Key: key, ID: id}, sizeRange{lo: s.dedupe.commitMin}, nil)
 		l := log.G(ctx).WithField("key", key)
 		if err != nil {
 			l.WithError(err).Warn("dedupe of committed layer failed; overclone dedupe will retry it")
@@ -152,10 +187,18 @@ func (s *Snapshotter) afterCommit(ctx context.Context, key, id string) {
 		l.WithField("files", res.Files).WithField("shared_bytes", res.SharedBytes).
 			WithField("by_path", res.byPath).WithField("by_path_files", res.pathFiles).WithField("hash", res.hashed).WithField("share", res.shared).WithField("record", res.recorded).Debug("layer deduped")
 	case DedupeBackground:
-		select {
-		case s.dedupe.poke <- struct{}{}:
-		default: // a pass is already due
-		}
+		s.pokeDedupe()
+	}
+}
+
+// pokeDedupe wakes the worker, if there is one.
+func (s *Snapshotter) pokeDedupe() {
+	if s.dedupe.poke == nil {
+		return
+	}
+	select {
+	case s.dedupe.poke <- struct{}{}:
+	default: // a pass is already due
 	}
 }
 
@@ -202,7 +245,12 @@ type DedupeSummary struct {
 	SharedBytes int64 `json:"shared_bytes"`
 }
 
-type layerRef struct{ Key, ID string }
+// layerRef is a layer a pass is to do: every file of at least the minimum
+// size, or, when Hi is not 0, those below Hi (its record's MinSize).
+type layerRef struct {
+	Key, ID string
+	Hi      int64
+}
 
 // Dedupe runs a pass over every committed layer not deduped yet (the
 // layers committed before dedupe was on, or whose dedupe was cut short),
@@ -225,7 +273,7 @@ func (s *Snapshotter) Dedupe(ctx context.Context, dryRun bool, progress func(Ded
 		plan = map[contentHash][]indexEntry{}
 	}
 	for i, ref := range todo {
-		res, err := s.dedupeLayer(ctx, ref, plan)
+		res, err := s.dedupeLayer(ctx, ref, sizeRange{lo: s.dedupe.minSize, hi: ref.Hi}, plan)
 		if err != nil {
 			return sum, fmt.Errorf("dedupe layer %q: %w", ref.Key, err)
 		}
@@ -241,8 +289,9 @@ func (s *Snapshotter) Dedupe(ctx context.Context, dryRun bool, progress func(Ded
 	return sum, nil
 }
 
-// undeduped lists the committed layers without a dedupe record, oldest
-// (lowest id) first: an image's base is then the copy the others share.
+// undeduped lists the committed layers without a dedupe record, or whose
+// record does not cover files down to the minimum size, oldest (lowest id)
+// first: an image's base is then the copy the others share.
 func (s *Snapshotter) undeduped(ctx context.Context) ([]layerRef, error) {
 	var refs []layerRef
 	err := transact(ctx, s.ms, false, func(ctx context.Context) error {
@@ -255,15 +304,19 @@ func (s *Snapshotter) undeduped(ctx context.Context) ([]layerRef, error) {
 			return err
 		}
 		for id, key := range ids {
-			if _, done := ix.record(id); done {
-				continue
+			var hi int64
+			if rec, done := ix.record(id); done {
+				if rec.covers(s.dedupe.minSize) {
+					continue
+				}
+				hi = rec.MinSize
 			}
 			_, info, _, err := storage.GetInfo(ctx, key)
 			if err != nil {
 				return err
 			}
 			if info.Kind == snapshots.KindCommitted {
-				refs = append(refs, layerRef{Key: key, ID: id})
+				refs = append(refs, layerRef{Key: key, ID: id, Hi: hi})
 			}
 		}
 		return nil

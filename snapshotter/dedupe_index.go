@@ -17,7 +17,7 @@ import (
 //
 //	overclone/dedupe-files/<hash><id>\x00<path>  size, borrowed, source id
 //	overclone/dedupe-layer/<id>\x00<hash><path>  (empty): a layer's entries
-//	overclone/dedupe-done/<id>                     borrowed, files, shared
+//	overclone/dedupe-done/<id>                     borrowed, files, shared, min size
 //	overclone/dedupe-path/<path>\x00<hash><id>     (empty): sources by path
 //
 // An entry says that committed layer <id> holds a regular file at <path>
@@ -120,13 +120,20 @@ type layerRecord struct {
 	Borrowed int64 // bytes its usage no longer counts
 	Files    int64 // files indexed
 	Shared   int64 // bytes of its files shared with another copy
+	// MinSize is the smallest file size the layer's passes covered:
+	// a Commit that leaves the small files to the worker records its
+	// own threshold (dedupe_commit_min_size), and the worker's pass
+	// over the rest lowers it. 0 (a record written before it existed)
+	// covers every size.
+	MinSize int64
 }
 
 func (r layerRecord) value() []byte {
-	v := make([]byte, 24)
+	v := make([]byte, 32)
 	binary.BigEndian.PutUint64(v[0:], uint64(r.Borrowed))
 	binary.BigEndian.PutUint64(v[8:], uint64(r.Files))
 	binary.BigEndian.PutUint64(v[16:], uint64(r.Shared))
+	binary.BigEndian.PutUint64(v[24:], uint64(r.MinSize))
 	return v
 }
 
@@ -134,11 +141,21 @@ func parseRecord(v []byte) layerRecord {
 	if len(v) < 24 {
 		return layerRecord{}
 	}
-	return layerRecord{
+	r := layerRecord{
 		Borrowed: int64(binary.BigEndian.Uint64(v[0:])),
 		Files:    int64(binary.BigEndian.Uint64(v[8:])),
 		Shared:   int64(binary.BigEndian.Uint64(v[16:])),
 	}
+	if len(v) >= 32 {
+		r.MinSize = int64(binary.BigEndian.Uint64(v[24:]))
+	}
+	return r
+}
+
+// covers reports whether the layer's passes covered every file of at
+// least minSize bytes.
+func (r layerRecord) covers(minSize int64) bool {
+	return r.MinSize <= minSize
 }
 
 // dedupeIndex is the index's buckets in one transaction; in a read-only
@@ -375,8 +392,10 @@ func (ix dedupeIndex) addBorrowed(id string, delta int64) error {
 // recordLayer writes a layer's entries and record, if it is still the
 // committed snapshot the pass started on. It changes nothing but metadata
 // and reads everything it decides on in its own transaction, so it may run
-// again in another group commit.
-func recordLayer(ctx context.Context, ref layerRef, entries, stale []indexEntry) error {
+// again in another group commit. A pass over the files below a record's
+// MinSize (rng.hi) adds its entries to the record's and lowers MinSize to
+// rng.lo; its entries are other sizes than the record's, so other keys.
+func recordLayer(ctx context.Context, ref layerRef, rng sizeRange, entries, stale []indexEntry) error {
 	id, info, _, err := storage.GetInfo(ctx, ref.Key)
 	if err != nil || id != ref.ID || info.Kind != snapshots.KindCommitted {
 		return nil // removed under the pass: nothing to record
@@ -385,8 +404,9 @@ func recordLayer(ctx context.Context, ref layerRef, entries, stale []indexEntry)
 	if err != nil {
 		return err
 	}
-	if _, done := ix.record(ref.ID); done {
-		return nil
+	rec, done := ix.record(ref.ID)
+	if done && (rng.hi == 0 || rec.MinSize != rng.hi) {
+		return nil // done already, by another pass than the one that read it
 	}
 	for _, st := range stale {
 		if !ix.has(st) {
@@ -403,7 +423,10 @@ func recordLayer(ctx context.Context, ref layerRef, entries, stale []indexEntry)
 			return err
 		}
 	}
-	var rec layerRecord
+	if done {
+		rec, _ = ix.record(ref.ID) // as the stale entries left it
+	}
+	rec.MinSize = rng.lo
 	for _, e := range entries {
 		// A source removed since the pass looked has handed its
 		// blocks to another layer, or to nobody: this copy counts

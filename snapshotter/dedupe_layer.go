@@ -60,7 +60,7 @@ type shareOutcome struct {
 // remaps its files to equal bytes, which a container reading it through
 // an overlay cannot tell. A file is never trusted to be what the index
 // says: the kernel compares, and an entry it finds different is dropped.
-func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[contentHash][]indexEntry) (DedupeResult, error) {
+func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, rng sizeRange, plan map[contentHash][]indexEntry) (DedupeResult, error) {
 	res := DedupeResult{Key: ref.Key}
 	root, err := os.Open(s.upperPath(ref.ID))
 	if err != nil {
@@ -73,19 +73,19 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 	roots := &rootCache{s: s, open: map[string]*os.File{ref.ID: root}}
 	defer roots.close(ref.ID)
 	began := time.Now()
-	files, err := s.listLayer(ctx, root)
+	files, err := listLayer(ctx, root, rng)
 	if err != nil {
 		return res, err
 	}
 	var byPath []shareOutcome
 	if plan == nil { // a dry run has no kernel to tell it a path's copy is equal
-		if byPath, files, err = s.shareByPath(ctx, roots, root, ref.ID, files); err != nil {
+		if byPath, files, err = s.shareByPath(ctx, roots, root, ref.ID, files, rng); err != nil {
 			return res, err
 		}
 	}
 	res.byPath = time.Since(began)
 	res.pathFiles = len(byPath)
-	if files, err = s.hashFiles(root, files); err != nil {
+	if files, err = hashFiles(root, files, rng); err != nil {
 		return res, err
 	}
 	res.Files = len(byPath) + len(files)
@@ -152,7 +152,7 @@ func (s *Snapshotter) dedupeLayer(ctx context.Context, ref layerRef, plan map[co
 		}
 	}
 	err = s.update(ctx, func(ctx context.Context) error {
-		return recordLayer(ctx, ref, entries, stale)
+		return recordLayer(ctx, ref, rng, entries, stale)
 	})
 	res.recorded = time.Since(began) - res.byPath - res.hashed - res.shared
 	return res, err
@@ -306,10 +306,18 @@ func (r *rootCache) close(keep string) {
 	}
 }
 
-// listLayer lists the layer's regular files of at least the minimum size
-// (as lstat sees them: hashFile and shareByPath check again on the file
-// they open), each inode once.
-func (s *Snapshotter) listLayer(ctx context.Context, root *os.File) ([]hashedFile, error) {
+// sizeRange is the file sizes a pass covers: at least lo bytes, and less
+// than hi unless hi is 0.
+type sizeRange struct{ lo, hi int64 }
+
+func (r sizeRange) has(size int64) bool {
+	return size >= r.lo && (r.hi == 0 || size < r.hi)
+}
+
+// listLayer lists the layer's regular files with sizes in rng (as lstat
+// sees them: hashFile and shareByPath check again on the file they open),
+// each inode once.
+func listLayer(ctx context.Context, root *os.File, rng sizeRange) ([]hashedFile, error) {
 	type inode struct{ dev, ino uint64 }
 	seen := map[inode]bool{}
 	var files []hashedFile
@@ -329,7 +337,7 @@ func (s *Snapshotter) listLayer(ctx context.Context, root *os.File) ([]hashedFil
 		}
 		st := fi.Sys().(*syscall.Stat_t)
 		key := inode{uint64(st.Dev), st.Ino}
-		if st.Size < s.dedupe.minSize || seen[key] {
+		if !rng.has(st.Size) || seen[key] {
 			return nil
 		}
 		seen[key] = true
@@ -349,8 +357,8 @@ func (s *Snapshotter) listLayer(ctx context.Context, root *os.File) ([]hashedFil
 // hashFiles fills in the contentHash of files, opened by descriptor
 // beneath the layer's root, never through a symlink, and leaves out overlay
 // metacopy files (metadata only, their data is in a lower layer) and what
-// is no longer a regular file of the minimum size.
-func (s *Snapshotter) hashFiles(root *os.File, files []hashedFile) ([]hashedFile, error) {
+// is no longer a regular file with a size in rng.
+func hashFiles(root *os.File, files []hashedFile, rng sizeRange) ([]hashedFile, error) {
 	errs := make([]error, len(files))
 	keep := make([]bool, len(files))
 	idx := make([]int, len(files))
@@ -358,7 +366,7 @@ func (s *Snapshotter) hashFiles(root *os.File, files []hashedFile) ([]hashedFile
 		idx[i] = i
 	}
 	parallel(idx, func(i int) {
-		keep[i], errs[i] = hashFile(root, &files[i], s.dedupe.minSize)
+		keep[i], errs[i] = hashFile(root, &files[i], rng)
 	})
 	if err := errors.Join(errs...); err != nil {
 		return nil, fmt.Errorf("index layer %s: %w", root.Name(), err)
@@ -374,8 +382,8 @@ func (s *Snapshotter) hashFiles(root *os.File, files []hashedFile) ([]hashedFile
 
 // hashFile opens f beneath root and fills in its size, blocks and hash;
 // it reports false for what is not to be indexed after all.
-func hashFile(root *os.File, f *hashedFile, minSize int64) (bool, error) {
-	file, ok, err := openIndexable(root, f, minSize)
+func hashFile(root *os.File, f *hashedFile, rng sizeRange) (bool, error) {
+	file, ok, err := openIndexable(root, f, rng)
 	if !ok || err != nil {
 		return false, err
 	}
@@ -388,7 +396,7 @@ func hashFile(root *os.File, f *hashedFile, minSize int64) (bool, error) {
 
 // openIndexable opens f beneath root and fills in its size and blocks; it
 // reports false (and no file) for what is not to be indexed after all.
-func openIndexable(root *os.File, f *hashedFile, minSize int64) (*os.File, bool, error) {
+func openIndexable(root *os.File, f *hashedFile, rng sizeRange) (*os.File, bool, error) {
 	file, err := fileops.OpenBeneath(root, f.path)
 	if err != nil {
 		return nil, false, err
@@ -400,7 +408,7 @@ func openIndexable(root *os.File, f *hashedFile, minSize int64) (*os.File, bool,
 	}
 	// A metacopy file has no data blocks of its own; only a file with
 	// fewer blocks than bytes can be one.
-	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Size < minSize ||
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || !rng.has(st.Size) ||
 		st.Blocks*512 < st.Size && isMetacopy(int(file.Fd())) {
 		file.Close()
 		return nil, false, nil

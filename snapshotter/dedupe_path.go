@@ -25,7 +25,7 @@ import (
 // another content) or is shared in part is hashed and looked up as any
 // other. An entry whose hash was wrong passes that on, and the kernel
 // refuses it as it would refuse the entry (see contentHash).
-func (s *Snapshotter) shareByPath(ctx context.Context, roots *rootCache, root *os.File, id string, files []hashedFile) ([]shareOutcome, []hashedFile, error) {
+func (s *Snapshotter) shareByPath(ctx context.Context, roots *rootCache, root *os.File, id string, files []hashedFile, rng sizeRange) ([]shareOutcome, []hashedFile, error) {
 	cands, err := s.pathCandidates(ctx, id, files)
 	if err != nil || len(cands) == 0 {
 		return nil, files, err
@@ -45,7 +45,7 @@ func (s *Snapshotter) shareByPath(ctx context.Context, roots *rootCache, root *o
 	state := make([]int, len(files))
 	parallel(tried, func(i int) {
 		f := &files[i]
-		file, ok, err := openIndexable(root, f, s.dedupe.minSize)
+		file, ok, err := openIndexable(root, f, rng)
 		if err != nil || !ok {
 			if err != nil {
 				outcomes[i].fatal = err // as hashFiles would

@@ -24,6 +24,7 @@ import (
 // renaming it away before the transaction committed could leave metadata
 // that names a directory already gone.
 func (s *Snapshotter) Remove(ctx context.Context, key string) error {
+	defer s.dedupe.idle.done(key, false)
 	return s.remove(ctx, key, "")
 }
 

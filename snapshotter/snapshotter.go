@@ -54,8 +54,11 @@ type Config struct {
 	UsageMaxAge time.Duration
 	// Dedupe says when committed layers share extents (dedupe.go);
 	// DedupeMinSize is the smallest file it indexes.
-	Dedupe        DedupeMode
-	DedupeMinSize int64
+	// DedupeCommitMinSize, above DedupeMinSize, is the smallest file a
+	// Commit dedupes in "commit" mode; an idle worker does the rest.
+	Dedupe              DedupeMode
+	DedupeMinSize       int64
+	DedupeCommitMinSize int64
 	// Remap says whether mapped snapshots may use idmapped layers
 	// (remap.go); RemapAuto when empty.
 	Remap RemapPolicy

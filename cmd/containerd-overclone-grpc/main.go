@@ -100,6 +100,7 @@ func run(args []string) error {
 		snapshotter.WithUsageMaxAge(time.Duration(cfg.UsageMaxAge)),
 		snapshotter.WithDedupe(snapshotter.DedupeMode(cfg.Dedupe), cfg.DedupeMinSize),
 		snapshotter.WithRemap(snapshotter.RemapPolicy(cfg.Remap)),
+		snapshotter.WithDedupeCommitMinSize(cfg.DedupeCommitMinSize),
 	}
 	if cfg.Volatile {
 		opts = append(opts, snapshotter.WithVolatile)

@@ -64,7 +64,7 @@ func TestDedupeCommand(t *testing.T) {
 	}
 
 	out = run("dedupe")
-	if !regexp.MustCompile(`\[1/2\] img-a: 1 files indexed`).MatchString(out) || !strings.Contains(out, "1 files shared with another layer: 4.0 MiB") {
+	if !regexp.MustCompile(`\[1/2\] img-a: 2 files indexed`).MatchString(out) || !strings.Contains(out, "1 files shared with another layer: 4.0 MiB") {
 		t.Errorf("dedupe:\n%s", out)
 	}
 	after := run("usage")
