@@ -2,9 +2,11 @@ package snapshotter
 
 import (
 	"context"
+	"os"
 	"path/filepath"
 	"testing"
 
+	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 	"github.com/containerd/containerd/v2/plugins/snapshots/overlay"
@@ -42,4 +44,42 @@ func openSideBySide(t *testing.T) (context.Context, *Snapshotter, snapshots.Snap
 	}
 	t.Cleanup(func() { builtin.Close() })
 	return ctx, ours, builtin
+}
+
+// writePastLimit mounts m, the mounts of the active "limited" (testLimit,
+// on committedBase's "base"), and checks that the image's file shows
+// through, that writing past the limit stops with an error full accepts
+// (want names it) between 80% and 100% of the limit, that Usage counts
+// what was written, and that a new active "free" without a limit on the
+// same root writes past that size. It returns where m is mounted, with
+// the full file "big" still in it.
+func writePastLimit(ctx context.Context, t *testing.T, s *Snapshotter, m []mount.Mount, full func(error) bool, want string) string {
+	t.Helper()
+	rootfs := mountAt(t, m)
+	if b, err := os.ReadFile(filepath.Join(rootfs, "hello")); err != nil || string(b) != "from the image" {
+		t.Fatalf("the image's file through the limited mount: %q, %v", b, err)
+	}
+	err := fillUp(filepath.Join(rootfs, "big"), 2*testLimit)
+	if !full(err) {
+		t.Fatalf("writing %d bytes into a %d-byte limit: %v, want %s", 2*testLimit, testLimit, err, want)
+	}
+	fi, _ := os.Stat(filepath.Join(rootfs, "big"))
+	if fi.Size() < testLimit*8/10 || fi.Size() > testLimit {
+		t.Fatalf("stopped at %d bytes of a %d-byte limit: want between 80%% and 100%%", fi.Size(), testLimit)
+	}
+	u, err := s.Usage(ctx, "limited")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.Size < fi.Size() || u.Size > testLimit {
+		t.Fatalf("Usage %d bytes of a full %d-byte limit holding a %d-byte file", u.Size, testLimit, fi.Size())
+	}
+	free, err := s.Prepare(ctx, "free", "base")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := fillUp(filepath.Join(mountAt(t, free), "big"), testLimit+(8<<20)); err != nil {
+		t.Fatalf("an unlimited container on the same root: %v", err)
+	}
+	return rootfs
 }
