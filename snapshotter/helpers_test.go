@@ -2,9 +2,12 @@ package snapshotter
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"testing"
+	"time"
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
@@ -83,3 +86,20 @@ func writePastLimit(ctx context.Context, t *testing.T, s *Snapshotter, m []mount
 	}
 	return rootfs
 }
+
+// pollCPU is the CPU time of one poll of the Usage of the actives c0 to
+// c<n-1> of sn.
+func pollCPU(ctx context.Context, t *testing.T, sn snapshots.Snapshotter, n int) time.Duration {
+	t.Helper()
+	return cpuOf(t, func() error {
+		for i := range n {
+			if _, err := sn.Usage(ctx, "c"+strconv.Itoa(i)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// coreShare is how much of one core d of CPU every 10 s is.
+func coreShare(d time.Duration) string { return fmt.Sprintf("%.3f%%", 100*d.Seconds()/10) }
