@@ -103,3 +103,55 @@ func pollCPU(ctx context.Context, t *testing.T, sn snapshots.Snapshotter, n int)
 
 // coreShare is how much of one core d of CPU every 10 s is.
 func coreShare(d time.Duration) string { return fmt.Sprintf("%.3f%%", 100*d.Seconds()/10) }
+
+// activeWith prepares a parentless active key holding files (path:
+// content) and returns its fs dir.
+func activeWith(ctx context.Context, t *testing.T, s *Snapshotter, key string, files map[string][]byte) string {
+	t.Helper()
+	if _, err := s.Prepare(ctx, key, ""); err != nil {
+		t.Fatal(err)
+	}
+	dir := bindSource(ctx, t, s, key)
+	writeFiles(t, dir, files)
+	return dir
+}
+
+// commitLayerUsage is commitLayer that also returns the active's usage
+// just before the Commit, what a dedupe at Commit lowers.
+func commitLayerUsage(ctx context.Context, t *testing.T, s *Snapshotter, name string, files map[string][]byte) (string, int64) {
+	t.Helper()
+	key := name + "-active"
+	dir := activeWith(ctx, t, s, key, files)
+	before := usageOf(ctx, t, s, key)
+	if err := s.Commit(ctx, name, key); err != nil {
+		t.Fatal(err)
+	}
+	return dir, before
+}
+
+// watchIdleDedupe has the idle dedupe worker report each layer it did on
+// the channel returned, until the test ends.
+func watchIdleDedupe(t *testing.T) <-chan DedupeResult {
+	done := make(chan DedupeResult, 8)
+	idleDedupeHook = func(r DedupeResult) { done <- r }
+	t.Cleanup(func() { idleDedupeHook = nil })
+	return done
+}
+
+// awaitIdleSmallFiles checks that the idle worker's next reports on done
+// are of layers, in order, each with one file: the small file Commit
+// left. when ends the failure messages.
+func awaitIdleSmallFiles(t *testing.T, done <-chan DedupeResult, when string, layers ...string) {
+	t.Helper()
+	deadline := time.After(60 * time.Second) // a bound on failure, not a wait for success
+	for _, want := range layers {
+		select {
+		case r := <-done:
+			if r.Key != want || r.Files != 1 {
+				t.Errorf("idle worker did %+v, want layer %s's one small file", r, want)
+			}
+		case <-deadline:
+			t.Fatalf("the idle worker did not do layer %s%s", want, when)
+		}
+	}
+}
