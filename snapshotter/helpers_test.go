@@ -155,3 +155,19 @@ func awaitIdleSmallFiles(t *testing.T, done <-chan DedupeResult, when string, la
 		}
 	}
 }
+
+// openSubvol opens dir, the root of a btrfs subvolume, and returns the
+// descriptor, for the caller to close, and the subvolume's id.
+func openSubvol(t *testing.T, dir string) (int, uint64) {
+	t.Helper()
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := btrfsSubvolID(fd)
+	if err != nil {
+		unix.Close(fd)
+		t.Fatal(err)
+	}
+	return fd, id
+}

@@ -63,15 +63,8 @@ func TestQgroupMeasure(t *testing.T) {
 	writeSmallFiles(t, m[0].Source, files)
 	syscall.Sync()
 	dir := s.snapshotDir(s.idOf(ctx, t, "big"))
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	fd, id := openSubvol(t, dir)
 	defer unix.Close(fd)
-	id, err := btrfsSubvolID(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
 	qg := filepath.Join(s.quotas.sysfs, "qgroups", "0_"+strconv.FormatUint(id, 10), "referenced")
 	// After the sync the count is kept: the idle container's Usage.
 	ours := timeCalls(t, 200, func() error { _, err := s.Usage(ctx, "big"); return err })

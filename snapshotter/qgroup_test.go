@@ -39,15 +39,8 @@ func qgroupRoot(t *testing.T, q loopfs.Quota) (root, mnt string) {
 // subvolIDOf is the btrfs subvolume id (and level-0 qgroup) of dir.
 func subvolIDOf(t *testing.T, dir string) string {
 	t.Helper()
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-	id, err := btrfsSubvolID(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
+	fd, id := openSubvol(t, dir)
+	unix.Close(fd)
 	return "0/" + strconv.FormatUint(id, 10)
 }
 
