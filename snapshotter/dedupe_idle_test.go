@@ -15,9 +15,7 @@ import (
 // lowers the layer's usage by it and records the layer as done for every
 // size, across a restart. Both layers read as written throughout.
 func TestDedupeCommitSplit(t *testing.T) {
-	done := make(chan DedupeResult, 8)
-	idleDedupeHook = func(r DedupeResult) { done <- r }
-	t.Cleanup(func() { idleDedupeHook = nil })
+	done := watchIdleDedupe(t)
 
 	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
 	opts := []Opt{WithMode(ModeOverlay), WithSyncOnCommit(true), WithDedupe(DedupeCommit, 1), WithDedupeCommitMinSize(64 << 10)}
@@ -36,15 +34,7 @@ func TestDedupeCommitSplit(t *testing.T) {
 		t.Fatal(err)
 	}
 	dirA := commitLayer(ctx, t, s, "a", filesA)
-	if _, err := s.Prepare(ctx, "b-active", ""); err != nil {
-		t.Fatal(err)
-	}
-	dirB := bindSource(ctx, t, s, "b-active")
-	writeFiles(t, dirB, filesB)
-	fullB := usageOf(ctx, t, s, "b-active")
-	if err := s.Commit(ctx, "b", "b-active"); err != nil {
-		t.Fatal(err)
-	}
+	dirB, fullB := commitLayerUsage(ctx, t, s, "b", filesB)
 	if !sameExtents(t, filepath.Join(dirA, "lib/big.so"), filepath.Join(dirB, "lib/big.so")) {
 		t.Error("Commit did not share the large file")
 	}
@@ -63,17 +53,7 @@ func TestDedupeCommitSplit(t *testing.T) {
 	if err := s.Remove(ctx, hold); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.After(60 * time.Second) // a bound on failure, not a wait for success
-	for _, want := range []string{"a", "b"} {
-		select {
-		case r := <-done:
-			if r.Key != want || r.Files != 1 {
-				t.Errorf("idle worker did %+v, want layer %s's one small file", r, want)
-			}
-		case <-deadline:
-			t.Fatalf("the idle worker did not do layer %s", want)
-		}
-	}
+	awaitIdleSmallFiles(t, done, "", "a", "b")
 	if !sameExtents8k(t, filepath.Join(dirA, "etc/small.conf"), filepath.Join(dirB, "etc/small.conf")) {
 		t.Error("the idle worker did not share the small file")
 	}
@@ -100,9 +80,7 @@ func TestDedupeCommitSplit(t *testing.T) {
 // worker ran: at the next start the worker finds them by their records and
 // shares the small files.
 func TestDedupeSplitAfterRestart(t *testing.T) {
-	done := make(chan DedupeResult, 8)
-	idleDedupeHook = func(r DedupeResult) { done <- r }
-	t.Cleanup(func() { idleDedupeHook = nil })
+	done := watchIdleDedupe(t)
 
 	root := filepath.Join(loopfs.Mount(t, loopfs.XFS), "root")
 	opts := []Opt{WithMode(ModeOverlay), WithSyncOnCommit(true), WithDedupe(DedupeCommit, 1), WithDedupeCommitMinSize(64 << 10)}
@@ -127,17 +105,7 @@ func TestDedupeSplitAfterRestart(t *testing.T) {
 	}
 
 	openTest(t, root, opts...)
-	deadline := time.After(60 * time.Second) // a bound on failure, not a wait for success
-	for _, want := range []string{"a", "b"} {
-		select {
-		case r := <-done:
-			if r.Key != want || r.Files != 1 {
-				t.Errorf("idle worker did %+v, want layer %s's one small file", r, want)
-			}
-		case <-deadline:
-			t.Fatalf("the idle worker did not do layer %s after a restart", want)
-		}
-	}
+	awaitIdleSmallFiles(t, done, " after a restart", "a", "b")
 	if !sameExtents8k(t, filepath.Join(dirA, "etc/small.conf"), filepath.Join(dirB, "etc/small.conf")) {
 		t.Error("the idle worker did not share the small file after a restart")
 	}

@@ -106,11 +106,7 @@ func sharesAny(t *testing.T, a, b string) bool {
 func commitLayer(ctx context.Context, t *testing.T, s *Snapshotter, name string, files map[string][]byte) string {
 	t.Helper()
 	key := name + "-active"
-	if _, err := s.Prepare(ctx, key, ""); err != nil {
-		t.Fatal(err)
-	}
-	dir := bindSource(ctx, t, s, key)
-	writeFiles(t, dir, files)
+	dir := activeWith(ctx, t, s, key, files)
 	if err := s.Commit(ctx, name, key); err != nil {
 		t.Fatal(err)
 	}
@@ -186,15 +182,7 @@ func TestDedupeCommit(t *testing.T) {
 
 			dirA := commitLayer(ctx, t, s, "a", filesA)
 			usageA := usageOf(ctx, t, s, "a")
-			if _, err := s.Prepare(ctx, "b-active", ""); err != nil {
-				t.Fatal(err)
-			}
-			dirB := bindSource(ctx, t, s, "b-active")
-			writeFiles(t, dirB, filesB)
-			fullB := usageOf(ctx, t, s, "b-active")
-			if err := s.Commit(ctx, "b", "b-active"); err != nil {
-				t.Fatal(err)
-			}
+			dirB, fullB := commitLayerUsage(ctx, t, s, "b", filesB)
 
 			if !sameExtents(t, filepath.Join(dirA, "usr/lib/libsame.so"), filepath.Join(dirB, "opt/app/copy.so")) {
 				t.Errorf("identical files in layers a and b do not share their extents")
@@ -357,14 +345,7 @@ func TestDedupeIndexPruned(t *testing.T) {
 	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDedupe(DedupeCommit, 0))
 	same := randomBytes(9, dedupeFileSize)
 	commitLayer(ctx, t, s, "a", map[string][]byte{"x": same})
-	if _, err := s.Prepare(ctx, "b-active", ""); err != nil {
-		t.Fatal(err)
-	}
-	writeFiles(t, bindSource(ctx, t, s, "b-active"), map[string][]byte{"y": same})
-	full := usageOf(ctx, t, s, "b-active")
-	if err := s.Commit(ctx, "b", "b-active"); err != nil {
-		t.Fatal(err)
-	}
+	_, full := commitLayerUsage(ctx, t, s, "b", map[string][]byte{"y": same})
 	if got := usageOf(ctx, t, s, "b"); got >= full {
 		t.Fatalf("usage of b %d after dedupe, %d before", got, full)
 	}
@@ -396,15 +377,7 @@ func TestDedupeStaleEntry(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(dirA, "x"), other, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Prepare(ctx, "b-active", ""); err != nil {
-		t.Fatal(err)
-	}
-	dirB := bindSource(ctx, t, s, "b-active")
-	writeFiles(t, dirB, map[string][]byte{"y": same})
-	full := usageOf(ctx, t, s, "b-active")
-	if err := s.Commit(ctx, "b", "b-active"); err != nil {
-		t.Fatal(err)
-	}
+	dirB, full := commitLayerUsage(ctx, t, s, "b", map[string][]byte{"y": same})
 	if sharesAny(t, filepath.Join(dirA, "x"), filepath.Join(dirB, "y")) {
 		t.Error("a file shared with one that differs")
 	}

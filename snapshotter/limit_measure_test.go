@@ -166,22 +166,12 @@ func TestLimitMeasure(t *testing.T) {
 		writeSmallFiles(t, m[0].Source, each)
 	}
 	syscall.Sync()
-	poll := func(sn snapshots.Snapshotter) time.Duration {
-		return cpuOf(t, func() error {
-			for i := range actives {
-				if _, err := sn.Usage(ctx, "c"+strconv.Itoa(i)); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-	}
+	poll := func(sn snapshots.Snapshotter) time.Duration { return pollCPU(ctx, t, sn, actives) }
 	limitedCPU := poll(s)
 	builtinCPU := poll(bi)
 	cachedCPU := (poll(cached) + poll(cached) + poll(cached)) / 3 // one walk, two answers from it
-	share := func(d time.Duration) string { return fmt.Sprintf("%.3f%%", 100*d.Seconds()/10) }
 	t.Logf("poll of %d actives (%d files each), CPU per poll and share of one core every 10 s: overclone limited %v (%s), overclone unlimited with usage_max_age 30s %v (%s), built-in %v (%s)",
-		actives, each, limitedCPU, share(limitedCPU), cachedCPU, share(cachedCPU), builtinCPU, share(builtinCPU))
+		actives, each, limitedCPU, coreShare(limitedCPU), cachedCPU, coreShare(cachedCPU), builtinCPU, coreShare(builtinCPU))
 }
 
 // writeSmallFiles writes n files of 100 bytes under dir, 1000 per directory.

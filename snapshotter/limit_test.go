@@ -120,33 +120,7 @@ func TestLimitWritePastFails(t *testing.T) {
 			if limited[0].Type != "overlay" {
 				t.Fatalf("limited snapshot mounts as %+v, want an overlay", limited)
 			}
-			rootfs := mountAt(t, limited)
-			if b, err := os.ReadFile(filepath.Join(rootfs, "hello")); err != nil || string(b) != "from the image" {
-				t.Fatalf("the image's file through the limited mount: %q, %v", b, err)
-			}
-			err = fillUp(filepath.Join(rootfs, "big"), 2*testLimit)
-			if !isFull(err) {
-				t.Fatalf("writing %d bytes into a %d-byte limit: %v, want ENOSPC or EDQUOT", 2*testLimit, testLimit, err)
-			}
-			fi, _ := os.Stat(filepath.Join(rootfs, "big"))
-			if fi.Size() < testLimit*8/10 || fi.Size() > testLimit {
-				t.Fatalf("stopped at %d bytes of a %d-byte limit: want between 80%% and 100%%", fi.Size(), testLimit)
-			}
-			u, err := s.Usage(ctx, "limited")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if u.Size < fi.Size() || u.Size > testLimit {
-				t.Fatalf("Usage %d bytes of a full %d-byte limit holding a %d-byte file", u.Size, testLimit, fi.Size())
-			}
-
-			free, err := s.Prepare(ctx, "free", "base")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := fillUp(filepath.Join(mountAt(t, free), "big"), testLimit+(8<<20)); err != nil {
-				t.Fatalf("an unlimited container on the same root: %v", err)
-			}
+			writePastLimit(ctx, t, s, limited, isFull, "ENOSPC or EDQUOT")
 		})
 	}
 }

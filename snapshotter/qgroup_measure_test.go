@@ -1,7 +1,6 @@
 package snapshotter
 
 import (
-	"fmt"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -64,15 +63,8 @@ func TestQgroupMeasure(t *testing.T) {
 	writeSmallFiles(t, m[0].Source, files)
 	syscall.Sync()
 	dir := s.snapshotDir(s.idOf(ctx, t, "big"))
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
+	fd, id := openSubvol(t, dir)
 	defer unix.Close(fd)
-	id, err := btrfsSubvolID(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
 	qg := filepath.Join(s.quotas.sysfs, "qgroups", "0_"+strconv.FormatUint(id, 10), "referenced")
 	// After the sync the count is kept: the idle container's Usage.
 	ours := timeCalls(t, 200, func() error { _, err := s.Usage(ctx, "big"); return err })
@@ -113,20 +105,10 @@ func TestQgroupMeasure(t *testing.T) {
 		writeSmallFiles(t, m[0].Source, each)
 	}
 	syscall.Sync()
-	poll := func(sn snapshots.Snapshotter) time.Duration {
-		return cpuOf(t, func() error {
-			for i := range actives {
-				if _, err := sn.Usage(ctx, "c"+strconv.Itoa(i)); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
-	}
+	poll := func(sn snapshots.Snapshotter) time.Duration { return pollCPU(ctx, t, sn, actives) }
 	// The first poll counts every tree (none is kept yet), the next
 	// reuses the counts of the idle ones: every one here.
 	firstCPU, limitedCPU, builtinCPU := poll(s), poll(s), poll(bi)
-	share := func(d time.Duration) string { return fmt.Sprintf("%.3f%%", 100*d.Seconds()/10) }
 	t.Logf("poll of %d actives (%d files each), CPU per poll and share of one core every 10 s: overclone qgroup-limited, idle %v (%s), each tree searched %v (%s), built-in %v (%s)",
-		actives, each, limitedCPU, share(limitedCPU), firstCPU, share(firstCPU), builtinCPU, share(builtinCPU))
+		actives, each, limitedCPU, coreShare(limitedCPU), firstCPU, coreShare(firstCPU), builtinCPU, coreShare(builtinCPU))
 }

@@ -39,15 +39,8 @@ func qgroupRoot(t *testing.T, q loopfs.Quota) (root, mnt string) {
 // subvolIDOf is the btrfs subvolume id (and level-0 qgroup) of dir.
 func subvolIDOf(t *testing.T, dir string) string {
 	t.Helper()
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-	id, err := btrfsSubvolID(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
+	fd, id := openSubvol(t, dir)
+	unix.Close(fd)
 	return "0/" + strconv.FormatUint(id, 10)
 }
 
@@ -76,32 +69,8 @@ func TestQgroupLimit(t *testing.T) {
 				t.Fatalf("%s is not a subvolume", dir)
 			}
 			qgroup := subvolIDOf(t, dir)
-			rootfs := mountAt(t, m)
-			if b, err := os.ReadFile(filepath.Join(rootfs, "hello")); err != nil || string(b) != "from the image" {
-				t.Fatalf("the image's file through the limited mount: %q, %v", b, err)
-			}
-			err = fillUp(filepath.Join(rootfs, "big"), 2*testLimit)
-			if !errors.Is(err, syscall.EDQUOT) {
-				t.Fatalf("writing %d bytes into a %d-byte limit: %v, want EDQUOT", 2*testLimit, testLimit, err)
-			}
-			fi, _ := os.Stat(filepath.Join(rootfs, "big"))
-			if fi.Size() < testLimit*8/10 || fi.Size() > testLimit {
-				t.Fatalf("stopped at %d bytes of a %d-byte limit: want between 80%% and 100%%", fi.Size(), testLimit)
-			}
-			u, err := s.Usage(ctx, "limited")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if u.Size < fi.Size() || u.Size > testLimit {
-				t.Fatalf("Usage %d bytes of a full %d-byte limit holding a %d-byte file", u.Size, testLimit, fi.Size())
-			}
-			free, err := s.Prepare(ctx, "free", "base")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := fillUp(filepath.Join(mountAt(t, free), "big"), testLimit+(8<<20)); err != nil {
-				t.Fatalf("an unlimited container on the same root: %v", err)
-			}
+			isEDQUOT := func(err error) bool { return errors.Is(err, syscall.EDQUOT) }
+			rootfs := writePastLimit(ctx, t, s, m, isEDQUOT, "EDQUOT")
 			if err := os.Remove(filepath.Join(rootfs, "big")); err != nil {
 				t.Fatal(err)
 			}

@@ -57,33 +57,14 @@ func TestLimitCrash(t *testing.T) {
 	if err := d.Client().Commit(ctx, "base", "base-active"); err != nil {
 		t.Fatal(err)
 	}
-	var live []string
-	for i := range limitKills {
-		sn := d.Client()
-		var call func() error
-		if len(live) > 1 && rng.IntN(3) == 0 {
-			key := live[rng.IntN(len(live))]
-			call = func() error { return sn.Remove(ctx, key) }
-		} else {
-			key := "c" + strconv.Itoa(i)
-			opts := []snapshots.Opt{limit}
-			if i%2 == 1 {
-				opts = nil // the default, from the pool
-			}
-			call = func() error { _, err := sn.Prepare(ctx, key, "base", opts...); return err }
+	opts := func(i int) []snapshots.Opt {
+		if i%2 == 1 {
+			return nil // the default, from the pool
 		}
-		done := make(chan error, 1)
-		go func() { done <- call() }()
-		time.Sleep(time.Duration(rng.IntN(40_000)) * time.Microsecond)
-		if err := d.Kill(); err != nil {
-			t.Fatal(err)
-		}
-		<-done // whatever it says: the check asks the restarted daemon
-		if err := d.Restart(); err != nil {
-			t.Fatal(err)
-		}
-		live = checkImages(ctx, t, d, root)
+		return []snapshots.Opt{limit}
 	}
+	live := killDuringLimited(ctx, t, d, rng, limitKills, 40*time.Millisecond, opts,
+		func() []string { return checkImages(ctx, t, d, root) })
 	for _, key := range live {
 		if err := d.Client().Remove(ctx, key); err != nil {
 			t.Fatal(err)
@@ -110,6 +91,51 @@ func TestLimitCrash(t *testing.T) {
 // checkImages checks the invariant and returns the limited actives.
 func checkImages(ctx context.Context, t *testing.T, d *daemon.Daemon, root string) []string {
 	t.Helper()
+	limited := limitedActives(ctx, t, d)
+	if mounts := imageMounts(t, root); len(mounts) != len(limited) {
+		t.Fatalf("%d images mounted (%v) for %d limited actives (%v)\n%s", len(mounts), mounts, len(limited), limited, d.Log())
+	}
+	return limited
+}
+
+// killDuringLimited SIGKILLs d kills times, each at a random point (up to
+// maxDelay in) of a Prepare of a new key on "base" with opts(i), or, once
+// more than one is live, now and then of a Remove of a live one; after
+// each restart check checks the invariant and returns the live limited
+// actives, which killDuringLimited returns after the last.
+func killDuringLimited(ctx context.Context, t *testing.T, d *daemon.Daemon, rng *rand.Rand, kills int, maxDelay time.Duration, opts func(i int) []snapshots.Opt, check func() []string) []string {
+	t.Helper()
+	var live []string
+	for i := range kills {
+		sn := d.Client()
+		var call func() error
+		if len(live) > 1 && rng.IntN(3) == 0 {
+			key := live[rng.IntN(len(live))]
+			call = func() error { return sn.Remove(ctx, key) }
+		} else {
+			key := "c" + strconv.Itoa(i)
+			o := opts(i)
+			call = func() error { _, err := sn.Prepare(ctx, key, "base", o...); return err }
+		}
+		done := make(chan error, 1)
+		go func() { done <- call() }()
+		time.Sleep(time.Duration(rng.IntN(int(maxDelay/time.Microsecond))) * time.Microsecond)
+		if err := d.Kill(); err != nil {
+			t.Fatal(err)
+		}
+		<-done // whatever it says: the check asks the restarted daemon
+		if err := d.Restart(); err != nil {
+			t.Fatal(err)
+		}
+		live = check()
+	}
+	return live
+}
+
+// limitedActives lists the actives with a size limit, each of which must
+// answer Usage.
+func limitedActives(ctx context.Context, t *testing.T, d *daemon.Daemon) []string {
+	t.Helper()
 	var limited []string
 	if err := d.Client().Walk(ctx, func(ctx context.Context, info snapshots.Info) error {
 		if info.Kind == snapshots.KindActive && info.Labels[snapshotter.LabelMaxSize] != "" {
@@ -123,9 +149,6 @@ func checkImages(ctx context.Context, t *testing.T, d *daemon.Daemon, root strin
 		if _, err := d.Client().Usage(ctx, key); err != nil {
 			t.Fatalf("limited %q after a kill: Usage: %v\n%s", key, err, d.Log())
 		}
-	}
-	if mounts := imageMounts(t, root); len(mounts) != len(limited) {
-		t.Fatalf("%d images mounted (%v) for %d limited actives (%v)\n%s", len(mounts), mounts, len(limited), limited, d.Log())
 	}
 	return limited
 }

@@ -50,29 +50,9 @@ func TestLimitCrashQgroup(t *testing.T) {
 	if err := d.Client().Commit(ctx, "base", "base-active"); err != nil {
 		t.Fatal(err)
 	}
-	var live []string
-	for i := range qgroupKills {
-		sn := d.Client()
-		var call func() error
-		if len(live) > 1 && rng.IntN(3) == 0 {
-			key := live[rng.IntN(len(live))]
-			call = func() error { return sn.Remove(ctx, key) }
-		} else {
-			key := "c" + strconv.Itoa(i)
-			call = func() error { _, err := sn.Prepare(ctx, key, "base", limit); return err }
-		}
-		done := make(chan error, 1)
-		go func() { done <- call() }()
-		time.Sleep(time.Duration(rng.IntN(20_000)) * time.Microsecond)
-		if err := d.Kill(); err != nil {
-			t.Fatal(err)
-		}
-		<-done // whatever it says: the check asks the restarted daemon
-		if err := d.Restart(); err != nil {
-			t.Fatal(err)
-		}
-		live = checkSubvolumes(ctx, t, d, root)
-	}
+	live := killDuringLimited(ctx, t, d, rng, qgroupKills, 20*time.Millisecond,
+		func(int) []snapshots.Opt { return []snapshots.Opt{limit} },
+		func() []string { return checkSubvolumes(ctx, t, d, root) })
 	for _, key := range live {
 		if err := d.Client().Remove(ctx, key); err != nil {
 			t.Fatal(err)
@@ -96,20 +76,7 @@ func TestLimitCrashQgroup(t *testing.T) {
 // checkSubvolumes checks the invariant and returns the limited actives.
 func checkSubvolumes(ctx context.Context, t *testing.T, d *daemon.Daemon, root string) []string {
 	t.Helper()
-	var limited []string
-	if err := d.Client().Walk(ctx, func(ctx context.Context, info snapshots.Info) error {
-		if info.Kind == snapshots.KindActive && info.Labels[snapshotter.LabelMaxSize] != "" {
-			limited = append(limited, info.Name)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	for _, key := range limited {
-		if _, err := d.Client().Usage(ctx, key); err != nil {
-			t.Fatalf("limited %q after a kill: Usage: %v\n%s", key, err, d.Log())
-		}
-	}
+	limited := limitedActives(ctx, t, d)
 	// Only snapshots/: the trash is emptied in the background.
 	if subs := subvolumes(t, root, "snapshots"); len(subs) != len(limited) {
 		t.Fatalf("%d subvolumes under snapshots/ (%v) for %d limited actives (%v)\n%s", len(subs), subs, len(limited), limited, d.Log())

@@ -110,8 +110,8 @@ func dedupeShutdownRun(t *testing.T, midway bool) {
 		want[name], dirs[name], parent = l, dir, name
 	}
 	if !midway {
-		if out, err := exec.Command("xfs_io", "-x", "-c", "shutdown", mnt).CombinedOutput(); err != nil {
-			t.Fatalf("xfs_io shutdown: %v: %s", err, out)
+		if err := shutdownFS(mnt); err != nil {
+			t.Fatal(err)
 		}
 	}
 	s.Close()
@@ -204,12 +204,8 @@ func shutdownOnOpen(t *testing.T, mnt, path string) func() {
 			return
 		}
 		ev := (*unix.FanotifyEventMetadata)(unsafe.Pointer(&buf[0]))
-		out, err := exec.Command("xfs_io", "-x", "-c", "shutdown", mnt).CombinedOutput()
-		if err != nil {
-			err = fmt.Errorf("xfs_io shutdown: %v: %s", err, out)
-		}
 		// Told before the open goes on, so before the Commit returns.
-		done <- err
+		done <- shutdownFS(mnt)
 		resp := unix.FanotifyResponse{Fd: ev.Fd, Response: unix.FAN_ALLOW}
 		if _, err := unix.Write(fan, (*[unsafe.Sizeof(resp)]byte)(unsafe.Pointer(&resp))[:]); err != nil {
 			t.Errorf("answer fanotify event: %v", err) // the open waits forever
