@@ -35,9 +35,10 @@ type idleGate struct {
 }
 
 // isUnpack reports a key containerd's unpacker makes for a layer it is
-// extracting.
+// extracting. Through containerd the key arrives behind the metadata
+// store's "<namespace>/<seq>/" (userKey).
 func isUnpack(key string) bool {
-	return strings.HasPrefix(key, snapshots.UnpackKeyPrefix+"-")
+	return strings.HasPrefix(userKey(key), snapshots.UnpackKeyPrefix+"-")
 }
 
 // prepare notes an active snapshot being made.

@@ -145,4 +145,15 @@ func TestIdleGate(t *testing.T) {
 	if d := g.quietFor(at.Add(dedupeIdleDelay)); d != 0 {
 		t.Errorf("%v after the last Commit: wait %v", dedupeIdleDelay, d)
 	}
+	// Through containerd, the unpacker's key comes behind the metadata
+	// store's namespace and sequence number.
+	g.prepare("default/42/extract-456 sha256:def")
+	if d := g.quietFor(time.Now().Add(time.Hour)); d != dedupeIdleDelay {
+		t.Errorf("an unpack through containerd an hour later: wait %v, want %v", d, dedupeIdleDelay)
+	}
+	g.done("default/42/extract-456 sha256:def", false)
+	g.prepare("default/43/ctr-rootfs")
+	if d := g.quietFor(time.Now().Add(time.Hour)); d != 0 {
+		t.Errorf("a container's Prepare through containerd holds the gate for %v", d)
+	}
 }
