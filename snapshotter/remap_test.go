@@ -58,13 +58,7 @@ func pathsOf(m map[string]string) []string {
 func TestRemapIDs(t *testing.T) {
 	require.Root(t, "mounts and chowns")
 	base := loopfs.Mount(t, loopfs.XFS)
-	f, err := overlayutil.Probe(context.Background(), filepath.Join(base, "probe"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !f.OK(overlayutil.CheckIDMapped) {
-		require.Skipf(t, "the kernel has no idmapped overlay layers on xfs: %s", f.Get(overlayutil.CheckIDMapped).Reason)
-	}
+	f := remap.RequireIdmapped(t, filepath.Join(base, "probe"))
 	for _, tc := range []struct {
 		mode     Mode
 		idmapped bool
@@ -170,13 +164,7 @@ func TestRemapIDs(t *testing.T) {
 func TestRemapIDsLikeBuiltin(t *testing.T) {
 	require.Root(t, "mounts and chowns")
 	base := loopfs.Mount(t, loopfs.XFS)
-	f, err := overlayutil.Probe(context.Background(), filepath.Join(base, "probe"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !f.OK(overlayutil.CheckIDMapped) {
-		require.Skipf(t, "the kernel has no idmapped overlay layers on xfs: %s", f.Get(overlayutil.CheckIDMapped).Reason)
-	}
+	remap.RequireIdmapped(t, filepath.Join(base, "probe"))
 	ctx, ours := openTest(t, filepath.Join(base, "ours"), WithMode(ModeOverlay))
 	// As containerd's plugin opens it where the kernel has idmapped
 	// layers (test/builtin.Overlay, which imports this package).
@@ -275,13 +263,7 @@ func TestRemapIDsDeepStack(t *testing.T) {
 	require.Root(t, "mounts")
 	const depth = 150
 	root := t.TempDir()
-	f, err := overlayutil.Probe(context.Background(), root)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !f.OK(overlayutil.CheckIDMapped) {
-		require.Skipf(t, "the kernel has no idmapped overlay layers: %s", f.Get(overlayutil.CheckIDMapped).Reason)
-	}
+	remap.RequireIdmapped(t, root)
 	ctx, s := openTest(t, root, WithMode(ModeOverlay))
 	// Short links are taken where the compacted plain paths pass a page,
 	// near 450 layers; a quarter page brings that to fewer than 150.

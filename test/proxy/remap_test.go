@@ -11,7 +11,6 @@ import (
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"github.com/containerd/containerd/v2/pkg/namespaces"
 
-	"github.com/overclone/overclone/overlayutil"
 	"github.com/overclone/overclone/test/daemon"
 	"github.com/overclone/overclone/test/loopfs"
 	"github.com/overclone/overclone/test/remap"
@@ -25,13 +24,7 @@ import (
 func TestRemapIDsThroughProxy(t *testing.T) {
 	require.Root(t, "mounts")
 	base := loopfs.Mount(t, loopfs.XFS)
-	f, err := overlayutil.Probe(context.Background(), filepath.Join(base, "probe"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !f.OK(overlayutil.CheckIDMapped) {
-		require.Skipf(t, "the kernel has no idmapped overlay layers on xfs: %s", f.Get(overlayutil.CheckIDMapped).Reason)
-	}
+	remap.RequireIdmapped(t, filepath.Join(base, "probe"))
 	mapped := remap.Mapped(0, 0)
 	for _, mode := range []string{"overlay", "userspace"} {
 		t.Run(mode, func(t *testing.T) {

@@ -17,6 +17,8 @@ import (
 
 	"github.com/containerd/containerd/v2/core/mount"
 	"github.com/containerd/containerd/v2/core/snapshots"
+	"github.com/overclone/overclone/overlayutil"
+	"github.com/overclone/overclone/test/require"
 	"golang.org/x/sys/unix"
 )
 
@@ -180,4 +182,19 @@ func CreateAs(dir, name string, uid, gid int) error {
 func fsuid() int {
 	r, _, _ := unix.RawSyscall(unix.SYS_SETFSUID, ^uintptr(0), 0, 0)
 	return int(r)
+}
+
+// RequireIdmapped skips t (a failure under OVERCLONE_STRICT) unless
+// overlay takes idmapped layers on the filesystem holding dir, where the
+// probe runs, and returns what the probe found.
+func RequireIdmapped(t *testing.T, dir string) *overlayutil.Features {
+	t.Helper()
+	f, err := overlayutil.Probe(context.Background(), dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !f.OK(overlayutil.CheckIDMapped) {
+		require.Skipf(t, "the kernel has no idmapped overlay layers on %s: %s", f.BackingFS, f.Get(overlayutil.CheckIDMapped).Reason)
+	}
+	return f
 }
