@@ -247,6 +247,29 @@ func (n *criNode) timed(t *testing.T, op string, args ...string) string {
 	return out
 }
 
+// checkPodsRunning reports the errors of pods started at once (pod
+// <prefix>-i got container ids[i], or errs[i]), checks that every
+// container made is running, and removes all pods.
+func (n *criNode) checkPodsRunning(t *testing.T, prefix string, ids []string, errs []error) {
+	t.Helper()
+	for _, err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	running := map[string]bool{}
+	list, _ := jsonPath(t, n.run(t, "ps", "-o", "json", "--state", "Running"), "containers").([]any)
+	for _, c := range list {
+		running[c.(map[string]any)["id"].(string)] = true
+	}
+	for i, id := range ids {
+		if id != "" && !running[id] {
+			t.Errorf("pod %s-%d: container %s not running", prefix, i, id)
+		}
+	}
+	n.run(t, "rmp", "-fa")
+}
+
 func (n *criNode) record(t *testing.T, op string, d time.Duration) {
 	n.tm.Add(n.c.Version, op, n.sn, d)
 	t.Logf("%s %s: %s", op, n.sn, d.Round(time.Millisecond))
@@ -594,22 +617,7 @@ func (n *criNode) pods(t *testing.T, ref string) {
 	}
 	wg.Wait()
 	n.record(t, fmt.Sprintf("%d pods at once (runp+create+start)", criPods), time.Since(start))
-	for _, err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
-	}
-	running := map[string]bool{}
-	list, _ := jsonPath(t, n.run(t, "ps", "-o", "json", "--state", "Running"), "containers").([]any)
-	for _, c := range list {
-		running[c.(map[string]any)["id"].(string)] = true
-	}
-	for i, id := range ids {
-		if id != "" && !running[id] {
-			t.Errorf("pod many-%d: container %s not running", i, id)
-		}
-	}
-	n.run(t, "rmp", "-fa")
+	n.checkPodsRunning(t, "many", ids, errs)
 	n.run(t, "rmi", ref)
 	n.checkClean(t)
 }

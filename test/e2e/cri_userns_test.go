@@ -225,20 +225,5 @@ func (n *criNode) startPods(t *testing.T, ref, prefix string, userns bool) {
 		op = fmt.Sprintf("%d userns pods at once (runp+create+start)", criPods)
 	}
 	n.record(t, op, time.Since(start))
-	for _, err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
-	}
-	running := map[string]bool{}
-	list, _ := jsonPath(t, n.run(t, "ps", "-o", "json", "--state", "Running"), "containers").([]any)
-	for _, c := range list {
-		running[c.(map[string]any)["id"].(string)] = true
-	}
-	for i, id := range ids {
-		if id != "" && !running[id] {
-			t.Errorf("pod %s-%d: container %s not running", prefix, i, id)
-		}
-	}
-	n.run(t, "rmp", "-fa")
+	n.checkPodsRunning(t, prefix, ids, errs)
 }
