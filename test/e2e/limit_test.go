@@ -4,13 +4,15 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
+	cfs "github.com/containerd/continuity/fs"
+	"golang.org/x/sys/unix"
 
 	"github.com/overclone/overclone/test/e2e/harness"
 	"github.com/overclone/overclone/test/loopfs"
@@ -34,7 +36,7 @@ const (
 //   - on a root on btrfs with qgroups enabled (the same daemon restarted
 //     on it) the limited container's writable layer is a subvolume and
 //     the write fails with "disk quota exceeded"; containerd's GC leaves
-//     no subvolume in snapshots/;
+//     no subvolume and no qgroup;
 //   - overclone in userspace mode refuses the label, and containerd's
 //     error says why, rather than running the container unlimited.
 func TestContainerd2SizeLimit(t *testing.T) {
@@ -84,22 +86,84 @@ func mountsUnder(t *testing.T, prefix string) []string {
 	return out
 }
 
+// limitRoot is a root overclone's size limits are tried on: a directory
+// of the test's, where a limited snapshot is an ext4 image, or a fresh
+// loop-mounted btrfs with quotas of one kind enabled, where it is a
+// subvolume with a qgroup limit (README "On a btrfs root").
+type limitRoot struct {
+	name  string
+	quota loopfs.Quota // "" for the image
+	full  string       // what a write past the limit fails with
+}
+
+var (
+	imageRoot  = limitRoot{"image", "", "no space left on device"}
+	qgroupRoot = limitRoot{"btrfs-qgroup", loopfs.Qgroups, "disk quota exceeded"}
+	squotaRoot = limitRoot{"btrfs-squota", loopfs.SimpleQuotas, "disk quota exceeded"}
+)
+
+// mount makes r's btrfs, quotas enabled as an operator would, and returns
+// its mount point; "" for the image root. It is unmounted when t ends, so
+// call it before registering the cleanup that stops a daemon on it.
+func (r limitRoot) mount(t *testing.T) string {
+	t.Helper()
+	if r.quota == "" {
+		return ""
+	}
+	mnt := loopfs.Mount(t, loopfs.Btrfs)
+	loopfs.EnableQuotas(t, mnt, r.quota)
+	return mnt
+}
+
+// limitedDirs lists the snapshot directories of root that carry a limit,
+// whatever the backend: those an image is mounted on, and those that are
+// btrfs subvolumes.
+func limitedDirs(t *testing.T, root string) []string {
+	t.Helper()
+	dirs := mountsUnder(t, root+"/snapshots/")
+	entries, err := os.ReadDir(filepath.Join(root, "snapshots"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		p := filepath.Join(root, "snapshots", e.Name())
+		var st unix.Stat_t
+		var sfs unix.Statfs_t
+		if unix.Lstat(p, &st) == nil && st.Ino == 256 && st.Mode&unix.S_IFMT == unix.S_IFDIR &&
+			unix.Statfs(p, &sfs) == nil && sfs.Type == unix.BTRFS_SUPER_MAGIC && !slices.Contains(dirs, p) {
+			dirs = append(dirs, p)
+		}
+	}
+	return dirs
+}
+
 // TestCRISizeLimit runs a pod through containerd 2.x's CRI plugin, as a
 // kubelet does, on the shipped config-v3 snippet with overclone started
-// with default_max_size: CRI cannot pass the max-size label yet, so the
-// default is what limits a pod's containers. A write past it fails inside
-// the container; the pod's figures in crictl stats come from the image's
-// counters; once the pod and the image are removed, no image stays
-// mounted. The pod carries the annotation containerd.io/snapshot/max-size
-// "0", which CRI passes to its sandbox's snapshot alone (README "Size
-// limits and Usage"): the pause container gets no image, the pod's
-// container still does.
+// with default_max_size (CRI cannot pass the max-size label yet, so the
+// default is what limits a pod's containers), on each limitRoot: the
+// image, and btrfs with qgroups and with simple quotas. A write past the
+// limit fails inside the container (ENOSPC, EDQUOT); crictl stats reports
+// the writable layer as a walk of its upper finds it (inodes exact, bytes
+// within a block per inode: from the image's counters, or the qgroup's
+// and a count in the subvolume's tree); once the pod and the image are
+// removed and containerd collected them, no image is mounted and no
+// subvolume or qgroup is left. The pod carries the annotation
+// containerd.io/snapshot/max-size "0", which CRI passes to its sandbox's
+// snapshot alone (README "Size limits and Usage"): the pause container
+// gets no limit, the pod's container still does.
 func TestCRISizeLimit(t *testing.T) {
+	for _, r := range []limitRoot{imageRoot, qgroupRoot, squotaRoot} {
+		t.Run(r.name, func(t *testing.T) { criSizeLimit(t, r) })
+	}
+}
+
+func criSizeLimit(t *testing.T, r limitRoot) {
 	f, crictlDir, pause := criSetup(t)
 	binDir := harness.Containerd2BinDir()
 	if m := harness.Missing(binDir, harness.ContainerdTools...); m != "" {
 		require.Skipf(t, "containerd 2.x missing: %s (make containerd2)", m)
 	}
+	mnt := r.mount(t)
 	snippet, dir, cri := criDirs(t, f, "config-v3.toml", "oc-cri-limit-")
 	n := &criNode{sn: harness.SnapshotterName, cli: f.cliBin, img: f.img, tm: &harness.Timings{}, dir: filepath.Join(dir, "ctd"),
 		podAnnotations: map[string]string{snapshots.LabelSnapshotMaxSize: "0"}}
@@ -123,6 +187,9 @@ func TestCRISizeLimit(t *testing.T) {
 	if n.oc, err = harness.NewOverclone(f.overcloneBin, filepath.Join(dir, "oc"), "default_max_size = "+strconv.Itoa(e2eLimit)+"\n", t.Logf); err != nil {
 		t.Fatal(err)
 	}
+	if mnt != "" {
+		n.oc.Root = filepath.Join(mnt, "root")
+	}
 	if err := n.oc.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -142,36 +209,75 @@ func TestCRISizeLimit(t *testing.T) {
 	n.run(t, "pull", ref)
 	podCfg, ctrCfg := n.writeConfigs(t, "limited", ref)
 	pod := n.run(t, "runp", podCfg)
-	if m := mountsUnder(t, n.oc.Root+"/snapshots/"); len(m) != 0 {
-		t.Errorf("the sandbox, annotated %s=0, got an image: %v", snapshots.LabelSnapshotMaxSize, m)
+	if l := limitedDirs(t, n.oc.Root); len(l) != 0 {
+		t.Errorf("the sandbox, annotated %s=0, got a limit: %v", snapshots.LabelSnapshotMaxSize, l)
 	}
 	id := n.run(t, "create", pod, ctrCfg, podCfg)
-	if m := mountsUnder(t, n.oc.Root+"/snapshots/"); len(m) != 1 {
-		t.Errorf("with the pod's container created, images mounted: %v; want the container's alone", m)
+	limited := limitedDirs(t, n.oc.Root)
+	if len(limited) != 1 {
+		t.Fatalf("with the pod's container created, limited snapshots %v; want the container's alone", limited)
 	}
 	n.run(t, "start", id)
 	out, err := n.crictl.Run(ctx, "exec", "-s", "--timeout", "60", id, "/bin/viewer", "fill", "/data/past-the-limit", strconv.Itoa(e2eFill))
-	if err == nil || !strings.Contains(out+err.Error(), "no space left on device") {
-		t.Fatalf("writing %d bytes in a pod's container with default_max_size %d: %v, output %q; want no space left on device", e2eFill, e2eLimit, err, out)
+	if err == nil || !strings.Contains(out+err.Error(), r.full) {
+		t.Fatalf("writing %d bytes in a pod's container with default_max_size %d: %v, output %q; want %s", e2eFill, e2eLimit, err, out, r.full)
 	}
-	// CRI's figure for the writable layer is the image's: the file up to
-	// where the limit stopped it.
-	var used uint64
-	for deadline := time.Now().Add(30 * time.Second); used < e2eLimit/2 && time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
-		used = jsonUint(t, jsonPath(t, n.run(t, "stats", "-o", "json", id), "stats", 0, "writableLayer", "usedBytes", "value"))
-	}
-	if used < e2eLimit/2 || used > e2eLimit {
-		t.Errorf("crictl stats: writable layer %d bytes, want most of the %d-byte limit the write filled", used, e2eLimit)
-	}
+	n.checkLimitedStats(t, id, filepath.Join(limited[0], "fs"))
 	n.run(t, "stop", "--timeout", "10", id)
 	n.run(t, "rm", id)
 	n.run(t, "stopp", pod)
 	n.run(t, "rmp", pod)
 	n.run(t, "rmi", ref)
 	n.checkClean(t)
-	if left := mountsUnder(t, n.oc.Root+"/snapshots/"); len(left) > 0 {
-		t.Errorf("images still mounted with every pod gone: %v", left)
+	if left := limitedDirs(t, n.oc.Root); len(left) > 0 {
+		t.Errorf("limited snapshots left with every pod gone: %v", left)
 	}
+	if mnt != "" {
+		// Stopped, overclone has emptied its trash (Close waits).
+		stopOverclone(t, n.oc)
+		loopfs.NoQuotaLeft(t, mnt)
+	}
+}
+
+// checkLimitedStats compares CRI's figures for a limited container's
+// writable layer with a walk of its upper, once the upper's filesystem
+// has written back what the container wrote: the figures come from
+// overclone's Usage, which CRI polls every 10 s (so they are waited for,
+// up to three polls).
+func (n *criNode) checkLimitedStats(t *testing.T, id, upper string) {
+	t.Helper()
+	fd, err := unix.Open(upper, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = unix.Syncfs(fd)
+	unix.Close(fd)
+	if err != nil {
+		t.Fatalf("syncfs %s: %v", upper, err)
+	}
+	walk, err := cfs.DiskUsage(context.Background(), upper)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if walk.Size < e2eLimit/2 {
+		t.Fatalf("the upper %s holds %d bytes after a write stopped by the %d-byte limit", upper, walk.Size, e2eLimit)
+	}
+	var bytes, inodes uint64
+	matches := func() bool {
+		out := n.run(t, "stats", "-o", "json", id)
+		bytes = jsonUint(t, jsonPath(t, out, "stats", 0, "writableLayer", "usedBytes", "value"))
+		inodes = jsonUint(t, jsonPath(t, out, "stats", 0, "writableLayer", "inodesUsed", "value"))
+		d := int64(bytes) - walk.Size
+		return int64(inodes) == walk.Inodes && d >= -4096*walk.Inodes && d <= 4096*walk.Inodes
+	}
+	for deadline := time.Now().Add(30 * time.Second); !matches() && time.Now().Before(deadline); {
+		time.Sleep(200 * time.Millisecond)
+	}
+	if !matches() {
+		t.Errorf("crictl stats: writable layer %d bytes, %d inodes; a walk of the upper: %d bytes, %d inodes (want inodes exact, bytes within a block per inode)", bytes, inodes, walk.Size, walk.Inodes)
+		return
+	}
+	t.Logf("crictl stats: writable layer %d bytes, %d inodes; a walk of the upper: %d bytes, %d inodes", bytes, inodes, walk.Size, walk.Inodes)
 }
 
 // qgroupSizeLimit restarts the suite's overclone on a root on btrfs with
@@ -181,8 +287,7 @@ func qgroupSizeLimit(ctx context.Context, t *testing.T, s *suite, label string, 
 	t.Helper()
 	start := time.Now()
 	defer func() { t.Logf("the btrfs-qgroup root took %v", time.Since(start).Round(time.Millisecond)) }()
-	mnt := loopfs.Mount(t, loopfs.Btrfs)
-	loopfs.EnableQuotas(t, mnt, loopfs.Qgroups)
+	mnt := qgroupRoot.mount(t)
 	if err := s.oc.Stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -200,14 +305,13 @@ func qgroupSizeLimit(ctx context.Context, t *testing.T, s *suite, label string, 
 		t.Fatalf("writing %d bytes in a container limited to %d on a btrfs root with qgroups: %v, output %q; want disk quota exceeded\n%s", e2eFill, e2eLimit, err, out, s.oc.Tail(20))
 	}
 	s.removeImages(t)
-	entries, err := os.ReadDir(filepath.Join(s.oc.Root, "snapshots"))
-	if err != nil {
+	if left := limitedDirs(t, s.oc.Root); len(left) > 0 {
+		t.Errorf("limited snapshots left after containerd's GC: %v", left)
+	}
+	// Stopped, overclone has emptied its trash (Close waits); the
+	// userspace daemon that the test goes on with is another.
+	if err := s.oc.Stop(); err != nil {
 		t.Fatal(err)
 	}
-	for _, e := range entries {
-		var st syscall.Stat_t
-		if err := syscall.Lstat(filepath.Join(s.oc.Root, "snapshots", e.Name()), &st); err == nil && st.Ino == 256 {
-			t.Errorf("subvolume snapshots/%s left after containerd's GC", e.Name())
-		}
-	}
+	loopfs.NoQuotaLeft(t, mnt)
 }

@@ -233,3 +233,37 @@ func SubvolumeSync(t testing.TB, mnt string) {
 		}
 	}
 }
+
+// Subvolumes lists the subvolumes of the btrfs filesystem holding mnt, as
+// `btrfs subvolume list` shows them (paths from the filesystem's top),
+// the top-level one aside.
+func Subvolumes(t testing.TB, mnt string) []string {
+	t.Helper()
+	out, err := exec.Command("btrfs", "subvolume", "list", mnt).CombinedOutput()
+	if err != nil {
+		t.Fatalf("btrfs subvolume list %s: %v: %s", mnt, err, out)
+	}
+	var paths []string
+	for _, line := range strings.Split(string(out), "\n") {
+		// "ID 256 gen 9 top level 5 path root/snapshots/3"
+		if _, path, ok := strings.Cut(line, " path "); ok {
+			paths = append(paths, path)
+		}
+	}
+	return paths
+}
+
+// NoQuotaLeft fails t unless the btrfs filesystem on mnt, once its
+// cleaner has dropped every deleted subvolume, holds no subvolume and no
+// level-0 qgroup but its top-level one (0/5): what a root with quotas
+// must look like once everything on it was removed.
+func NoQuotaLeft(t testing.TB, mnt string) {
+	t.Helper()
+	SubvolumeSync(t, mnt)
+	if subs := Subvolumes(t, mnt); len(subs) > 0 {
+		t.Errorf("subvolumes left on %s: %v", mnt, subs)
+	}
+	if ids := QgroupIDs(t, mnt); len(ids) != 1 || ids[0] != "0/5" {
+		t.Errorf("qgroups left on %s: %v, want the top level's 0/5 alone", mnt, ids)
+	}
+}
