@@ -14,6 +14,7 @@ import (
 	cfs "github.com/containerd/continuity/fs"
 	"golang.org/x/sys/unix"
 
+	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/e2e/harness"
 	"github.com/overclone/overclone/test/loopfs"
 	"github.com/overclone/overclone/test/require"
@@ -91,16 +92,30 @@ func mountsUnder(t *testing.T, prefix string) []string {
 // loop-mounted btrfs with quotas of one kind enabled, where it is a
 // subvolume with a qgroup limit (README "On a btrfs root").
 type limitRoot struct {
-	name  string
-	quota loopfs.Quota // "" for the image
-	full  string       // what a write past the limit fails with
+	name    string
+	quota   loopfs.Quota // "" for the image
+	backend snapshotter.LimitBackend
+	full    string // what a write past the limit fails with
 }
 
 var (
-	imageRoot  = limitRoot{"image", "", "no space left on device"}
-	qgroupRoot = limitRoot{"btrfs-qgroup", loopfs.Qgroups, "disk quota exceeded"}
-	squotaRoot = limitRoot{"btrfs-squota", loopfs.SimpleQuotas, "disk quota exceeded"}
+	imageRoot  = limitRoot{"image", "", snapshotter.LimitImage, "no space left on device"}
+	qgroupRoot = limitRoot{"btrfs-qgroup", loopfs.Qgroups, snapshotter.LimitQgroup, "disk quota exceeded"}
+	squotaRoot = limitRoot{"btrfs-squota", loopfs.SimpleQuotas, snapshotter.LimitQgroup, "disk quota exceeded"}
 )
+
+// checkBackend checks that the daemon said at start, in its log, that
+// it enforces limits with r's backend.
+func (r limitRoot) checkBackend(t *testing.T, oc *harness.Overclone) {
+	t.Helper()
+	b, err := os.ReadFile(oc.Log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(b), "backend="+string(r.backend)) {
+		t.Errorf("the daemon's log does not say backend=%s:\n%s", r.backend, oc.Tail(20))
+	}
+}
 
 // mount makes r's btrfs, quotas enabled as an operator would, and returns
 // its mount point; "" for the image root. It is unmounted when t ends, so
@@ -141,8 +156,9 @@ func limitedDirs(t *testing.T, root string) []string {
 // kubelet does, on the shipped config-v3 snippet with overclone started
 // with default_max_size (CRI cannot pass the max-size label yet, so the
 // default is what limits a pod's containers), on each limitRoot: the
-// image, and btrfs with qgroups and with simple quotas. A write past the
-// limit fails inside the container (ENOSPC, EDQUOT); crictl stats reports
+// image, and btrfs with qgroups and with simple quotas. A write under the
+// limit succeeds, one past it fails inside the container (ENOSPC,
+// EDQUOT), and the daemon's log names the backend; crictl stats reports
 // the writable layer as a walk of its upper finds it (inodes exact, bytes
 // within a block per inode: from the image's counters, or the qgroup's
 // and a count in the subvolume's tree); once the pod and the image are
@@ -217,7 +233,9 @@ func criSizeLimit(t *testing.T, r limitRoot) {
 	if len(limited) != 1 {
 		t.Fatalf("with the pod's container created, limited snapshots %v; want the container's alone", limited)
 	}
+	r.checkBackend(t, n.oc)
 	n.run(t, "start", id)
+	n.exec(t, id, "fill", "/data/under-the-limit", strconv.Itoa(e2eLimit/4))
 	out, err := n.crictl.Run(ctx, "exec", "-s", "--timeout", "60", id, "/bin/viewer", "fill", "/data/past-the-limit", strconv.Itoa(e2eFill))
 	if err == nil || !strings.Contains(out+err.Error(), r.full) {
 		t.Fatalf("writing %d bytes in a pod's container with default_max_size %d: %v, output %q; want %s", e2eFill, e2eLimit, err, out, r.full)

@@ -18,8 +18,10 @@ import (
 	"github.com/overclone/overclone/config"
 	"github.com/overclone/overclone/hack/nodeimage"
 	"github.com/overclone/overclone/test/e2e/harness"
+	"github.com/overclone/overclone/test/loopfs"
 	"github.com/overclone/overclone/test/require"
 	"go.yaml.in/yaml/v3"
+	"golang.org/x/sys/unix"
 )
 
 // daemonSet is what the tests read of deploy/kubernetes's manifest: the
@@ -217,23 +219,35 @@ func nodeImage(t *testing.T, f *fixture) string {
 // privileged), runs the DaemonSet's probes inside the container, and then
 // uses the containerized overclone as the same containerd's proxy
 // snapshotter: the test image is imported into it and run, and the view
-// checked. Last, SIGTERM stops it cleanly, as the kubelet stops a pod.
+// checked, and containers run with a size limit. Last, SIGTERM stops it
+// cleanly, as the kubelet stops a pod. Each containerd runs it twice: on
+// a root in the test's directory, where a limit is an ext4 image the
+// daemon loop-mounts inside its container, and on a btrfs with qgroups
+// enabled, where the daemon must find the quotas (in /sys/fs/btrfs, from
+// inside its container) and make a limited snapshot a subvolume.
 func TestNodeImage(t *testing.T) {
 	for _, tc := range []struct{ name, binDir string }{
 		{"containerd-1.6", harness.Containerd16Bin},
 		{"containerd-2", harness.Containerd2BinDir()},
 	} {
-		t.Run(tc.name, func(t *testing.T) { testNodeImage(t, tc.binDir) })
+		t.Run(tc.name, func(t *testing.T) {
+			for _, r := range []limitRoot{imageRoot, qgroupRoot} {
+				t.Run(r.name, func(t *testing.T) { testNodeImage(t, tc.binDir, r) })
+			}
+		})
 	}
 }
 
-func testNodeImage(t *testing.T, binDir string) {
+func testNodeImage(t *testing.T, binDir string, r limitRoot) {
 	f := getFixture(t)
 	if m := harness.Missing(binDir, harness.ContainerdTools...); m != "" {
 		require.Skipf(t, "containerd missing: %s (make containerd2 builds 2.x)", m)
 	}
 	archive := nodeImage(t, f)
 	ds := readDaemonSet(t)
+	// Made first, unmounted last: after the suite's close has stopped
+	// the container and taken down the binds of it.
+	mnt := r.mount(t)
 
 	dir, err := harness.TempDir("oc-node-")
 	if err != nil {
@@ -242,6 +256,16 @@ func testNodeImage(t *testing.T, binDir string) {
 	// The proxy's socket and root are known before the daemon runs:
 	// containerd dials a proxy only when it is first used.
 	ocDir := filepath.Join(dir, "node")
+	if mnt != "" {
+		// The node's root is its btrfs: the host dir RunNodeContainer
+		// binds into the container is this bind of it.
+		if err := os.MkdirAll(filepath.Join(ocDir, "root"), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := unix.Mount(mnt, filepath.Join(ocDir, "root"), "", unix.MS_BIND, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
 	oc := &harness.Overclone{
 		Root:   filepath.Join(ocDir, "root"),
 		Socket: filepath.Join(ocDir, "run", path.Base(config.DefaultAddress)),
@@ -284,31 +308,43 @@ func testNodeImage(t *testing.T, binDir string) {
 	s.ctr(t, "images", "import", "--snapshotter", harness.SnapshotterName, f.archive)
 	s.requireUnpacked(t, harness.SnapshotterName)
 	s.runView(t, harness.SnapshotterName, imageName, "node-view", "")
-	nodeLimit(ctx, t, s)
+	nodeLimit(ctx, t, s, r)
 	s.ctr(t, "images", "rm", "--sync", imageName)
 	if rows := s.snapshots(t, harness.SnapshotterName); len(rows) > 0 {
 		t.Errorf("snapshots left in the containerized overclone: %v", rows)
 	}
+	if left := limitedDirs(t, oc.Root); len(left) > 0 {
+		t.Errorf("limited snapshots left in the containerized overclone: %v", left)
+	}
 	if err := node.Stop(ctx); err != nil {
 		t.Error(err)
+	}
+	if mnt != "" {
+		// Stopped, the daemon has emptied its trash (Close waits).
+		loopfs.NoQuotaLeft(t, mnt)
 	}
 }
 
 // nodeLimit runs containers with a size limit on the containerized
-// overclone: a write under the limit succeeds, one past it fails with no
-// space left on device. That holds only if containerd, on the host,
+// overclone: a write under the limit succeeds, one past it fails with r's
+// error. On the image root that holds only if containerd, on the host,
 // mounted the container's overlay on the image the daemon loop-mounted
 // inside its own container: without the root's Bidirectional propagation
 // the host sees the snapshot's bare directory and the write fills the
-// host's disk instead. The image ships mkfs.ext4, or the label would be
-// refused.
-func nodeLimit(ctx context.Context, t *testing.T, s *suite) {
+// host's disk instead; and the image ships mkfs.ext4, or the label would
+// be refused. On btrfs with qgroups, EDQUOT says the daemon found the
+// quotas from inside its container and made the snapshot a subvolume
+// (with no quotas found it would have made an image: ENOSPC).
+func nodeLimit(ctx context.Context, t *testing.T, s *suite, r limitRoot) {
 	t.Helper()
 	label := "--snapshotter-label=" + snapshots.LabelSnapshotMaxSize + "=" + strconv.Itoa(e2eLimit)
 	sn := harness.SnapshotterName
 	s.ctr(t, "run", "--rm", label, "--snapshotter", sn, imageName, "node-under", "/bin/viewer", "fill", "/under-the-limit", strconv.Itoa(e2eLimit/4))
 	out, err := s.c.Ctr(ctx, "run", "--rm", label, "--snapshotter", sn, imageName, "node-past", "/bin/viewer", "fill", "/past-the-limit", strconv.Itoa(e2eFill))
-	if err == nil || !strings.Contains(out+err.Error(), "no space left on device") {
-		t.Fatalf("writing %d bytes in a container limited to %d by the containerized overclone: %v, output %q; want no space left on device", e2eFill, e2eLimit, err, out)
+	if err == nil || !strings.Contains(out+err.Error(), r.full) {
+		t.Fatalf("writing %d bytes in a container limited to %d by the containerized overclone: %v, output %q; want %s", e2eFill, e2eLimit, err, out, r.full)
 	}
+	// The shim copies the container's output to the log file as it
+	// comes; the daemon wrote this line before it served the probes.
+	r.checkBackend(t, s.oc)
 }
