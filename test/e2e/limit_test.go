@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -16,6 +18,7 @@ import (
 
 	"github.com/overclone/overclone/snapshotter"
 	"github.com/overclone/overclone/test/e2e/harness"
+	"github.com/overclone/overclone/test/image"
 	"github.com/overclone/overclone/test/loopfs"
 	"github.com/overclone/overclone/test/require"
 )
@@ -24,6 +27,14 @@ import (
 const (
 	e2eLimit = 40 << 20
 	e2eFill  = 80 << 20
+)
+
+// criLimit is TestCRISizeLimit's default_max_size, and criFill past it:
+// its container first copies up the image's 64 MiB file, which must fit
+// in the limit with room to write.
+const (
+	criLimit = 96 << 20
+	criFill  = 128 << 20
 )
 
 // TestContainerd2SizeLimit runs containers through containerd 2.4 with
@@ -200,7 +211,7 @@ func criSizeLimit(t *testing.T, r limitRoot) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	var err error
-	if n.oc, err = harness.NewOverclone(f.overcloneBin, filepath.Join(dir, "oc"), "default_max_size = "+strconv.Itoa(e2eLimit)+"\n", t.Logf); err != nil {
+	if n.oc, err = harness.NewOverclone(f.overcloneBin, filepath.Join(dir, "oc"), "default_max_size = "+strconv.Itoa(criLimit)+"\n", t.Logf); err != nil {
 		t.Fatal(err)
 	}
 	if mnt != "" {
@@ -235,12 +246,15 @@ func criSizeLimit(t *testing.T, r limitRoot) {
 	}
 	r.checkBackend(t, n.oc)
 	n.run(t, "start", id)
-	n.exec(t, id, "fill", "/data/under-the-limit", strconv.Itoa(e2eLimit/4))
-	out, err := n.crictl.Run(ctx, "exec", "-s", "--timeout", "60", id, "/bin/viewer", "fill", "/data/past-the-limit", strconv.Itoa(e2eFill))
+	// A copy-up of a lower file (a rename copies a file up), a write
+	// under the limit, then one past it.
+	n.exec(t, id, "rename", "/"+image.BigFile, "/"+image.BigFile+"-moved")
+	n.exec(t, id, "fill", "/data/under-the-limit", strconv.Itoa(8<<20))
+	out, err := n.crictl.Run(ctx, "exec", "-s", "--timeout", "60", id, "/bin/viewer", "fill", "/data/past-the-limit", strconv.Itoa(criFill))
 	if err == nil || !strings.Contains(out+err.Error(), r.full) {
-		t.Fatalf("writing %d bytes in a pod's container with default_max_size %d: %v, output %q; want %s", e2eFill, e2eLimit, err, out, r.full)
+		t.Fatalf("writing %d bytes in a pod's container with default_max_size %d: %v, output %q; want %s", criFill, criLimit, err, out, r.full)
 	}
-	n.checkLimitedStats(t, id, filepath.Join(limited[0], "fs"))
+	n.checkLimitedStats(t, id, filepath.Join(limited[0], "fs"), r)
 	n.run(t, "stop", "--timeout", "10", id)
 	n.run(t, "rm", id)
 	n.run(t, "stopp", pod)
@@ -261,8 +275,13 @@ func criSizeLimit(t *testing.T, r limitRoot) {
 // writable layer with a walk of its upper, once the upper's filesystem
 // has written back what the container wrote: the figures come from
 // overclone's Usage, which CRI polls every 10 s (so they are waited for,
-// up to three polls).
-func (n *criNode) checkLimitedStats(t *testing.T, id, upper string) {
+// up to three polls). Inodes must be exact, bytes within a block per
+// inode. Under simple quotas an extent counts for the subvolume that
+// allocated it, so the upper's extents shared with the layers below (a
+// copy-up the kernel made by a reflink) count nothing: the bytes to
+// compare with are then the walk's less those, as `btrfs filesystem du`
+// finds them (Total less Exclusive, from FIEMAP's shared flag).
+func (n *criNode) checkLimitedStats(t *testing.T, id, upper string, r limitRoot) {
 	t.Helper()
 	fd, err := unix.Open(upper, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
@@ -277,25 +296,53 @@ func (n *criNode) checkLimitedStats(t *testing.T, id, upper string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if walk.Size < e2eLimit/2 {
-		t.Fatalf("the upper %s holds %d bytes after a write stopped by the %d-byte limit", upper, walk.Size, e2eLimit)
+	if walk.Size < criLimit/2 {
+		t.Fatalf("the upper %s holds %d bytes after a write stopped by the %d-byte limit", upper, walk.Size, criLimit)
+	}
+	want, what := walk.Size, fmt.Sprintf("a walk of the upper: %d bytes", walk.Size)
+	if r.quota == loopfs.SimpleQuotas {
+		shared := btrfsSharedBytes(t, upper)
+		want -= shared
+		what += fmt.Sprintf(", %d of them shared with lower layers", shared)
 	}
 	var bytes, inodes uint64
 	matches := func() bool {
 		out := n.run(t, "stats", "-o", "json", id)
 		bytes = jsonUint(t, jsonPath(t, out, "stats", 0, "writableLayer", "usedBytes", "value"))
 		inodes = jsonUint(t, jsonPath(t, out, "stats", 0, "writableLayer", "inodesUsed", "value"))
-		d := int64(bytes) - walk.Size
+		d := int64(bytes) - want
 		return int64(inodes) == walk.Inodes && d >= -4096*walk.Inodes && d <= 4096*walk.Inodes
 	}
 	for deadline := time.Now().Add(30 * time.Second); !matches() && time.Now().Before(deadline); {
 		time.Sleep(200 * time.Millisecond)
 	}
 	if !matches() {
-		t.Errorf("crictl stats: writable layer %d bytes, %d inodes; a walk of the upper: %d bytes, %d inodes (want inodes exact, bytes within a block per inode)", bytes, inodes, walk.Size, walk.Inodes)
+		t.Errorf("crictl stats: writable layer %d bytes, %d inodes; %s, %d inodes; want the inodes, and %d bytes within a block per inode", bytes, inodes, what, walk.Inodes, want)
 		return
 	}
-	t.Logf("crictl stats: writable layer %d bytes, %d inodes; a walk of the upper: %d bytes, %d inodes", bytes, inodes, walk.Size, walk.Inodes)
+	t.Logf("crictl stats: writable layer %d bytes, %d inodes; %s, %d inodes", bytes, inodes, what, walk.Inodes)
+}
+
+// btrfsSharedBytes is how many bytes of the files under dir are in
+// extents shared with other files, as `btrfs filesystem du` finds them.
+func btrfsSharedBytes(t *testing.T, dir string) int64 {
+	t.Helper()
+	out, err := exec.Command("btrfs", "filesystem", "du", "-s", "--raw", dir).CombinedOutput()
+	if err != nil {
+		t.Fatalf("btrfs filesystem du %s: %v: %s", dir, err, out)
+	}
+	// "     Total   Exclusive  Set shared  Filename", then the numbers.
+	lines := nonEmptyLines(string(out))
+	f := strings.Fields(lines[len(lines)-1])
+	if len(f) < 3 {
+		t.Fatalf("btrfs filesystem du %s: %q", dir, out)
+	}
+	total, err1 := strconv.ParseInt(f[0], 10, 64)
+	excl, err2 := strconv.ParseInt(f[1], 10, 64)
+	if err1 != nil || err2 != nil {
+		t.Fatalf("btrfs filesystem du %s: %q", dir, out)
+	}
+	return total - excl
 }
 
 // qgroupSizeLimit restarts the suite's overclone on a root on btrfs with
