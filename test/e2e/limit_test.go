@@ -244,6 +244,9 @@ func criSizeLimit(t *testing.T, r limitRoot) {
 	if len(limited) != 1 {
 		t.Fatalf("with the pod's container created, limited snapshots %v; want the container's alone", limited)
 	}
+	if m := mountsUnder(t, n.oc.Root+"/"); mnt != "" && len(m) > 0 {
+		t.Errorf("mounts under a root on btrfs with quotas, where a limit needs none (no image, no pool): %v", m)
+	}
 	r.checkBackend(t, n.oc)
 	n.run(t, "start", id)
 	// A copy-up of a lower file (a rename copies a file up), a write
