@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -101,7 +102,18 @@ func probeBtrfsQuotas(root string) (*btrfsQuotas, string) {
 		return nil, fmt.Sprintf("btrfs fs info of %s: %v", root, err)
 	}
 	q := &btrfsQuotas{sysfs: filepath.Join("/sys/fs/btrfs", fsid)}
+	// Every mounted btrfs has its directory in sysfs; its qgroups
+	// directory is there only while quotas are enabled. Without the
+	// first (a container that has no sysfs of the host's at /sys), the
+	// daemon cannot tell whether quotas are on, and enabling them would
+	// change nothing: say what it lacks.
+	if _, err := os.Stat(q.sysfs); err != nil {
+		return nil, fmt.Sprintf("cannot tell whether the btrfs filesystem of %s has quotas enabled: %v (is the host's sysfs mounted at /sys? a container needs it, as a privileged one gets it)", root, err)
+	}
 	enabled, err := os.ReadFile(filepath.Join(q.sysfs, "qgroups", "enabled"))
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Sprintf("cannot tell whether the btrfs filesystem of %s has quotas enabled: %v", root, err)
+	}
 	if err != nil || strings.TrimSpace(string(enabled)) != "1" {
 		return nil, fmt.Sprintf("quotas are not enabled on the btrfs filesystem of %s (`btrfs quota enable %s`, or `btrfs quota enable --simple %s` with btrfs-progs 6.7+, would enable them; it costs every write on that filesystem some accounting)", root, root, root)
 	}

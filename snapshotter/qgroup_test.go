@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -369,4 +370,46 @@ func TestQgroupLostRename(t *testing.T) {
 	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "limited"), "big"), 2*testLimit); !errors.Is(err, syscall.EDQUOT) {
 		t.Fatalf("after the lost rename, the limit: %v", err)
 	}
+}
+
+// TestQgroupProbeWithoutSysfs: a daemon that cannot see /sys/fs/btrfs (in
+// a container without the host's sysfs) cannot tell whether the root's
+// quotas are enabled. It keeps the image path, and its note says that
+// sysfs is what it lacks, not that quotas are off: `btrfs quota enable`
+// would change nothing there.
+func TestQgroupProbeWithoutSysfs(t *testing.T) {
+	root, _ := qgroupRoot(t, loopfs.Qgroups)
+	if err := os.Mkdir(root, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		m   LimitMechanism
+		err error
+	}
+	done := make(chan result)
+	go func() {
+		// Never unlocked: the thread, moved to a mount namespace of
+		// its own, ends with this goroutine.
+		runtime.LockOSThread()
+		err := unix.Unshare(unix.CLONE_NEWNS)
+		if err == nil {
+			err = unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, "")
+		}
+		if err == nil {
+			err = unix.Mount("tmpfs", "/sys", "tmpfs", 0, "")
+		}
+		if err != nil {
+			done <- result{err: fmt.Errorf("a mount namespace with an empty /sys: %w", err)}
+			return
+		}
+		done <- result{m: ProbeRootLimits(ModeOverlay, root, LimitAuto)}
+	}()
+	r := <-done
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if r.m.Backend == LimitQgroup || strings.Contains(r.m.Note, "quota enable") || !strings.Contains(r.m.Note, "/sys/fs/btrfs") {
+		t.Fatalf("limits on a btrfs root with quotas, /sys/fs/btrfs out of sight: %+v; want the image path and a note naming /sys/fs/btrfs, not one asking to enable quotas", r.m)
+	}
+	t.Logf("note: %s", r.m.Note)
 }
