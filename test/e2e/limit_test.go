@@ -167,12 +167,14 @@ func limitedDirs(t *testing.T, root string) []string {
 // kubelet does, on the shipped config-v3 snippet with overclone started
 // with default_max_size (CRI cannot pass the max-size label yet, so the
 // default is what limits a pod's containers), on each limitRoot: the
-// image, and btrfs with qgroups and with simple quotas. A write under the
-// limit succeeds, one past it fails inside the container (ENOSPC,
-// EDQUOT), and the daemon's log names the backend; crictl stats reports
-// the writable layer as a walk of its upper finds it (inodes exact, bytes
-// within a block per inode: from the image's counters, or the qgroup's
-// and a count in the subvolume's tree); once the pod and the image are
+// image, and btrfs with qgroups and with simple quotas. The container
+// copies up the image's 64 MiB file (a rename) and writes under the limit,
+// both of which succeed, then past it, which fails inside the container
+// (ENOSPC, EDQUOT); the daemon's log names the backend; crictl stats
+// reports the writable layer as a walk of its upper finds it (inodes
+// exact, bytes within a block per inode: from the image's counters, or
+// the qgroup's and a count in the subvolume's tree; under simple quotas
+// less the copy-up's reflinked extents); once the pod and the image are
 // removed and containerd collected them, no image is mounted and no
 // subvolume or qgroup is left. The pod carries the annotation
 // containerd.io/snapshot/max-size "0", which CRI passes to its sandbox's
