@@ -69,7 +69,7 @@ func TestQgroupMeasure(t *testing.T) {
 	// After the sync the count is kept: the idle container's Usage.
 	ours := timeCalls(t, 200, func() error { _, err := s.Usage(ctx, "big"); return err })
 	sysfs := timeCalls(t, 200, func() error { _, err := readSysfsInt(qg); return err })
-	search := timeCalls(t, 50, func() error { _, _, err := btrfsCountInodes(fd, id); return err })
+	search := timeCalls(t, 50, func() error { _, _, err := btrfsCountInodes(ctx, fd, id); return err })
 	walk := timeCalls(t, 5, func() error { _, err := cfs.DiskUsage(ctx, upper); return err })
 	theirs := timeCalls(t, 5, func() error { _, err := bi.Usage(ctx, "big"); return err })
 	t.Logf("Usage, %d files: overclone qgroup-limited, idle (inode count kept) %v median, %.0fx faster than the built-in; its parts: qgroup sysfs %v, inode count by a tree search (what a changed tree costs) %v (%.1fx faster than the built-in); a walk of the same upper %v, built-in %v",
