@@ -50,8 +50,10 @@ func waitRecount(s *Snapshotter, dir string) {
 func settledUsage(ctx context.Context, t *testing.T, s *Snapshotter, key string) snapshots.Usage {
 	t.Helper()
 	dir := s.snapshotDir(s.idOf(ctx, t, key))
-	waitRecount(s, dir)                          // one begun before the last change
-	if _, err := s.Usage(ctx, key); err != nil { // sees the change
+	// A count begun before the last change ends, this Usage sees the
+	// change and starts one.
+	waitRecount(s, dir)
+	if _, err := s.Usage(ctx, key); err != nil {
 		t.Fatal(err)
 	}
 	waitRecount(s, dir)
