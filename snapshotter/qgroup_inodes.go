@@ -204,7 +204,8 @@ func (c *inodeCounts) schedule(dir string, e *inodeCount, r *recount, fd int, du
 
 // end records r's outcome in e: a count replaces the last one; a failure
 // keeps it, and drops an entry that never had one, so that the next Usage
-// asks again.
+// asks again, or whose subvolume is gone (ENOENT: a Usage that opened it
+// just before Remove forgot it may have added the entry after).
 func (c *inodeCounts) end(dir string, e *inodeCount, r *recount, got inodeCount, err error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -213,7 +214,7 @@ func (c *inodeCounts) end(dir string, e *inodeCount, r *recount, got inodeCount,
 	}
 	if err == nil {
 		e.counted, e.n, e.gen, e.settled, e.started, e.exactAt = true, got.n, got.gen, got.settled, got.started, got.started
-	} else if !e.counted && c.byDir[dir] == e {
+	} else if (!e.counted || errors.Is(err, unix.ENOENT)) && c.byDir[dir] == e {
 		delete(c.byDir, dir)
 	}
 	r.n, r.err = got.n, err
