@@ -15,8 +15,8 @@ import (
 //
 // A qgroup counts bytes, not inodes, and btrfs keeps no inode counter for
 // a subvolume (statfs says f_files 0): an exact count is a search of the
-// subvolume's tree (btrfsCountInodes), about 0.9 µs an inode, 80-90 ms
-// for 100k files. CRI asks for every container's Usage every 10 s. So once
+// subvolume's tree (btrfsCountInodes), about 0.5-0.9 µs an inode, 48-90
+// ms for 100k files. CRI asks for every container's Usage every 10 s. So once
 // a snapshot has a count, Usage never searches on its call path: it
 // answers with the bytes, fresh from the qgroup, and the last count; when
 // the tree changed since that count (one search call that reads the
@@ -39,20 +39,21 @@ import (
 // inodeRecountInterval is the least time between two counts of one
 // snapshot's inodes. A container that writes all the time changes its tree
 // between every two of CRI's polls: counting at each poll cost 200 such
-// containers of 500 files 112 ms of CPU every 10 s, 1.1 % of a core
-// (measured, TestQgroupMeasure); every 30 s it is a third of that. The
-// kubelet reads a container's inodes to report them and to rank pods when
-// the node runs short of inodes, a signal (nodefs.inodesFree) it takes
-// from statfs, always fresh; the bytes its ephemeral-storage eviction
-// reads are never stale. Where the operator set usage_max_age longer,
-// that is the interval: walks of unlimited snapshots may be that old too.
+// containers of 500 files 66-112 ms of CPU every 10 s, 0.66-1.1 % of a
+// core (TestQgroupMeasure, at different loads); every 30 s it is a third
+// of that. The kubelet reads a container's inodes to report them and to
+// rank pods when the node runs short of inodes, a signal
+// (nodefs.inodesFree) it takes from statfs, always fresh; the bytes its
+// ephemeral-storage eviction reads are never stale. Where the operator
+// set usage_max_age longer, that is the interval: walks of unlimited
+// snapshots may be that old too.
 const inodeRecountInterval = 30 * time.Second
 
 // inodeRecountWorkers is how many counts run at once, all snapshots
 // together: a count is CPU spent in the kernel, and one at a time keeps
 // it to one core however many containers changed. 200 containers of 500
-// files take about 0.1 s to count, 200 of 100k files 16-18 s: each within
-// an interval.
+// files take about 0.06 s to count, 200 of 100k files 10-18 s: each
+// within an interval.
 const inodeRecountWorkers = 1
 
 // recountInterval is the interval for a daemon whose usage_max_age is
