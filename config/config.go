@@ -126,8 +126,11 @@ type Config struct {
 	// may be when polled (CRI asks every 10 s; each answer is a walk of
 	// the container's upper). "0s" walks on every call, as containerd's
 	// built-in does; "30s" cuts a node's polling CPU to a third for
-	// figures up to 30 s older. Size-limited snapshots answer from their
-	// image's counters and are never stale. Default "0s".
+	// figures up to 30 s older. Size-limited snapshots' bytes come from
+	// their image's or qgroup's counters and are never stale; on the
+	// qgroup path their inodes are counted again in the background at
+	// most every 30 s, or every usage_max_age where that is longer.
+	// Default "0s".
 	UsageMaxAge Duration `toml:"usage_max_age"`
 	// Remap is how user-namespaced snapshots (containerd's uid/gid
 	// mapping labels) are served: "auto" hands out idmapped lower layers

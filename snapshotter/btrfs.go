@@ -1,6 +1,7 @@
 package snapshotter
 
 import (
+	"context"
 	"encoding/binary"
 	"fmt"
 	"sync"
@@ -214,9 +215,10 @@ var searchBufs = sync.Pool{New: func() any {
 // tree (what is written but not yet committed included). The search
 // cannot ask for one item type alone (its range is over whole keys), so
 // every item comes back and the inode items are counted. newest is the
-// highest generation of the leaves read.
-func btrfsCountInodes(fd int, tree uint64) (n int64, newest uint64, err error) {
-	err = btrfsSearch(fd, tree, 0, false, func(h []byte) {
+// highest generation of the leaves read. It stops, with ctx's error,
+// between two search calls once ctx is done.
+func btrfsCountInodes(ctx context.Context, fd int, tree uint64) (n int64, newest uint64, err error) {
+	err = btrfsSearch(ctx, fd, tree, 0, false, func(h []byte) {
 		newest = max(newest, binary.NativeEndian.Uint64(h[0:]))
 		if binary.NativeEndian.Uint32(h[24:]) == btrfsInodeItemKey {
 			n++
@@ -232,13 +234,13 @@ func btrfsCountInodes(fd int, tree uint64) (n int64, newest uint64, err error) {
 // its parent directory's inode item, whose leaf survives the change.
 func btrfsChangedSince(fd int, tree, gen uint64) (bool, error) {
 	changed := false
-	err := btrfsSearch(fd, tree, gen+1, true, func([]byte) { changed = true })
+	err := btrfsSearch(context.Background(), fd, tree, gen+1, true, func([]byte) { changed = true })
 	return changed, err
 }
 
 // btrfsSearch calls fn with the header of every item of tree in leaves of
 // generation minTrans or newer, or of the first one only.
-func btrfsSearch(fd int, tree, minTrans uint64, first bool, fn func(header []byte)) error {
+func btrfsSearch(ctx context.Context, fd int, tree, minTrans uint64, first bool, fn func(header []byte)) error {
 	bp := searchBufs.Get().(*[]byte)
 	defer searchBufs.Put(bp)
 	buf := *bp
@@ -254,6 +256,9 @@ func btrfsSearch(fd int, tree, minTrans uint64, first bool, fn func(header []byt
 	binary.NativeEndian.PutUint64(buf[off:], searchBufSize)
 	items := buf[off+8:]
 	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
 		key.NrItems = ^uint32(0)
 		if first {
 			key.NrItems = 1

@@ -269,7 +269,7 @@ func (s *Snapshotter) limitedUsage(ctx context.Context, id string, info snapshot
 		return imageUsage(dir)
 	}
 	if s.quotas != nil {
-		return s.quotas.subvolUsage(dir)
+		return s.quotas.subvolUsage(ctx, dir)
 	}
 	return s.usage(ctx, dir, s.upperPath(id), info.Created)
 }

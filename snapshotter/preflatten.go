@@ -64,18 +64,20 @@ func (s *Snapshotter) preflatten(ctx context.Context, id string) {
 }
 
 // goBackground runs fn in a goroutine that Close waits for, under the
-// snapshotter's lifetime context, unless the snapshotter is closing.
-func (s *Snapshotter) goBackground(fn func(life context.Context)) {
+// snapshotter's lifetime context, unless the snapshotter is closing; it
+// says whether it did.
+func (s *Snapshotter) goBackground(fn func(life context.Context)) bool {
 	s.closeMu.Lock()
 	defer s.closeMu.Unlock()
 	// Close aborts before it takes closeMu, and waits holding it: no
 	// Add can come after its Wait started.
 	if s.closed || s.life.Err() != nil {
-		return
+		return false
 	}
 	s.background.Add(1)
 	go func() {
 		defer s.background.Done()
 		fn(s.life)
 	}()
+	return true
 }

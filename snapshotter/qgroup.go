@@ -1,6 +1,7 @@
 package snapshotter
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
@@ -10,7 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 
 	"github.com/containerd/containerd/v2/core/snapshots"
 	"golang.org/x/sys/unix"
@@ -33,7 +33,8 @@ import (
 //
 // Usage: bytes from the qgroup's counters in sysfs (referenced, plus the
 // data reserved for writes not yet committed), inodes from a search of the
-// subvolume's tree (btrfsCountInodes): no walk of the upper.
+// subvolume's tree (btrfsCountInodes), kept and redone in the background
+// (qgroup_inodes.go): no walk of the upper.
 //
 // Remove: the directory goes to the trash like any other and is destroyed
 // there (removeTree): one ioctl, whatever the subvolume holds; the kernel's
@@ -63,22 +64,13 @@ const (
 const subvolBaseInodes = 3
 
 // btrfsQuotas is what the probe found of a btrfs root's quotas, and the
-// inode counts of limited snapshots (see inodes).
+// inode counts of limited snapshots (qgroup_inodes.go).
 type btrfsQuotas struct {
 	sysfs    string // /sys/fs/btrfs/<fsid>
 	mode     string // "qgroup" or "squota"
 	nodesize int64
 
-	mu      sync.Mutex
-	counted map[string]inodeCount // by snapshot directory
-}
-
-// inodeCount is a subvolume's inode count, true while its tree has no
-// leaf newer than gen.
-type inodeCount struct {
-	subvol uint64
-	n      int64
-	gen    uint64
+	counts inodeCounts
 }
 
 // probeBtrfsQuotas finds whether root is on btrfs and, if it is, whether
@@ -230,7 +222,7 @@ func isSubvolume(dir string) bool {
 // deletion frees shows at that commit, within the filesystem's commit
 // interval, 30 s by default), less the subvolume's first tree block; and
 // its inodes counted in its tree, less the three the upper does not hold.
-func (q *btrfsQuotas) subvolUsage(dir string) (snapshots.Usage, error) {
+func (q *btrfsQuotas) subvolUsage(ctx context.Context, dir string) (snapshots.Usage, error) {
 	dirfd, err := unix.Open(filepath.Dir(dir), unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
@@ -254,7 +246,7 @@ func (q *btrfsQuotas) subvolUsage(dir string) (snapshots.Usage, error) {
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: qgroup: %w", dir, err)
 	}
-	inodes, err := q.inodes(dir, fd, id)
+	inodes, err := q.counts.inodes(ctx, dir, fd, id)
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: count inodes: %w", dir, err)
 	}
@@ -262,66 +254,6 @@ func (q *btrfsQuotas) subvolUsage(dir string) (snapshots.Usage, error) {
 		Size:   max(rfer+rsv-q.nodesize, 0),
 		Inodes: max(inodes-subvolBaseInodes, 0),
 	}, nil
-}
-
-// inodes is how many inodes the subvolume id (open as fd, the directory
-// of a snapshot) holds. A search of its tree counts them, about 0.9 µs an
-// inode (100k files: 90 ms, a walk of them 320-400 ms), and CRI asks
-// every 10 s of every container, most of them idle: so a count is kept
-// and reused while no leaf of the tree was written since (one search call
-// that reads the tree's root node says so). A count is kept only if the
-// transaction that wrote its newest leaf had ended before the count
-// began: until then, that leaf could change again without its generation
-// moving. It had if a later transaction had started (the filesystem's
-// generation), or if the subvolume's root item, which a commit updates,
-// names it and the subvolume is older than it (a new subvolume's root
-// item names the transaction making it from the start).
-func (q *btrfsQuotas) inodes(dir string, fd int, id uint64) (int64, error) {
-	q.mu.Lock()
-	c, ok := q.counted[dir]
-	q.mu.Unlock()
-	if ok && c.subvol == id {
-		changed, err := btrfsChangedSince(fd, id, c.gen)
-		if err != nil {
-			return 0, err
-		}
-		if !changed {
-			return c.n, nil
-		}
-	}
-	fsGen, err := btrfsGeneration(fd)
-	if err != nil {
-		return 0, err
-	}
-	committed, made, err := btrfsRootGenerations(fd)
-	if err != nil {
-		return 0, err
-	}
-	n, newest, err := btrfsCountInodes(fd, id)
-	if err != nil {
-		return 0, err
-	}
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if newest < fsGen || (newest <= committed && made < committed) {
-		if q.counted == nil {
-			q.counted = map[string]inodeCount{}
-		}
-		q.counted[dir] = inodeCount{subvol: id, n: n, gen: newest}
-	} else {
-		delete(q.counted, dir)
-	}
-	return n, nil
-}
-
-// forget drops what is kept of the snapshot directory dir.
-func (q *btrfsQuotas) forget(dir string) {
-	if q == nil {
-		return
-	}
-	q.mu.Lock()
-	delete(q.counted, dir)
-	q.mu.Unlock()
 }
 
 // removeTree deletes path, a directory in the trash: a subvolume by one

@@ -271,6 +271,9 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	s.mode = mode
 	s.defaultMaxSize = cfg.DefaultMaxSize
 	s.limits, s.quotas = probeRootLimits(mode, root, cfg.LimitBackend)
+	if s.quotas != nil {
+		s.quotas.counts.init(s.life, s.goBackground, recountInterval(cfg.UsageMaxAge))
+	}
 	s.usages.maxAge = cfg.UsageMaxAge
 	s.templates.dir = filepath.Join(root, templatesDir)
 	poolFor := s.defaultMaxSize // images are made ready only for the image path

@@ -102,7 +102,7 @@ func UsageMechanism(limits LimitMechanism, maxAge time.Duration) string {
 		return walk
 	}
 	if limits.Backend == LimitQgroup {
-		return "limited snapshots: their btrfs qgroup's counters (bytes) and a search of their subvolume's tree (inodes), no walk; " + walk
+		return "limited snapshots: their btrfs qgroup's counters (bytes, never stale) and the last search of their subvolume's tree (inodes: counted again in the background when the tree changed, at most every " + recountInterval(maxAge).String() + ", so up to that plus one count behind), no walk; " + walk
 	}
 	return "limited snapshots: statfs of their image (no walk); " + walk
 }
