@@ -225,7 +225,11 @@ func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string)
 		if _, err := os.Lstat(filepath.Join(dir, imageName)); err != nil {
 			continue
 		}
-		if err := reattachImage(dir); err != nil {
+		var limit int64
+		if _, info, _, err := storage.GetInfo(ctx, key); err == nil && limited(info) {
+			limit, _, _ = parseMaxSize(info.Labels)
+		}
+		if err := reattachImage(dir, limit); err != nil {
 			log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("failed to mount the image of a size-limited snapshot: it is unusable")
 			s.missing.add(id, key)
 		}

@@ -271,8 +271,12 @@ func detachImage(ctx context.Context, dir string) error {
 
 // reattachImage mounts again the image of a limited snapshot whose
 // directory is not a mount point (the node rebooted, or the mount was
-// taken away by hand). The image keeps its files and its base.
-func reattachImage(dir string) error {
+// taken away by hand). The image keeps its files and its base. An image
+// from the pool whose ballast was cut back for limit (0: a committed
+// layer, which does not grow) is cut back again: a power cut right after
+// its Prepare may have lost the cut, which a journal commit carries, and
+// left the container no room.
+func reattachImage(dir string, limit int64) error {
 	mounted, err := isMountPoint(dir)
 	if err != nil {
 		return fmt.Errorf("check mount of %s: %w", dir, err)
@@ -289,6 +293,15 @@ func reattachImage(dir string) error {
 		return err
 	}
 	defer unix.Close(mnt)
+	if limit > 0 {
+		var st unix.Stat_t
+		if err := unix.Stat(path, &st); err != nil {
+			return fmt.Errorf("stat %s: %w", path, err)
+		}
+		if err := trimBallast(mnt, st.Size, limit); err != nil {
+			return fmt.Errorf("image %s: %w", path, err)
+		}
+	}
 	return moveOnto(mnt, dir)
 }
 
@@ -313,7 +326,13 @@ func imageUsage(dir string) (snapshots.Usage, error) {
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
 	}
-	return snapshots.Usage{Size: max(used.Size-base.Size, 0), Inodes: max(used.Inodes-base.Inodes, 0)}, nil
+	// The ballast (ballast.go) came after the base; what is left of it
+	// is the limit's, not the snapshot's.
+	bSize, bInodes, err := ballastUsage(fd)
+	if err != nil {
+		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
+	}
+	return snapshots.Usage{Size: max(used.Size-base.Size-bSize, 0), Inodes: max(used.Inodes-base.Inodes-bInodes, 0)}, nil
 }
 
 func parseBase(s string) (snapshots.Usage, error) {

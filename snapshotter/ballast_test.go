@@ -1,0 +1,337 @@
+package snapshotter
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"testing"
+
+	"github.com/containerd/containerd/v2/core/mount"
+	cfs "github.com/containerd/continuity/fs"
+	"golang.org/x/sys/unix"
+)
+
+// testClass is the class the ballast tests pool: small, so that filling
+// its images is quick, and serving limits from 32 MiB (MinMaxSize) up.
+const testClass = 128 << 20
+
+func TestSizeClass(t *testing.T) {
+	for _, c := range []struct{ size, class int64 }{
+		{MinMaxSize, MinMaxSize},
+		{MinMaxSize + 1, 2 * MinMaxSize},
+		{100 << 20, 128 << 20},
+		{1 << 30, 1 << 30},
+		{1<<30 + 1, 2 << 30},
+		{10 << 30, 16 << 30},
+	} {
+		if got := sizeClass(c.size); got != c.class {
+			t.Errorf("sizeClass(%d) = %d, want %d", c.size, got, c.class)
+		}
+		if !serves(c.class, c.size) {
+			t.Errorf("class %d does not serve its own size %d", c.class, c.size)
+		}
+	}
+	if serves(testClass, testClass+1) || serves(4*testClass+1, testClass) || !serves(4*testClass, testClass) {
+		t.Error("serves: want a class to hold limits from a quarter of it up to all of it")
+	}
+}
+
+// underMounts shows root's snapshots dir as it is below the images mounted
+// on its entries (a bind mount without its submounts), so that a test can
+// look at the image files themselves.
+func underMounts(t *testing.T, root string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount(filepath.Join(root, snapshotsDir), dir, "", unix.MS_BIND, ""); err != nil {
+		t.Fatalf("bind %s: %v", root, err)
+	}
+	t.Cleanup(func() { unix.Unmount(dir, unix.MNT_DETACH) })
+	return dir
+}
+
+// imageFile is the size and the allocated bytes of key's image file.
+func imageFile(ctx context.Context, t *testing.T, s *Snapshotter, under, key string) (size, allocated int64) {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(under, s.idOf(ctx, t, key), imageName), &st); err != nil {
+		t.Fatal(err)
+	}
+	return st.Size, st.Blocks * 512
+}
+
+// hasBallast tells whether key's image came from the pool: it has a ballast.
+func hasBallast(ctx context.Context, t *testing.T, s *Snapshotter, key string) bool {
+	t.Helper()
+	_, err := os.Lstat(filepath.Join(s.snapshotDir(s.idOf(ctx, t, key)), ballastName))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatal(err)
+	}
+	return err == nil
+}
+
+// ready is how many images of class the pool holds, -1 if it pools none.
+func (p *imagePool) readyOf(class int64) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, ps := range p.sizes {
+		if ps.size == class {
+			return len(ps.ready)
+		}
+	}
+	return -1
+}
+
+// classMetadata is what ext4's own metadata takes of a fresh image of
+// class: its size less what a file could be given in it.
+func classMetadata(ctx context.Context, t *testing.T, s *Snapshotter, class int64) int64 {
+	t.Helper()
+	img, err := makeImage(ctx, &s.templates, filepath.Join(t.TempDir(), "image"), class)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer img.close()
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(img.mnt, &st); err != nil {
+		t.Fatal(err)
+	}
+	return class - int64(st.Bavail)*st.Bsize
+}
+
+// writeExactly writes n bytes to a new file at path and syncs it.
+func writeExactly(path string, n int64) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	buf := make([]byte, 1<<20)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	for n > 0 {
+		k := min(n, int64(len(buf)))
+		if _, err := f.Write(buf[:k]); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return f.Sync()
+}
+
+// TestBallastServesSizes: once a class is pooled, limits never asked for
+// from a quarter of it up to all of it take its images (a ballast in
+// each), and each limit holds exactly: right after the Prepare a container
+// writes the limit less the class image's metadata (the room the ballast's
+// cut freed, which ext4 hands out only after a journal commit it forces),
+// and a write past gets ENOSPC; the image file never holds more than the
+// limit of the host's disk; Usage agrees with a walk.
+func TestBallastServesSizes(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	under := underMounts(t, root)
+	committedBase(ctx, t, s)
+	if _, err := s.Prepare(ctx, "seed", "base", withMaxSize(testClass)); err != nil {
+		t.Fatal(err)
+	}
+	s.pool.wait()
+	meta := classMetadata(ctx, t, s, testClass)
+	t.Logf("a %d MiB image's metadata: %d KiB", testClass>>20, meta>>10)
+	for _, limit := range []int64{MinMaxSize, 40 << 20, 100 << 20, testClass} {
+		t.Run(strconv.FormatInt(limit>>20, 10)+"MiB", func(t *testing.T) {
+			key := "c" + strconv.FormatInt(limit, 10)
+			m, err := s.Prepare(ctx, key, "base", withMaxSize(limit))
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A pooled image is the class's size and has a ballast; one
+			// made in the call would be the limit's, with none.
+			if size, _ := imageFile(ctx, t, s, under, key); size != testClass || !hasBallast(ctx, t, s, key) {
+				t.Fatalf("a limit of %d: image of %d bytes, ballast %v; want a pooled one of %d", limit, size, hasBallast(ctx, t, s, key), testClass)
+			}
+			rootfs := mountAt(t, m)
+			// The file's extent tree and the dir's block: a few blocks.
+			const slack = 256 << 10
+			room := limit - meta - slack
+			if err := writeExactly(filepath.Join(rootfs, "room"), room); err != nil {
+				t.Fatalf("right after Prepare, writing %d bytes (the limit %d less the image's metadata %d and %d): %v", room, limit, meta, slack, err)
+			}
+			if err := fillUp(filepath.Join(rootfs, "past"), 2*slack+(4<<20)); !isFull(err) {
+				t.Fatalf("writing past %d of a %d limit: %v, want ENOSPC", room, limit, err)
+			}
+			if _, allocated := imageFile(ctx, t, s, under, key); allocated > limit {
+				t.Fatalf("the full image file holds %d bytes of the host's disk, past its limit %d", allocated, limit)
+			}
+			checkUsageWalk(ctx, t, s, key)
+			if err := mount.UnmountAll(rootfs, 0); err != nil {
+				t.Fatal(err)
+			}
+			s.pool.wait()
+		})
+	}
+}
+
+// checkUsageWalk checks key's Usage against a walk of its upper: inodes
+// exactly, bytes within a block per inode.
+func checkUsageWalk(ctx context.Context, t *testing.T, s *Snapshotter, key string) {
+	t.Helper()
+	syscall.Sync()
+	u, err := s.Usage(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	walk, err := cfs.DiskUsage(ctx, s.upperPath(s.idOf(ctx, t, key)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if u.Inodes != walk.Inodes {
+		t.Errorf("Usage says %d inodes, a walk %d", u.Inodes, walk.Inodes)
+	}
+	if d := u.Size - walk.Size; d < -4096*walk.Inodes || d > 4096*walk.Inodes {
+		t.Errorf("Usage says %d bytes, a walk %d: off by more than a block per inode", u.Size, walk.Size)
+	}
+}
+
+// TestBallastUsageMatchesWalk is TestLimitUsageMatchesWalk on an image
+// from the pool, whose ballast Usage leaves out.
+func TestBallastUsageMatchesWalk(t *testing.T) {
+	needLimits(t)
+	usageMatchesWalk(t, limitRoot(t), true)
+}
+
+// TestBallastColdThenPooled: a limit with no pooled class from itself to
+// four times itself is made in its Prepare, at exactly its size and with
+// no ballast, and its class joins the pool: the next limits it serves,
+// the same or another, take its images.
+func TestBallastColdThenPooled(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	// default_max_size's class (64 MiB) is pooled from the start: it
+	// serves 32-64 MiB, not 150 MiB.
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	under := underMounts(t, root)
+	s.pool.wait()
+	const cold = 150 << 20
+	if _, err := s.Prepare(ctx, "cold", "", withMaxSize(cold)); err != nil {
+		t.Fatal(err)
+	}
+	if size, _ := imageFile(ctx, t, s, under, "cold"); size != cold || hasBallast(ctx, t, s, "cold") {
+		t.Fatalf("the first of a limit no pooled class serves: image of %d bytes, ballast %v; want %d and none", size, hasBallast(ctx, t, s, "cold"), cold)
+	}
+	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "cold"), "big"), 2*cold); !isFull(err) {
+		t.Fatalf("a cold image's limit: %v", err)
+	}
+	s.pool.wait()
+	if n := s.pool.readyOf(sizeClass(cold)); n != poolSize {
+		t.Fatalf("after a cold Prepare, its class has %d ready; want %d", n, poolSize)
+	}
+	for _, limit := range []int64{cold, 70 << 20} { // the same, and one never asked for
+		key := "warm" + strconv.FormatInt(limit>>20, 10)
+		if _, err := s.Prepare(ctx, key, "", withMaxSize(limit)); err != nil {
+			t.Fatal(err)
+		}
+		if size, _ := imageFile(ctx, t, s, under, key); size != sizeClass(cold) || !hasBallast(ctx, t, s, key) {
+			t.Fatalf("a limit of %d after the class was pooled: image of %d bytes, ballast %v; want the class's", limit, size, hasBallast(ctx, t, s, key))
+		}
+		s.pool.wait()
+	}
+	if n := s.pool.readyOf(128 << 20); n != -1 {
+		t.Fatalf("a limit served by a pooled class pooled its own class too (%d ready)", n)
+	}
+}
+
+// TestBallastRestart: an image from the pool keeps its limit and its
+// Usage across a daemon restart and a reboot, and a reboot after a power
+// cut that lost the ballast's cut (the image's journal had not committed
+// it) gets the cut made again at start: the container has its room, and
+// no more.
+func TestBallastRestart(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	under := underMounts(t, root)
+	s.pool.wait()
+	if _, err := s.Prepare(ctx, "limited", ""); err != nil {
+		t.Fatal(err)
+	}
+	if !hasBallast(ctx, t, s, "limited") {
+		t.Fatal("default_max_size's Prepare did not take a pooled image")
+	}
+	if err := os.WriteFile(filepath.Join(bindSource(ctx, t, s, "limited"), "kept"), make([]byte, 1<<20), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	syscall.Sync()
+	before, err := s.Usage(ctx, "limited")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := s.snapshotDir(s.idOf(ctx, t, "limited"))
+	check := func(when string) {
+		t.Helper()
+		ctx, s = openTest(t, root)
+		if u, err := s.Usage(ctx, "limited"); err != nil || u != before {
+			t.Fatalf("%s: Usage %+v, %v; before it was %+v", when, u, err, before)
+		}
+		upper := bindSource(ctx, t, s, "limited")
+		if err := fillUp(filepath.Join(upper, "big"), 2*testLimit); !isFull(err) {
+			t.Fatalf("%s: the limit: %v", when, err)
+		}
+		fi, err := os.Stat(filepath.Join(upper, "big"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Size() < testLimit*8/10 {
+			t.Fatalf("%s: full at %d bytes of a %d limit", when, fi.Size(), testLimit)
+		}
+		if _, allocated := imageFile(ctx, t, s, under, "limited"); allocated > testLimit {
+			t.Fatalf("%s: the image file holds %d bytes, past its limit %d", when, allocated, testLimit)
+		}
+		if err := os.Remove(filepath.Join(upper, "big")); err != nil {
+			t.Fatal(err)
+		}
+		syscall.Sync()
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	check("after a restart")
+	if err := syscall.Unmount(dir, 0); err != nil {
+		t.Fatal(err)
+	}
+	check("after a reboot")
+
+	// The cut lost: the ballast takes the image's free room again.
+	if err := syscall.Unmount(dir, 0); err != nil {
+		t.Fatal(err)
+	}
+	img := filepath.Join(under, filepath.Base(dir), imageName)
+	mnt, err := mountImage(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fd, err := unix.Openat(mnt, ballastName, unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st unix.Statfs_t
+	if err := unix.Fstatfs(fd, &st); err != nil {
+		t.Fatal(err)
+	}
+	var bst unix.Stat_t
+	if err := unix.Fstat(fd, &bst); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fallocate(fd, 0, bst.Size, (int64(st.Bavail)-16)*st.Bsize); err != nil {
+		t.Fatal(err)
+	}
+	unix.Fsync(fd)
+	unix.Close(fd)
+	unix.Close(mnt)
+	check("after a reboot that lost the ballast's cut")
+}
