@@ -210,8 +210,10 @@ func (s *Snapshotter) detachOrphanImages(ctx context.Context, ids map[string]str
 // actives, and of snapshots committed from one (containerd replaces the
 // labels at Commit, so the image file is what says so). A limited active
 // whose image cannot be mounted, or is gone, is unusable, not unlimited.
-// It runs after checkLayers, inside the same write transaction, and costs
-// a statx and an lstat per snapshot.
+// An image from the pool gets its ballast cut back to its limit again
+// (reattachImage). It runs after checkLayers, inside the same write
+// transaction, and costs a statx and an lstat per snapshot, and a lookup of
+// the labels of each image it mounts.
 func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string) error {
 	s.templates.cleanLeftovers(ctx)
 	for id, key := range ids {

@@ -17,7 +17,8 @@ import (
 
 // A size-limited active snapshot keeps its upper and work dirs inside a
 // filesystem image of its own: ROOT/snapshots/<id>/image, a sparse file of
-// the limit's size, formatted as ext4 and loop-mounted on ROOT/snapshots/<id>
+// the limit's size (or of its size class, held to the limit by a ballast:
+// ballast.go), formatted as ext4 and loop-mounted on ROOT/snapshots/<id>
 // itself. The mount hides the directory's own (empty) fs and work dirs and
 // shows the image's, so every path the rest of the package uses
 // (snapshots/<id>/fs, snapshots/<id>/work) is unchanged, and overlay's
