@@ -44,11 +44,14 @@ func TestLimitCrash(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed))
 	ctx := namespaces.WithNamespace(context.Background(), "crash")
 	root := filepath.Join(loopfs.Mount(t, loopfs.Ext4), "root")
-	// Half the Prepares carry a label, half take default_max_size's
-	// images from the pool the daemon keeps ready (kills land while it
-	// refills too).
-	d := daemon.Start(t, root, fmt.Sprintf("mode = \"overlay\"\ndefault_max_size = %d\n", snapshotter.MinMaxSize))
-	limit := snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: strconv.Itoa(snapshotter.MinMaxSize)})
+	// Half the Prepares carry a label, half take default_max_size; both
+	// limits are served by images of one size class (64 MiB) from the
+	// pool the daemon keeps ready, each with its ballast cut back to its
+	// own limit (kills land while the pool refills and fills ballasts
+	// too), but the first labelled one, made in its call.
+	const defaultSize, labelled = 40 << 20, 48 << 20
+	d := daemon.Start(t, root, fmt.Sprintf("mode = \"overlay\"\ndefault_max_size = %d\n", defaultSize))
+	limit := snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: strconv.Itoa(labelled)})
 
 	// The image's layer is no container: no default limit.
 	if _, err := d.Client().Prepare(ctx, "base-active", "", snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: "0"})); err != nil {
