@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"strconv"
 
 	"golang.org/x/sys/unix"
 )
@@ -30,6 +31,12 @@ import (
 
 // ballastName is the ballast file at an image's root.
 const ballastName = "ballast"
+
+// ballastXattr, on the ballast, is its length as the pool filled it
+// (decimal bytes). A ballast still that long was never cut: the cut a
+// Prepare made is carried by the image's journal, which a power cut right
+// after it may lose, and start-up makes it again (recutBallast).
+const ballastXattr = "trusted.overclone.ballast"
 
 // minClass is the smallest size class: MinMaxSize is the smallest limit.
 const minClass = MinMaxSize
@@ -58,6 +65,9 @@ func serves(c, size int64) bool {
 // alone can be written, come to at most size bytes.
 func ballastFor(c, size int64) int64 {
 	const block = 4096 // mkfsExt4's -b
+	if size >= c {
+		return 0
+	}
 	return (c - size + block - 1) / block * block
 }
 
@@ -84,8 +94,12 @@ func fillBallast(mnt int) error {
 	if free <= slack {
 		return fmt.Errorf("ballast: %d blocks free, nothing to fill", free)
 	}
-	if err := unix.Fallocate(fd, 0, 0, (free-slack)*st.Bsize); err != nil {
+	size := (free - slack) * st.Bsize
+	if err := unix.Fallocate(fd, 0, 0, size); err != nil {
 		return fmt.Errorf("fallocate ballast of %d blocks: %w", free-slack, err)
+	}
+	if err := unix.Fsetxattr(fd, ballastXattr, []byte(strconv.FormatInt(size, 10)), 0); err != nil {
+		return fmt.Errorf("set %s: %w", ballastXattr, err)
 	}
 	if err := unix.Fsync(fd); err != nil {
 		return fmt.Errorf("sync ballast: %w", err)
@@ -98,6 +112,18 @@ func fillBallast(mnt int) error {
 // ballast is shorter than the cut (the image would hold more than size).
 // An image without a ballast (made at its limit) is left alone.
 func trimBallast(mnt int, c, size int64) error {
+	return cutBallast(mnt, c, size, false)
+}
+
+// recutBallast, at start, makes again the cut of a ballast the image's
+// journal lost (it is as long as the pool filled it) for a limit of size,
+// the snapshot's label. A ballast cut before is left as it is: a label
+// changed since (Update) does not change a limit.
+func recutBallast(mnt int, c, size int64) error {
+	return cutBallast(mnt, c, size, true)
+}
+
+func cutBallast(mnt int, c, size int64, onlyUncut bool) error {
 	fd, err := unix.Openat(mnt, ballastName, unix.O_WRONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if errors.Is(err, unix.ENOENT) {
 		return nil
@@ -110,12 +136,26 @@ func trimBallast(mnt int, c, size int64) error {
 	if err := unix.Fstat(fd, &st); err != nil {
 		return fmt.Errorf("stat ballast: %w", err)
 	}
+	if onlyUncut {
+		buf := make([]byte, 32)
+		n, err := unix.Fgetxattr(fd, ballastXattr, buf)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", ballastXattr, err)
+		}
+		filled, err := strconv.ParseInt(string(buf[:n]), 10, 64)
+		if err != nil {
+			return fmt.Errorf("bad %s %q: %w", ballastXattr, buf[:n], err)
+		}
+		if st.Size != filled {
+			return nil // cut before
+		}
+	}
 	want := ballastFor(c, size)
 	if st.Size < want {
 		return fmt.Errorf("ballast of %d bytes cannot hold a %d-byte image to %d bytes (want %d)", st.Size, c, size, want)
 	}
 	if st.Size == want {
-		return nil // trimmed before a restart
+		return nil
 	}
 	if err := unix.Ftruncate(fd, want); err != nil {
 		return fmt.Errorf("cut ballast back to %d bytes: %w", want, err)

@@ -10,6 +10,7 @@ import (
 	"testing"
 
 	"github.com/containerd/containerd/v2/core/mount"
+	"github.com/containerd/containerd/v2/core/snapshots"
 	cfs "github.com/containerd/continuity/fs"
 	"golang.org/x/sys/unix"
 )
@@ -244,53 +245,69 @@ func TestBallastColdThenPooled(t *testing.T) {
 }
 
 // TestBallastRestart: an image from the pool keeps its limit and its
-// Usage across a daemon restart and a reboot, and a reboot after a power
-// cut that lost the ballast's cut (the image's journal had not committed
-// it) gets the cut made again at start: the container has its room, and
-// no more.
+// Usage across a daemon restart and a reboot, also when its label was
+// changed since (Update changes no limit); and a reboot after a power cut
+// that lost the ballast's cut (the image's journal had not committed it:
+// the ballast as long as the pool filled it) gets the cut made again at
+// start: the container has its room, and no more.
 func TestBallastRestart(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
 	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
 	under := underMounts(t, root)
 	s.pool.wait()
-	if _, err := s.Prepare(ctx, "limited", ""); err != nil {
-		t.Fatal(err)
-	}
-	if !hasBallast(ctx, t, s, "limited") {
-		t.Fatal("default_max_size's Prepare did not take a pooled image")
+	for _, key := range []string{"limited", "lost"} {
+		if _, err := s.Prepare(ctx, key, ""); err != nil {
+			t.Fatal(err)
+		}
+		if !hasBallast(ctx, t, s, key) {
+			t.Fatal("default_max_size's Prepare did not take a pooled image")
+		}
 	}
 	if err := os.WriteFile(filepath.Join(bindSource(ctx, t, s, "limited"), "kept"), make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	syscall.Sync()
-	before, err := s.Usage(ctx, "limited")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := s.snapshotDir(s.idOf(ctx, t, "limited"))
-	check := func(when string) {
-		t.Helper()
-		ctx, s = openTest(t, root)
-		if u, err := s.Usage(ctx, "limited"); err != nil || u != before {
-			t.Fatalf("%s: Usage %+v, %v; before it was %+v", when, u, err, before)
-		}
-		upper := bindSource(ctx, t, s, "limited")
-		if err := fillUp(filepath.Join(upper, "big"), 2*testLimit); !isFull(err) {
-			t.Fatalf("%s: the limit: %v", when, err)
-		}
-		fi, err := os.Stat(filepath.Join(upper, "big"))
+	before := map[string]snapshots.Usage{}
+	for _, key := range []string{"limited", "lost"} {
+		u, err := s.Usage(ctx, key)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if fi.Size() < testLimit*8/10 {
-			t.Fatalf("%s: full at %d bytes of a %d limit", when, fi.Size(), testLimit)
-		}
-		if _, allocated := imageFile(ctx, t, s, under, "limited"); allocated > testLimit {
-			t.Fatalf("%s: the image file holds %d bytes, past its limit %d", when, allocated, testLimit)
-		}
-		if err := os.Remove(filepath.Join(upper, "big")); err != nil {
-			t.Fatal(err)
+		before[key] = u
+	}
+	// Not the limit: it stays what the Prepare made.
+	if _, err := s.Update(ctx, snapshots.Info{Name: "limited", Labels: map[string]string{LabelMaxSize: strconv.Itoa(2 * testLimit)}}, "labels."+LabelMaxSize); err != nil {
+		t.Fatal(err)
+	}
+	dirs := map[string]string{}
+	for _, key := range []string{"limited", "lost"} {
+		dirs[key] = s.snapshotDir(s.idOf(ctx, t, key))
+	}
+	check := func(when string) {
+		t.Helper()
+		ctx, s = openTest(t, root)
+		for key, u := range before {
+			if got, err := s.Usage(ctx, key); err != nil || got != u {
+				t.Fatalf("%s: %s's Usage %+v, %v; before it was %+v", when, key, got, err, u)
+			}
+			upper := bindSource(ctx, t, s, key)
+			if err := fillUp(filepath.Join(upper, "big"), 2*testLimit); !isFull(err) {
+				t.Fatalf("%s: %s's limit: %v", when, key, err)
+			}
+			fi, err := os.Stat(filepath.Join(upper, "big"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if fi.Size() < testLimit*8/10 || fi.Size() > testLimit {
+				t.Fatalf("%s: %s full at %d bytes of a %d limit; want 80%%-100%%", when, key, fi.Size(), testLimit)
+			}
+			if _, allocated := imageFile(ctx, t, s, under, key); allocated > testLimit {
+				t.Fatalf("%s: %s's image file holds %d bytes, past its limit %d", when, key, allocated, testLimit)
+			}
+			if err := os.Remove(filepath.Join(upper, "big")); err != nil {
+				t.Fatal(err)
+			}
 		}
 		syscall.Sync()
 		if err := s.Close(); err != nil {
@@ -301,17 +318,13 @@ func TestBallastRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("after a restart")
-	if err := syscall.Unmount(dir, 0); err != nil {
-		t.Fatal(err)
+	for _, dir := range dirs {
+		if err := syscall.Unmount(dir, 0); err != nil {
+			t.Fatal(err)
+		}
 	}
-	check("after a reboot")
-
-	// The cut lost: the ballast takes the image's free room again.
-	if err := syscall.Unmount(dir, 0); err != nil {
-		t.Fatal(err)
-	}
-	img := filepath.Join(under, filepath.Base(dir), imageName)
-	mnt, err := mountImage(img)
+	// The power cut: "lost"'s ballast as the pool filled it.
+	mnt, err := mountImage(filepath.Join(under, filepath.Base(dirs["lost"]), imageName))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -319,19 +332,21 @@ func TestBallastRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var st unix.Statfs_t
-	if err := unix.Fstatfs(fd, &st); err != nil {
+	buf := make([]byte, 32)
+	n, err := unix.Fgetxattr(fd, ballastXattr, buf)
+	if err != nil {
 		t.Fatal(err)
 	}
-	var bst unix.Stat_t
-	if err := unix.Fstat(fd, &bst); err != nil {
+	filled, _ := strconv.ParseInt(string(buf[:n]), 10, 64)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Fallocate(fd, 0, bst.Size, (int64(st.Bavail)-16)*st.Bsize); err != nil {
-		t.Fatal(err)
+	if err := unix.Fallocate(fd, 0, st.Size, filled-st.Size); err != nil {
+		t.Fatalf("ballast back to %d bytes: %v", filled, err)
 	}
 	unix.Fsync(fd)
 	unix.Close(fd)
 	unix.Close(mnt)
-	check("after a reboot that lost the ballast's cut")
+	check("after a reboot that lost a ballast's cut")
 }

@@ -273,10 +273,10 @@ func detachImage(ctx context.Context, dir string) error {
 // reattachImage mounts again the image of a limited snapshot whose
 // directory is not a mount point (the node rebooted, or the mount was
 // taken away by hand). The image keeps its files and its base. An image
-// from the pool whose ballast was cut back for limit (0: a committed
-// layer, which does not grow) is cut back again: a power cut right after
-// its Prepare may have lost the cut, which a journal commit carries, and
-// left the container no room.
+// from the pool whose ballast's cut was lost (a power cut right after its
+// Prepare, before the image's journal committed the cut) would leave the
+// container no room: its ballast is cut again for limit, the snapshot's
+// label (0: a committed layer, which does not grow).
 func reattachImage(dir string, limit int64) error {
 	mounted, err := isMountPoint(dir)
 	if err != nil {
@@ -299,7 +299,7 @@ func reattachImage(dir string, limit int64) error {
 		if err := unix.Stat(path, &st); err != nil {
 			return fmt.Errorf("stat %s: %w", path, err)
 		}
-		if err := trimBallast(mnt, st.Size, limit); err != nil {
+		if err := recutBallast(mnt, st.Size, limit); err != nil {
 			return fmt.Errorf("image %s: %w", path, err)
 		}
 	}
