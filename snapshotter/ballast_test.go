@@ -5,6 +5,7 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"syscall"
 	"testing"
@@ -349,4 +350,45 @@ func TestBallastRestart(t *testing.T) {
 	unix.Close(fd)
 	unix.Close(mnt)
 	check("after a reboot that lost a ballast's cut")
+}
+
+// TestPoolPicksClass: a limit takes the smallest pooled class from itself
+// to four times itself that has an image ready; with none ready, the
+// smallest pooled class serving it, or else its own class, becomes the
+// most recently asked for, and a new class pushes out the least recently
+// asked for but the default's. (No images: the choice alone.)
+func TestPoolPicksClass(t *testing.T) {
+	const mib, gib = 1 << 20, 1 << 30
+	one := func() []pooledImage { return []pooledImage{{img: &loopImage{mnt: -1}}} }
+	p := &imagePool{pinned: gib, sizes: []*pooledSize{
+		{size: gib, ready: one()}, {size: 256 * mib, ready: one()}, {size: 512 * mib},
+	}}
+	order := func() []int64 {
+		var o []int64
+		for _, ps := range p.sizes {
+			o = append(o, ps.size)
+		}
+		return o
+	}
+	for _, c := range []struct {
+		size, class int64
+		got         bool
+	}{
+		{200 * mib, 256 * mib, true},  // the smallest that serves it
+		{200 * mib, 256 * mib, false}, // none ready: its smallest
+		{300 * mib, gib, true},        // 512 MiB has none ready, 1 GiB has
+		{5 * gib, 8 * gib, false},     // nothing serves it: its own class
+		{20 * gib, 32 * gib, false},   // pushes out the least recent: 512 MiB
+		{80 * gib, 128 * gib, false},  // then 256 MiB
+		{300 * gib, 512 * gib, false}, // then 8 GiB: never the default's
+	} {
+		got, class := p.pop(c.size)
+		if class != c.class || (got.img != nil) != c.got {
+			t.Fatalf("pop(%d MiB): class %d MiB, image %v; want %d MiB, %v", c.size/mib, class/mib, got.img != nil, c.class/mib, c.got)
+		}
+	}
+	want := []int64{512 * gib, 128 * gib, 32 * gib, gib}
+	if o := order(); !slices.Equal(o, want) {
+		t.Fatalf("pooled classes %v, want %v", o, want)
+	}
 }
