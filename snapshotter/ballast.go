@@ -32,10 +32,10 @@ import (
 // ballastName is the ballast file at an image's root.
 const ballastName = "ballast"
 
-// ballastXattr, on the ballast, is its length as the pool filled it
-// (decimal bytes). A ballast still that long was never cut: the cut a
-// Prepare made is carried by the image's journal, which a power cut right
-// after it may lose, and start-up makes it again (recutBallast).
+// ballastXattr, on the ballast, is its length as the pool left it
+// (decimal bytes). A ballast still that long was never cut by a Prepare:
+// that cut is carried by the image's journal, which a power cut right
+// after the Prepare may lose, and start-up makes it again (recutBallast).
 const ballastXattr = "trusted.overclone.ballast"
 
 // minClass is the smallest size class: MinMaxSize is the smallest limit.
@@ -71,11 +71,12 @@ func ballastFor(c, size int64) int64 {
 	return (c - size + block - 1) / block * block
 }
 
-// fillBallast fallocates, in a laid-out image mounted at mnt, a ballast over
-// the filesystem's free space, less a few blocks for the ballast's extent
-// tree, and syncs it: an image taken from the pool keeps its ballast across
-// a power cut, or its limit would grow to its class.
-func fillBallast(mnt int) error {
+// fillBallast fallocates, in a laid-out image of class c mounted at mnt, a
+// ballast over the filesystem's free space, less a few blocks for the
+// ballast's extent tree, cuts it for a limit of cutFor if that is set,
+// and syncs it: an image taken from the pool keeps its ballast across a
+// power cut, or its limit would grow to its class.
+func fillBallast(mnt int, c, cutFor int64) error {
 	fd, err := unix.Openat(mnt, ballastName, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
 		return fmt.Errorf("create ballast: %w", err)
@@ -97,6 +98,14 @@ func fillBallast(mnt int) error {
 	size := (free - slack) * st.Bsize
 	if err := unix.Fallocate(fd, 0, 0, size); err != nil {
 		return fmt.Errorf("fallocate ballast of %d blocks: %w", free-slack, err)
+	}
+	if cutFor > 0 {
+		if want := ballastFor(c, cutFor); want < size {
+			if err := unix.Ftruncate(fd, want); err != nil {
+				return fmt.Errorf("cut ballast back to %d bytes: %w", want, err)
+			}
+			size = want
+		}
 	}
 	if err := unix.Fsetxattr(fd, ballastXattr, []byte(strconv.FormatInt(size, 10)), 0); err != nil {
 		return fmt.Errorf("set %s: %w", ballastXattr, err)

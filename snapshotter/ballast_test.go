@@ -1,6 +1,7 @@
 package snapshotter
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"os"
@@ -245,6 +246,68 @@ func TestBallastColdThenPooled(t *testing.T) {
 	}
 }
 
+// TestBallastDefault: default_max_size's images come with their ballast
+// cut for it already (a Prepare with the default cuts nothing); they serve
+// a label from the default up to their class, cut further, and not one
+// below the default, whose first Prepare is cold and pools its class
+// apart; each limit holds.
+func TestBallastDefault(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	under := underMounts(t, root)
+	s.pool.wait()
+	class := sizeClass(testLimit)
+	s.pool.mu.Lock()
+	for _, ps := range s.pool.sizes {
+		for _, r := range ps.ready {
+			var st unix.Stat_t
+			if err := unix.Fstatat(r.img.mnt, ballastName, &st, unix.AT_SYMLINK_NOFOLLOW); err != nil || st.Size != ballastFor(class, testLimit) {
+				t.Errorf("a pooled image of the default's class: ballast %d bytes, %v; want cut for the default, %d", st.Size, err, ballastFor(class, testLimit))
+			}
+		}
+	}
+	s.pool.mu.Unlock()
+	for _, c := range []struct {
+		key    string
+		limit  int64 // 0: the default
+		pooled bool
+	}{
+		{"default", 0, true},
+		{"above", 56 << 20, true},
+		{"below", 40 << 20, false},
+		{"below-again", 40 << 20, true},
+	} {
+		var opts []snapshots.Opt
+		if c.limit != 0 {
+			opts = append(opts, withMaxSize(c.limit))
+		}
+		if _, err := s.Prepare(ctx, c.key, "", opts...); err != nil {
+			t.Fatal(err)
+		}
+		limit := cmp.Or(c.limit, testLimit)
+		size, _ := imageFile(ctx, t, s, under, c.key)
+		if pooled := size == class && hasBallast(ctx, t, s, c.key); pooled != c.pooled {
+			t.Fatalf("%s (limit %d): image of %d bytes, ballast %v; want from the pool: %v", c.key, limit, size, hasBallast(ctx, t, s, c.key), c.pooled)
+		}
+		upper := bindSource(ctx, t, s, c.key)
+		if err := fillUp(filepath.Join(upper, "big"), 2*limit); !isFull(err) {
+			t.Fatalf("%s: the limit: %v", c.key, err)
+		}
+		fi, err := os.Stat(filepath.Join(upper, "big"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Size() < limit*8/10 || fi.Size() > limit {
+			t.Fatalf("%s: full at %d bytes of a %d limit; want 80%%-100%%", c.key, fi.Size(), limit)
+		}
+		if _, allocated := imageFile(ctx, t, s, under, c.key); allocated > limit {
+			t.Fatalf("%s: the image file holds %d bytes, past its limit %d", c.key, allocated, limit)
+		}
+		s.pool.wait()
+	}
+}
+
 // TestBallastRestart: an image from the pool keeps its limit and its
 // Usage across a daemon restart and a reboot, also when its label was
 // changed since (Update changes no limit); and a reboot after a power cut
@@ -254,15 +317,18 @@ func TestBallastColdThenPooled(t *testing.T) {
 func TestBallastRestart(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
-	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	ctx, s := openTest(t, root, WithMode(ModeOverlay))
 	under := underMounts(t, root)
+	if _, err := s.Prepare(ctx, "seed", "", withMaxSize(sizeClass(testLimit))); err != nil {
+		t.Fatal(err)
+	}
 	s.pool.wait()
 	for _, key := range []string{"limited", "lost"} {
-		if _, err := s.Prepare(ctx, key, ""); err != nil {
+		if _, err := s.Prepare(ctx, key, "", withMaxSize(testLimit)); err != nil {
 			t.Fatal(err)
 		}
 		if !hasBallast(ctx, t, s, key) {
-			t.Fatal("default_max_size's Prepare did not take a pooled image")
+			t.Fatal("a Prepare its class serves did not take a pooled image")
 		}
 	}
 	if err := os.WriteFile(filepath.Join(bindSource(ctx, t, s, "limited"), "kept"), make([]byte, 1<<20), 0o644); err != nil {
@@ -353,15 +419,16 @@ func TestBallastRestart(t *testing.T) {
 }
 
 // TestPoolPicksClass: a limit takes the smallest pooled class from itself
-// to four times itself that has an image ready; with none ready, the
-// smallest pooled class serving it, or else its own class, becomes the
-// most recently asked for, and a new class pushes out the least recently
-// asked for but the default's. (No images: the choice alone.)
+// to four times itself that has an image ready (the default's class only
+// from the default up); with none ready, the smallest pooled class serving
+// it, or else its own class, becomes the most recently asked for, and a
+// new class pushes out the least recently asked for but the default's.
+// (No images: the choice alone.)
 func TestPoolPicksClass(t *testing.T) {
 	const mib, gib = 1 << 20, 1 << 30
 	one := func() []pooledImage { return []pooledImage{{img: &loopImage{mnt: -1}}} }
-	p := &imagePool{pinned: gib, sizes: []*pooledSize{
-		{size: gib, ready: one()}, {size: 256 * mib, ready: one()}, {size: 512 * mib},
+	p := &imagePool{sizes: []*pooledSize{
+		{size: gib, cutFor: 600 * mib, pinned: true, ready: one()}, {size: 256 * mib, ready: one()}, {size: 512 * mib},
 	}}
 	order := func() []int64 {
 		var o []int64
@@ -376,7 +443,8 @@ func TestPoolPicksClass(t *testing.T) {
 	}{
 		{200 * mib, 256 * mib, true},  // the smallest that serves it
 		{200 * mib, 256 * mib, false}, // none ready: its smallest
-		{300 * mib, gib, true},        // 512 MiB has none ready, 1 GiB has
+		{300 * mib, 512 * mib, false}, // 1 GiB's are cut for 600 MiB: 512 MiB's
+		{700 * mib, gib, true},        // past 600 MiB, the default's serve
 		{5 * gib, 8 * gib, false},     // nothing serves it: its own class
 		{20 * gib, 32 * gib, false},   // pushes out the least recent: 512 MiB
 		{80 * gib, 128 * gib, false},  // then 256 MiB

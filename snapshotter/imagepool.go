@@ -37,12 +37,15 @@ const poolSizes = 4
 // smallest pooled class from itself to classSpan times itself; when none
 // is pooled, its Prepare makes its own image at exactly the limit, and its
 // class joins the pool, so that every later limit it serves is warm.
+// default_max_size's images have their ballast cut for it by the refill:
+// a Prepare with the default cuts nothing (a cut of a big class frees
+// tens of GiB, milliseconds), and they serve larger limits of their class
+// too, not smaller ones.
 //
 // The images wait in ROOT/images/pool-*: a daemon that dies leaves the
 // files (the kernel dissolves their detached mounts and clears their loop
 // devices with the process), and the next start removes them.
 type imagePool struct {
-	pinned    int64 // the class of default_max_size, never let go; 0: none
 	templates *imageTemplates
 	dir       string
 
@@ -56,8 +59,18 @@ type imagePool struct {
 
 // pooledSize is the ready images of one size class.
 type pooledSize struct {
-	size  int64 // the class
-	ready []pooledImage
+	size int64 // the class
+	// cutFor, if set, is the limit the images' ballasts are cut for
+	// already (default_max_size's); pinned: never let go.
+	cutFor int64
+	pinned bool
+	ready  []pooledImage
+}
+
+// serves tells whether ps's images can hold a limit of size: one of its
+// class, not below what their ballasts are cut for.
+func (ps *pooledSize) serves(size int64) bool {
+	return serves(ps.size, size) && size >= ps.cutFor
 }
 
 type pooledImage struct {
@@ -67,13 +80,12 @@ type pooledImage struct {
 
 var poolSeq atomic.Uint64
 
-// init sets up an empty pool that keeps images of the class of pinned (0:
-// none) and of the classes asked for.
-func (p *imagePool) init(templates *imageTemplates, pinned int64) {
+// init sets up an empty pool that keeps images of the class of
+// defaultSize (0: none), cut for it, and of the classes asked for.
+func (p *imagePool) init(templates *imageTemplates, defaultSize int64) {
 	p.templates, p.dir = templates, templates.dir
-	if pinned > 0 {
-		p.pinned = sizeClass(pinned)
-		p.sizes = []*pooledSize{{size: p.pinned}}
+	if defaultSize > 0 {
+		p.sizes = []*pooledSize{{size: sizeClass(defaultSize), cutFor: defaultSize, pinned: true}}
 	}
 }
 
@@ -123,7 +135,7 @@ func (p *imagePool) pop(size int64) (got pooledImage, class int64) {
 	}
 	i := -1 // the class to serve from, or to refill
 	for j, ps := range p.sizes {
-		if !serves(ps.size, size) {
+		if !ps.serves(size) {
 			continue
 		}
 		switch {
@@ -142,7 +154,7 @@ func (p *imagePool) pop(size int64) (got pooledImage, class int64) {
 		if len(p.sizes) >= poolSizes {
 			// The least recently asked for that is not the default's.
 			j := len(p.sizes) - 1
-			if p.sizes[j].size == p.pinned {
+			if p.sizes[j].pinned {
 				j--
 			}
 			p.retired = append(p.retired, p.sizes[j].ready...)
@@ -222,7 +234,7 @@ func (p *imagePool) refill(ctx context.Context) {
 			path := filepath.Join(p.dir, "pool-"+strconv.FormatInt(time.Now().UnixNano(), 36)+"-"+strconv.FormatUint(poolSeq.Add(1), 36))
 			img, err := makeImage(ctx, p.templates, path, ps.size)
 			if err == nil {
-				if err = fillBallast(img.mnt); err != nil {
+				if err = fillBallast(img.mnt, ps.size, ps.cutFor); err != nil {
 					img.close()
 				}
 			}

@@ -161,7 +161,7 @@ func TestLimitMeasure(t *testing.T) {
 				img, err = makeImage(ctx, &s.templates, path, class)
 				return err
 			}))
-			filled = append(filled, timeOnce(t, func() error { return fillBallast(img.mnt) }))
+			filled = append(filled, timeOnce(t, func() error { return fillBallast(img.mnt, class, 0) }))
 			// What a take pays: the cut for a limit of all the class
 			// (the most it frees) or of a quarter of it (the least).
 			if i%2 == 0 {
@@ -219,7 +219,7 @@ func (p *imagePool) forgetClasses() {
 	p.mu.Lock()
 	kept := p.sizes[:0]
 	for _, ps := range p.sizes {
-		if ps.size == p.pinned {
+		if ps.pinned {
 			kept = append(kept, ps)
 		} else {
 			p.retired = append(p.retired, ps.ready...)
@@ -242,7 +242,7 @@ func roomShare(ctx context.Context, t *testing.T, s *Snapshotter, class, limit i
 	}
 	defer img.close()
 	if class != limit {
-		if err := fillBallast(img.mnt); err != nil {
+		if err := fillBallast(img.mnt, class, 0); err != nil {
 			t.Fatal(err)
 		}
 		if err := trimBallast(img.mnt, class, limit); err != nil {
