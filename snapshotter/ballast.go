@@ -73,9 +73,12 @@ func ballastFor(c, size int64) int64 {
 
 // fillBallast fallocates, in a laid-out image of class c mounted at mnt, a
 // ballast over the filesystem's free space, less a few blocks for the
-// ballast's extent tree, cuts it for a limit of cutFor if that is set,
-// and syncs it: an image taken from the pool keeps its ballast across a
-// power cut, or its limit would grow to its class.
+// ballast's extent tree, or, if cutFor is set, only as long as a limit of
+// cutFor wants it, and syncs it: an image taken from the pool keeps its
+// ballast across a power cut, or its limit would grow to its class.
+// (Filling all and cutting back would free the blocks in the image's next
+// journal commit, and measured, the first change a Prepare then made in a
+// 64 GiB image waited 0.6-0.9 ms on it.)
 func fillBallast(mnt int, c, cutFor int64) error {
 	fd, err := unix.Openat(mnt, ballastName, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
 	if err != nil {
@@ -96,15 +99,12 @@ func fillBallast(mnt int, c, cutFor int64) error {
 		return fmt.Errorf("ballast: %d blocks free, nothing to fill", free)
 	}
 	size := (free - slack) * st.Bsize
-	if err := unix.Fallocate(fd, 0, 0, size); err != nil {
-		return fmt.Errorf("fallocate ballast of %d blocks: %w", free-slack, err)
-	}
 	if cutFor > 0 {
-		if want := ballastFor(c, cutFor); want < size {
-			if err := unix.Ftruncate(fd, want); err != nil {
-				return fmt.Errorf("cut ballast back to %d bytes: %w", want, err)
-			}
-			size = want
+		size = min(size, ballastFor(c, cutFor))
+	}
+	if size > 0 {
+		if err := unix.Fallocate(fd, 0, 0, size); err != nil {
+			return fmt.Errorf("fallocate ballast of %d bytes: %w", size, err)
 		}
 	}
 	if err := unix.Fsetxattr(fd, ballastXattr, []byte(strconv.FormatInt(size, 10)), 0); err != nil {

@@ -92,14 +92,15 @@ func TestLimitMeasure(t *testing.T) {
 	//   - new size: a size never asked for that the pooled 2 GiB class
 	//     serves (512 MiB-2 GiB);
 	//   - warm: one size (1 GiB) asked for again;
-	//   - default_max_size (1 GiB, its class pooled from the start, on a
-	//     second snapshotter).
+	//   - default_max_size (1 GiB, and 64 GiB, their classes pooled from
+	//     the start, their ballasts cut already, on two more snapshotters).
 	// A container start is not a Prepare every millisecond: each timed
 	// Prepare starts with the pools caught up (no refill running), as a
 	// node's pace would let them, and the Prepares without a limit of the
 	// same round come first, so that no refill weighs on them either.
 	ctx, pooled := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(1<<30))
-	settle := func() { s.pool.wait(); pooled.pool.wait() }
+	ctx, pooledBig := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(64<<30))
+	settle := func() { s.pool.wait(); pooled.pool.wait(); pooledBig.pool.wait() }
 	const rounds = 12
 	type kind struct {
 		name                  string
@@ -112,7 +113,8 @@ func TestLimitMeasure(t *testing.T) {
 		k.their = append(k.their, timeOnce(t, func() error { _, err := bi.Prepare(ctx, key+"-plain", ""); return err }))
 		k.limited = append(k.limited, timeOnce(t, func() error { _, err := sn.Prepare(ctx, key, "", opts...); return err }))
 	}
-	cold, newSize, warm, fromDefault := &kind{name: "cold"}, &kind{name: "new size, pooled class"}, &kind{name: "warm"}, &kind{name: "default_max_size"}
+	cold, newSize, warm := &kind{name: "cold"}, &kind{name: "new size, pooled class"}, &kind{name: "warm"}
+	fromDefault, fromBigDefault := &kind{name: "default_max_size 1 GiB"}, &kind{name: "default_max_size 64 GiB"}
 	for i := range rounds {
 		s.pool.forgetClasses()
 		measure(cold, i, s, "cold", withMaxSize(1<<30+int64(i+1)<<20))
@@ -129,6 +131,7 @@ func TestLimitMeasure(t *testing.T) {
 	for i := range rounds {
 		measure(warm, i, s, "warm", withMaxSize(1<<30))
 		measure(fromDefault, i, pooled, "default")
+		measure(fromBigDefault, i, pooledBig, "big-default")
 	}
 	var removeLimited, removePlain []time.Duration
 	for i := range rounds {
@@ -136,7 +139,7 @@ func TestLimitMeasure(t *testing.T) {
 		removeLimited = append(removeLimited, timeOnce(t, func() error { return s.Remove(ctx, "warm"+k) }))
 		removePlain = append(removePlain, timeOnce(t, func() error { return s.Remove(ctx, "warm"+k+"-plain") }))
 	}
-	for _, k := range []*kind{newSize, cold, warm, fromDefault} {
+	for _, k := range []*kind{newSize, cold, warm, fromDefault, fromBigDefault} {
 		r := float64(median(k.limited)) / float64(median(k.plain))
 		verdict := "met"
 		if r > 1.5 {
