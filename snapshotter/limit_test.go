@@ -651,19 +651,39 @@ func TestLimitPoolSizes(t *testing.T) {
 // TestLimitCommitted: a limited active committed (a container committed
 // as an image layer) keeps its files in its image, which containerd's
 // Commit no longer labels: the layer still serves after a reboot (its
-// image mounted again at start), and its Remove takes the image down.
+// image mounted again at start), and its Remove takes the image down;
+// both for an image made at its limit and one from the pool, whose
+// ballast the layer keeps and its Usage leaves out.
 func TestLimitCommitted(t *testing.T) {
 	needLimits(t)
+	t.Run("made at its limit", func(t *testing.T) { limitCommitted(t, false) })
+	t.Run("from the pool", func(t *testing.T) { limitCommitted(t, true) })
+}
+
+// limitCommitted is TestLimitCommitted on an image made in its Prepare, or
+// taken from the pool (with a ballast, which the layer's Usage leaves out).
+func limitCommitted(t *testing.T, pooled bool) {
 	root := limitRoot(t)
-	ctx, s := openTest(t, root, WithMode(ModeOverlay))
-	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	opts := []snapshots.Opt{withMaxSize(testLimit - 1<<20)} // no pooled class serves it
+	if pooled {
+		s.pool.wait()
+		opts = nil // the default's, pooled
+	}
+	if _, err := s.Prepare(ctx, "limited", "", opts...); err != nil {
 		t.Fatal(err)
+	}
+	if hasBallast(ctx, t, s, "limited") != pooled {
+		t.Fatalf("the image has a ballast: %v, want %v", !pooled, pooled)
 	}
 	if err := os.WriteFile(filepath.Join(bindSource(ctx, t, s, "limited"), "kept"), []byte("in the image"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Commit(ctx, "layer", "limited"); err != nil {
 		t.Fatal(err)
+	}
+	if u, err := s.Usage(ctx, "layer"); err != nil || u.Inodes != 2 {
+		t.Fatalf("the committed layer's Usage: %+v, %v; want its fs dir and its file", u, err)
 	}
 	dir := s.snapshotDir(s.idOf(ctx, t, "layer"))
 	if err := s.Close(); err != nil {
