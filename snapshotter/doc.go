@@ -14,9 +14,12 @@
 //	                           work are inside it (loopimage.go); or, on a
 //	                           btrfs root with quotas enabled, snapshots/<id>
 //	                           is itself a subvolume with a qgroup limit
-//	                           (qgroup.go)
+//	                           (qgroup.go); an image taken from the pool
+//	                           holds a ballast file at its root, beside fs
+//	                           and work, that keeps it to its limit
+//	                           (ballast.go)
 //	ROOT/images/               ext4-*: formatted image templates, one per
-//	                           limit size (template.go); pool-*: images kept
+//	                           size class (template.go); pool-*: images kept
 //	                           ready, mounted detached (imagepool.go)
 //	ROOT/l/<base36 id>         short links to ../snapshots/<id>/fs, made for
 //	                           stacks too deep for their plain paths to fit

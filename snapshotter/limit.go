@@ -210,8 +210,10 @@ func (s *Snapshotter) detachOrphanImages(ctx context.Context, ids map[string]str
 // actives, and of snapshots committed from one (containerd replaces the
 // labels at Commit, so the image file is what says so). A limited active
 // whose image cannot be mounted, or is gone, is unusable, not unlimited.
-// It runs after checkLayers, inside the same write transaction, and costs
-// a statx and an lstat per snapshot.
+// An image from the pool gets its ballast cut back to its limit again
+// (reattachImage). It runs after checkLayers, inside the same write
+// transaction, and costs a statx and an lstat per snapshot, and a lookup of
+// the labels of each image it mounts.
 func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string) error {
 	s.templates.cleanLeftovers(ctx)
 	for id, key := range ids {
@@ -225,7 +227,11 @@ func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string)
 		if _, err := os.Lstat(filepath.Join(dir, imageName)); err != nil {
 			continue
 		}
-		if err := reattachImage(dir); err != nil {
+		var limit int64
+		if _, info, _, err := storage.GetInfo(ctx, key); err == nil && limited(info) {
+			limit, _, _ = parseMaxSize(info.Labels)
+		}
+		if err := reattachImage(dir, limit); err != nil {
 			log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("failed to mount the image of a size-limited snapshot: it is unusable")
 			s.missing.add(id, key)
 		}

@@ -132,18 +132,30 @@ func TestLimitWritePastFails(t *testing.T) {
 // lower file (a whiteout) and a directory tree.
 func TestLimitUsageMatchesWalk(t *testing.T) {
 	needLimits(t)
-	usageMatchesWalk(t, limitRoot(t))
+	usageMatchesWalk(t, limitRoot(t), false)
 }
 
-func usageMatchesWalk(t *testing.T, root string) {
+// usageMatchesWalk checks Usage against a walk on an active limited to
+// 256 MiB, made in its Prepare, or taken from a pooled class four times
+// that (pooled: a ballast of three quarters of it).
+func usageMatchesWalk(t *testing.T, root string, pooled bool) {
 	ctx, s := openTest(t, root, WithMode(ModeOverlay))
 	committedBase(ctx, t, s)
+	if pooled {
+		if _, err := s.Prepare(ctx, "seed", "base", withMaxSize(1<<30)); err != nil {
+			t.Fatal(err)
+		}
+		s.pool.wait()
+	}
 	m, err := s.Prepare(ctx, "limited", "base", withMaxSize(256<<20))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if s.quotas != nil {
 		recountNow(s)
+	}
+	if hasBallast(ctx, t, s, "limited") != pooled {
+		t.Fatalf("the image has a ballast: %v, want %v", !pooled, pooled)
 	}
 	check := func(when string) {
 		t.Helper()
@@ -431,38 +443,45 @@ func TestLimitCrashAfterRemove(t *testing.T) {
 	noImagesLeft(t, root)
 }
 
-// TestLimitTemplates: images of one size are copies of one template, made
-// after the first Prepare of the size formatted its own image; past
-// maxTemplates sizes, an image is formatted for its Prepare and works
-// the same; a half-made template left by a crash, and a template of an
-// older version, go at the next start.
+// TestLimitTemplates: the images the pool keeps of a class are copies of
+// one template per class, made by the refill (no template per limit);
+// past maxTemplates, the pool formats each image it keeps and the limit
+// holds the same; a half-made template left by a crash, and a template of
+// an older version, go at the next start.
 func TestLimitTemplates(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
 	ctx, s := openTest(t, root, WithMode(ModeOverlay))
-	for i := range maxTemplates + 2 {
-		size := int64(MinMaxSize + i*(1<<20))
-		for j := range 2 {
-			if _, err := s.Prepare(ctx, fmt.Sprintf("c%d-%d", i, j), "", withMaxSize(size)); err != nil {
-				t.Fatal(err)
-			}
-			// The first formats its own; the refill after it makes the
-			// template, which the second is a copy of.
-			s.pool.wait()
+	for i, size := range []int64{40 << 20, 100 << 20, 300 << 20} {
+		if _, err := s.Prepare(ctx, "c"+strconv.Itoa(i), "", withMaxSize(size)); err != nil {
+			t.Fatal(err)
 		}
-		if i == maxTemplates+1 {
-			// Formatted on the spot: the limit still holds.
-			if err := fillUp(filepath.Join(bindSource(ctx, t, s, fmt.Sprintf("c%d-1", i)), "big"), 2*size); !isFull(err) {
-				t.Fatalf("past %d templates, the limit: %v", maxTemplates, err)
-			}
-		}
+		s.pool.wait()
+		there(t, s.templates.path(sizeClass(size)))
+		gone(t, s.templates.path(size))
 	}
-	templates, err := os.ReadDir(filepath.Join(root, templatesDir))
-	if err != nil {
+	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	if n := templateCount(templates); n != maxTemplates { // the dir also holds pooled images
-		t.Fatalf("%d templates for %d sizes, want %d", n, maxTemplates+2, maxTemplates)
+	// Templates of other classes up to the bound.
+	for i := range maxTemplates - 3 {
+		if err := os.WriteFile(filepath.Join(root, templatesDir, "ext4-"+templateVersion+"-"+strconv.Itoa(1<<(40+i))), nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, s = openTest(t, root)
+	for _, key := range []string{"cold", "pooled"} {
+		if _, err := s.Prepare(ctx, key, "", withMaxSize(MinMaxSize)); err != nil {
+			t.Fatal(err)
+		}
+		s.pool.wait()
+	}
+	gone(t, s.templates.path(MinMaxSize))
+	if !hasBallast(ctx, t, s, "pooled") {
+		t.Fatal("past maxTemplates, the pool keeps no images")
+	}
+	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "pooled"), "big"), 2*MinMaxSize); !isFull(err) {
+		t.Fatalf("past %d templates, the limit: %v", maxTemplates, err)
 	}
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
@@ -551,48 +570,38 @@ func TestLimitPool(t *testing.T) {
 	gone(t, left)
 }
 
-// TestLimitPoolSizes: a label's size is pooled once asked for, so the
-// next Prepares of it take ready images (the pool, refilled, shrinks by
-// one per Prepare); at most poolSizes sizes are pooled, the default
-// always, and a size pushed out lets go of its images (no file, no loop
+// TestLimitPoolSizes: a limit's class is pooled once asked for, so the
+// next Prepares it serves take ready images (the pool, refilled, shrinks
+// by one per Prepare); at most poolSizes classes are pooled, the default's
+// always, and a class pushed out lets go of its images (no file, no loop
 // device left); Close lets go of the rest.
 func TestLimitPoolSizes(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
 	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
-	ready := func(size int64) int {
-		s.pool.mu.Lock()
-		defer s.pool.mu.Unlock()
-		for _, ps := range s.pool.sizes {
-			if ps.size == size {
-				return len(ps.ready)
-			}
-		}
-		return -1 // not pooled
-	}
 	prepare := func(key string, size int64) {
 		t.Helper()
 		if _, err := s.Prepare(ctx, key, "", withMaxSize(size)); err != nil {
 			t.Fatal(err)
 		}
 	}
-	labelled := int64(testLimit + 4<<20)
-	if n := ready(labelled); n != -1 {
-		t.Fatalf("a size nobody asked for is pooled (%d ready)", n)
+	const labelled, class = 200 << 20, 256 << 20
+	if n := s.pool.readyOf(class); n != -1 {
+		t.Fatalf("a class nobody asked for is pooled (%d ready)", n)
 	}
 	prepare("first", labelled) // makes its own image, and asks for more
 	s.pool.wait()
-	if n := ready(labelled); n != poolSize {
-		t.Fatalf("after the first Prepare of a size, %d of it ready; want %d", n, poolSize)
+	if n := s.pool.readyOf(class); n != poolSize {
+		t.Fatalf("after the first Prepare of a class, %d of it ready; want %d", n, poolSize)
 	}
-	// Taken one after another, with no refill finished in between: the
-	// count shows each came from the pool.
-	s.pool.mu.Lock() // hold refills back between the two takes
+	// Taken with no refill in between (another limit the class serves):
+	// the count shows it came from the pool.
+	s.pool.mu.Lock() // hold refills back
 	s.pool.filling = true
 	s.pool.mu.Unlock()
-	prepare("second", labelled)
-	if n := ready(labelled); n != poolSize-1 {
-		t.Fatalf("a Prepare of a pooled size left %d ready; want %d", n, poolSize-1)
+	prepare("second", 100<<20)
+	if n := s.pool.readyOf(class); n != poolSize-1 {
+		t.Fatalf("a Prepare the pooled class serves left %d ready; want %d", n, poolSize-1)
 	}
 	s.pool.mu.Lock()
 	s.pool.filling = false
@@ -600,20 +609,22 @@ func TestLimitPoolSizes(t *testing.T) {
 	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "second"), "big"), 2*labelled); !isFull(err) {
 		t.Fatalf("a pooled image's limit: %v", err)
 	}
-	if u, err := s.Usage(ctx, "second"); err != nil || u.Size < labelled/2 {
-		t.Fatalf("the filled pooled image's Usage: %+v, %v", u, err)
+	if u, err := s.Usage(ctx, "second"); err != nil || u.Size < 50<<20 || u.Size > 100<<20 {
+		t.Fatalf("the filled pooled image's Usage: %+v, %v; want most of its 100 MiB", u, err)
 	}
 
-	// poolSizes-1 more sizes push the labelled one out (the default stays).
-	for i := range poolSizes - 1 {
-		prepare("other"+strconv.Itoa(i), labelled+int64(i+1)<<20)
+	// poolSizes-1 more classes push the labelled one out (the default's
+	// stays): 300 MiB, 600 MiB and 1.5 GiB, each beyond the reach of the
+	// classes before it.
+	for i, size := range []int64{300 << 20, 600 << 20, 1536 << 20} {
+		prepare("other"+strconv.Itoa(i), size)
 		s.pool.wait()
 	}
-	if n := ready(labelled); n != -1 {
-		t.Fatalf("the least recently asked for size still pooled (%d ready)", n)
+	if n := s.pool.readyOf(class); n != -1 {
+		t.Fatalf("the least recently asked for class still pooled (%d ready)", n)
 	}
-	if n := ready(testLimit); n != poolSize {
-		t.Fatalf("the default size has %d ready; want %d", n, poolSize)
+	if n := s.pool.readyOf(sizeClass(testLimit)); n != poolSize {
+		t.Fatalf("the default's class has %d ready; want %d", n, poolSize)
 	}
 	pooled, _ := filepath.Glob(filepath.Join(root, templatesDir, "pool-*"))
 	if len(pooled) != poolSizes*poolSize {
@@ -648,19 +659,39 @@ func TestLimitPoolSizes(t *testing.T) {
 // TestLimitCommitted: a limited active committed (a container committed
 // as an image layer) keeps its files in its image, which containerd's
 // Commit no longer labels: the layer still serves after a reboot (its
-// image mounted again at start), and its Remove takes the image down.
+// image mounted again at start), and its Remove takes the image down;
+// both for an image made at its limit and one from the pool, whose
+// ballast the layer keeps and its Usage leaves out.
 func TestLimitCommitted(t *testing.T) {
 	needLimits(t)
+	t.Run("made at its limit", func(t *testing.T) { limitCommitted(t, false) })
+	t.Run("from the pool", func(t *testing.T) { limitCommitted(t, true) })
+}
+
+// limitCommitted is TestLimitCommitted on an image made in its Prepare, or
+// taken from the pool (with a ballast, which the layer's Usage leaves out).
+func limitCommitted(t *testing.T, pooled bool) {
 	root := limitRoot(t)
-	ctx, s := openTest(t, root, WithMode(ModeOverlay))
-	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	opts := []snapshots.Opt{withMaxSize(testLimit - 1<<20)} // no pooled class serves it
+	if pooled {
+		s.pool.wait()
+		opts = nil // the default's, pooled
+	}
+	if _, err := s.Prepare(ctx, "limited", "", opts...); err != nil {
 		t.Fatal(err)
+	}
+	if hasBallast(ctx, t, s, "limited") != pooled {
+		t.Fatalf("the image has a ballast: %v, want %v", !pooled, pooled)
 	}
 	if err := os.WriteFile(filepath.Join(bindSource(ctx, t, s, "limited"), "kept"), []byte("in the image"), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Commit(ctx, "layer", "limited"); err != nil {
 		t.Fatal(err)
+	}
+	if u, err := s.Usage(ctx, "layer"); err != nil || u.Inodes != 2 {
+		t.Fatalf("the committed layer's Usage: %+v, %v; want its fs dir and its file", u, err)
 	}
 	dir := s.snapshotDir(s.idOf(ctx, t, "layer"))
 	if err := s.Close(); err != nil {

@@ -17,7 +17,8 @@ import (
 
 // A size-limited active snapshot keeps its upper and work dirs inside a
 // filesystem image of its own: ROOT/snapshots/<id>/image, a sparse file of
-// the limit's size, formatted as ext4 and loop-mounted on ROOT/snapshots/<id>
+// the limit's size (or of its size class, held to the limit by a ballast:
+// ballast.go), formatted as ext4 and loop-mounted on ROOT/snapshots/<id>
 // itself. The mount hides the directory's own (empty) fs and work dirs and
 // shows the image's, so every path the rest of the package uses
 // (snapshots/<id>/fs, snapshots/<id>/work) is unchanged, and overlay's
@@ -271,8 +272,12 @@ func detachImage(ctx context.Context, dir string) error {
 
 // reattachImage mounts again the image of a limited snapshot whose
 // directory is not a mount point (the node rebooted, or the mount was
-// taken away by hand). The image keeps its files and its base.
-func reattachImage(dir string) error {
+// taken away by hand). The image keeps its files and its base. An image
+// from the pool whose ballast's cut was lost (a power cut right after its
+// Prepare, before the image's journal committed the cut) would leave the
+// container no room: its ballast is cut again for limit, the snapshot's
+// label (0: a committed layer, which does not grow).
+func reattachImage(dir string, limit int64) error {
 	mounted, err := isMountPoint(dir)
 	if err != nil {
 		return fmt.Errorf("check mount of %s: %w", dir, err)
@@ -289,6 +294,15 @@ func reattachImage(dir string) error {
 		return err
 	}
 	defer unix.Close(mnt)
+	if limit > 0 {
+		var st unix.Stat_t
+		if err := unix.Stat(path, &st); err != nil {
+			return fmt.Errorf("stat %s: %w", path, err)
+		}
+		if err := recutBallast(mnt, st.Size, limit); err != nil {
+			return fmt.Errorf("image %s: %w", path, err)
+		}
+	}
 	return moveOnto(mnt, dir)
 }
 
@@ -313,7 +327,13 @@ func imageUsage(dir string) (snapshots.Usage, error) {
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
 	}
-	return snapshots.Usage{Size: max(used.Size-base.Size, 0), Inodes: max(used.Inodes-base.Inodes, 0)}, nil
+	// The ballast (ballast.go) came after the base; what is left of it
+	// is the limit's, not the snapshot's.
+	bSize, bInodes, err := ballastUsage(fd)
+	if err != nil {
+		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
+	}
+	return snapshots.Usage{Size: max(used.Size-base.Size-bSize, 0), Inodes: max(used.Inodes-base.Inodes-bInodes, 0)}, nil
 }
 
 func parseBase(s string) (snapshots.Usage, error) {

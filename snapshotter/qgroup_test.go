@@ -169,7 +169,7 @@ func TestQgroupUsageMatchesWalk(t *testing.T) {
 	for _, q := range quotaKinds {
 		t.Run(string(q), func(t *testing.T) {
 			root, _ := qgroupRoot(t, q)
-			usageMatchesWalk(t, root)
+			usageMatchesWalk(t, root, false)
 		})
 	}
 }

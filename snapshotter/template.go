@@ -15,8 +15,8 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// templatesDir holds one formatted and laid out image per limit size
-// seen: ROOT/images/ext4-<version>-<bytes>.
+// templatesDir holds one formatted and laid out image per size class
+// pooled: ROOT/images/ext4-<version>-<bytes>.
 const templatesDir = "images"
 
 // templateVersion names the format mkfsExt4 makes and what layOut puts
@@ -24,14 +24,14 @@ const templatesDir = "images"
 // made the new way (older templates go at start). v1 held no dirs.
 const templateVersion = "v2"
 
-// maxTemplates bounds how many sizes get a template (each holds a few
-// hundred KiB to a few MiB of metadata). Limits are usually a handful of
-// values (a default, a few classes); past this many, a size without a
-// template is formatted for each Prepare.
+// maxTemplates bounds how many size classes get a template (each holds a
+// few hundred KiB to a few MiB of metadata). Classes are powers of two, so
+// limits from 32 MiB to 1 PiB fit; past this many, the pool formats each
+// image of a class without a template.
 const maxTemplates = 16
 
-// imageTemplates formats a limited snapshot's image by copying a template
-// of its size, formatted once: running mkfs.ext4 took 5-70 ms of a
+// imageTemplates formats an image of the pool by copying a template of
+// its size class, formatted once: running mkfs.ext4 took 5-70 ms of a
 // Prepare here (a fork and exec of a tool on a loaded node), a sparse
 // copy of the few hundred KiB of metadata a fresh image holds takes about
 // a millisecond, and on xfs and btrfs the copy is a reflink. The template
@@ -39,11 +39,12 @@ const maxTemplates = 16
 // so that an image copied from it is ready once mounted: the dirs cost a
 // Prepare 1-3 ms more here, done in each image.
 //
-// The first Prepare of a size does not wait for its template: laying one
-// out ends with an unmount, which writes the journal back (4-16 ms here),
-// so that Prepare formats its own image in place and the image pool's
-// refill, right after it, makes the template (ensure) before the images
-// it keeps ready.
+// A Prepare no pooled class serves does not wait for a template: laying
+// one out ends with an unmount, which writes the journal back (4-16 ms
+// here), so that Prepare formats its own image at exactly its limit (from
+// a template of that size only if one is there, its limit being a class's
+// size) and the pool's refill, right after it, makes the class's template
+// (ensure) before the images it keeps ready.
 //
 // Copies share the filesystem UUID of their template, which ext4 does not
 // mind: each is its own loop device and mount.
@@ -54,8 +55,8 @@ type imageTemplates struct {
 
 // format writes a formatted ext4 image of size bytes at target, an empty
 // file the caller made, and says whether it is laid out (a copy of the
-// size's template) or only formatted (no template yet, or past
-// maxTemplates sizes).
+// size's template) or only formatted (no template of the size, or past
+// maxTemplates classes).
 func (tp *imageTemplates) format(ctx context.Context, target string, size int64) (laidOut bool, _ error) {
 	tmpl := tp.path(size)
 	if _, err := os.Lstat(tmpl); err != nil {

@@ -2,6 +2,7 @@ package crash
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -18,6 +19,7 @@ import (
 	"github.com/overclone/overclone/test/daemon"
 	"github.com/overclone/overclone/test/loopfs"
 	"github.com/overclone/overclone/test/require"
+	"golang.org/x/sys/unix"
 )
 
 // limitKills is how many times TestLimitCrash kills the daemon: each kill
@@ -44,11 +46,14 @@ func TestLimitCrash(t *testing.T) {
 	rng := rand.New(rand.NewPCG(seed, seed))
 	ctx := namespaces.WithNamespace(context.Background(), "crash")
 	root := filepath.Join(loopfs.Mount(t, loopfs.Ext4), "root")
-	// Half the Prepares carry a label, half take default_max_size's
-	// images from the pool the daemon keeps ready (kills land while it
-	// refills too).
-	d := daemon.Start(t, root, fmt.Sprintf("mode = \"overlay\"\ndefault_max_size = %d\n", snapshotter.MinMaxSize))
-	limit := snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: strconv.Itoa(snapshotter.MinMaxSize)})
+	// Half the Prepares carry a label, half take default_max_size; both
+	// limits are served by images of one size class (64 MiB) from the
+	// pool the daemon keeps ready, each with its ballast cut back to its
+	// own limit (kills land while the pool refills and fills ballasts
+	// too), but the first labelled one, made in its call.
+	const defaultSize, labelled = 40 << 20, 48 << 20
+	d := daemon.Start(t, root, fmt.Sprintf("mode = \"overlay\"\ndefault_max_size = %d\n", defaultSize))
+	limit := snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: strconv.Itoa(labelled)})
 
 	// The image's layer is no container: no default limit.
 	if _, err := d.Client().Prepare(ctx, "base-active", "", snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: "0"})); err != nil {
@@ -64,7 +69,11 @@ func TestLimitCrash(t *testing.T) {
 		return []snapshots.Opt{limit}
 	}
 	live := killDuringLimited(ctx, t, d, rng, limitKills, 40*time.Millisecond, opts,
-		func() []string { return checkImages(ctx, t, d, root) })
+		func() []string {
+			live := checkImages(ctx, t, d, root)
+			imagesHeldTo(t, root, labelled)
+			return live
+		})
 	for _, key := range live {
 		if err := d.Client().Remove(ctx, key); err != nil {
 			t.Fatal(err)
@@ -85,6 +94,26 @@ func TestLimitCrash(t *testing.T) {
 	waitNoLoops(t, root)
 	if pooled, _ := filepath.Glob(filepath.Join(root, "images", "pool-*")); len(pooled) != 0 {
 		t.Fatalf("pooled images left after a clean stop: %v", pooled)
+	}
+}
+
+// imagesHeldTo checks that no image mounted under root can hold more than
+// limit: its blocks outside its ballast (an image made at its limit has
+// none) come to at most limit.
+func imagesHeldTo(t *testing.T, root string, limit int64) {
+	t.Helper()
+	for _, dir := range imageMounts(t, root) {
+		var st unix.Statfs_t
+		if err := unix.Statfs(dir, &st); err != nil {
+			t.Fatal(err)
+		}
+		var ballast unix.Stat_t
+		if err := unix.Lstat(filepath.Join(dir, "ballast"), &ballast); err != nil && !errors.Is(err, unix.ENOENT) {
+			t.Fatal(err)
+		}
+		if held := int64(st.Blocks)*st.Bsize - ballast.Size; held > limit {
+			t.Fatalf("the image on %s holds %d bytes outside its ballast (%d bytes), past the largest limit %d", dir, held, ballast.Size, limit)
+		}
 	}
 }
 
