@@ -75,16 +75,32 @@ func hasBallast(ctx context.Context, t *testing.T, s *Snapshotter, key string) b
 	return err == nil
 }
 
-// ready is how many images of class the pool holds, -1 if it pools none.
-func (p *imagePool) readyOf(class int64) int {
+// readyOf is how many images of class cut for a limit of cutFor the pool
+// holds ready, -1 if it pools none.
+func (p *imagePool) readyOf(class, cutFor int64) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, ps := range p.sizes {
-		if ps.size == class {
+	for _, ps := range slices.Concat(p.sizes, p.covers) {
+		if ps.size == class && ps.cutFor == cutFor {
 			return len(ps.ready)
 		}
 	}
 	return -1
+}
+
+// holdRefills waits for the pool's refill and keeps another from starting
+// until the returned func is called, so that what a Prepare takes shows in
+// readyOf.
+func holdRefills(p *imagePool) (resume func()) {
+	p.wait()
+	p.mu.Lock()
+	p.filling = true
+	p.mu.Unlock()
+	return func() {
+		p.mu.Lock()
+		p.filling = false
+		p.mu.Unlock()
+	}
 }
 
 // classMetadata is what ext4's own metadata takes of a fresh image of
@@ -124,9 +140,9 @@ func writeExactly(path string, n int64) error {
 	return f.Sync()
 }
 
-// TestBallastServesSizes: once a class is pooled, limits never asked for
-// from a quarter of it up to all of it take its images (a ballast in
-// each), and each limit holds exactly: right after the Prepare a container
+// TestBallastServesSizes: once limits are in use, limits never asked for
+// from a quarter of a cover class up to all of it take its image (a
+// ballast in each), and each limit holds exactly: right after the Prepare a container
 // writes the limit less the class image's metadata (the room the ballast's
 // cut freed, which ext4 hands out only after a journal commit it forces),
 // and a write past gets ENOSPC; the image file never holds more than the
@@ -134,7 +150,7 @@ func writeExactly(path string, n int64) error {
 func TestBallastServesSizes(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
-	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), withCovers(testClass))
 	under := underMounts(t, root)
 	committedBase(ctx, t, s)
 	if _, err := s.Prepare(ctx, "seed", "base", withMaxSize(testClass)); err != nil {
@@ -205,52 +221,102 @@ func TestBallastUsageMatchesWalk(t *testing.T) {
 	usageMatchesWalk(t, limitRoot(t), true)
 }
 
-// TestBallastColdThenPooled: a limit with no pooled class from itself to
-// four times itself is made in its Prepare, at exactly its size and with
-// no ballast, and its class joins the pool: the next limits it serves,
-// the same or another, take its images.
+// TestBallastColdThenPooled: without covers (limits past the largest, or
+// before the refill caught up), a limit no pooled image serves is made in
+// its Prepare, at exactly its size and with no ballast, and it joins the
+// pool: its class's images cut for it, so that the same limit again takes
+// one and cuts nothing, and a larger limit of the class takes one and cuts
+// it further; a smaller one does not (it would hold more than its limit).
 func TestBallastColdThenPooled(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
-	// default_max_size's class (64 MiB) is pooled from the start: it
-	// serves 32-64 MiB, not 150 MiB.
+	// default_max_size (48 MiB) is pooled from the start: its class, 64
+	// MiB, serves 48-64 MiB, not 150 MiB.
 	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
 	under := underMounts(t, root)
 	s.pool.wait()
-	const cold = 150 << 20
+	const cold, class = 150 << 20, 256 << 20
 	if _, err := s.Prepare(ctx, "cold", "", withMaxSize(cold)); err != nil {
 		t.Fatal(err)
 	}
 	if size, _ := imageFile(ctx, t, s, under, "cold"); size != cold || hasBallast(ctx, t, s, "cold") {
-		t.Fatalf("the first of a limit no pooled class serves: image of %d bytes, ballast %v; want %d and none", size, hasBallast(ctx, t, s, "cold"), cold)
+		t.Fatalf("the first of a limit no pooled image serves: image of %d bytes, ballast %v; want %d and none", size, hasBallast(ctx, t, s, "cold"), cold)
 	}
 	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "cold"), "big"), 2*cold); !isFull(err) {
 		t.Fatalf("a cold image's limit: %v", err)
 	}
 	s.pool.wait()
-	if n := s.pool.readyOf(sizeClass(cold)); n != poolSize {
-		t.Fatalf("after a cold Prepare, its class has %d ready; want %d", n, poolSize)
+	if n := s.pool.readyOf(class, cold); n != poolSize {
+		t.Fatalf("after a cold Prepare, %d of its class cut for it ready; want %d", n, poolSize)
 	}
-	for _, limit := range []int64{cold, 70 << 20} { // the same, and one never asked for
-		key := "warm" + strconv.FormatInt(limit>>20, 10)
-		if _, err := s.Prepare(ctx, key, "", withMaxSize(limit)); err != nil {
+	for _, c := range []struct {
+		key    string
+		limit  int64
+		pooled bool
+		cut    bool
+	}{
+		{"again", cold, true, false},
+		{"larger", 200 << 20, true, true},
+		{"smaller", 100 << 20, false, false},
+	} {
+		resume := holdRefills(&s.pool)
+		if _, err := s.Prepare(ctx, c.key, "", withMaxSize(c.limit)); err != nil {
 			t.Fatal(err)
 		}
-		if size, _ := imageFile(ctx, t, s, under, key); size != sizeClass(cold) || !hasBallast(ctx, t, s, key) {
-			t.Fatalf("a limit of %d after the class was pooled: image of %d bytes, ballast %v; want the class's", limit, size, hasBallast(ctx, t, s, key))
+		size, _ := imageFile(ctx, t, s, under, c.key)
+		if pooled := size == class && hasBallast(ctx, t, s, c.key); pooled != c.pooled {
+			t.Fatalf("%s (%d): image of %d bytes, ballast %v; want from the pool: %v", c.key, c.limit, size, hasBallast(ctx, t, s, c.key), c.pooled)
 		}
+		if c.pooled {
+			if n := s.pool.readyOf(class, cold); n != poolSize-1 {
+				t.Fatalf("%s: %d left cut for %d; want %d", c.key, n, cold, poolSize-1)
+			}
+			if length, filled := ballastOf(t, s.snapshotDir(s.idOf(ctx, t, c.key))); length != ballastFor(class, c.limit) || (length != filled) != c.cut {
+				t.Fatalf("%s: ballast %d bytes, %d as filled; want %d, cut by the Prepare: %v", c.key, length, filled, ballastFor(class, c.limit), c.cut)
+			}
+		}
+		if err := fillUp(filepath.Join(bindSource(ctx, t, s, c.key), "big"), 2*c.limit); !isFull(err) {
+			t.Fatalf("%s: the limit: %v", c.key, err)
+		}
+		if _, allocated := imageFile(ctx, t, s, under, c.key); allocated > c.limit {
+			t.Fatalf("%s: the image file holds %d bytes, past its limit %d", c.key, allocated, c.limit)
+		}
+		resume()
+		s.pool.refill(ctx)
 		s.pool.wait()
 	}
-	if n := s.pool.readyOf(128 << 20); n != -1 {
-		t.Fatalf("a limit served by a pooled class pooled its own class too (%d ready)", n)
+}
+
+// ballastOf is the length of the ballast at the root of the image mounted
+// on dir, and the length the pool filled it to.
+func ballastOf(t *testing.T, dir string) (length, filled int64) {
+	t.Helper()
+	fd, err := unix.Open(filepath.Join(dir, ballastName), unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
 	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 32)
+	n, err := unix.Fgetxattr(fd, ballastXattr, buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	filled, err = strconv.ParseInt(string(buf[:n]), 10, 64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st.Size, filled
 }
 
 // TestBallastDefault: default_max_size's images come with their ballast
 // cut for it already (a Prepare with the default cuts nothing); they serve
 // a label from the default up to their class, cut further, and not one
-// below the default, whose first Prepare is cold and pools its class
-// apart; each limit holds.
+// below the default, whose first Prepare (no covers here) is cold and
+// pools its class cut for it apart; each limit holds.
 func TestBallastDefault(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
@@ -319,11 +385,13 @@ func TestBallastRestart(t *testing.T) {
 	root := limitRoot(t)
 	ctx, s := openTest(t, root, WithMode(ModeOverlay))
 	under := underMounts(t, root)
-	if _, err := s.Prepare(ctx, "seed", "", withMaxSize(sizeClass(testLimit))); err != nil {
+	// Pools images of testLimit's class cut for 40 MiB, which the
+	// Prepares of testLimit cut further.
+	if _, err := s.Prepare(ctx, "seed", "", withMaxSize(40<<20)); err != nil {
 		t.Fatal(err)
 	}
 	s.pool.wait()
-	for _, key := range []string{"limited", "lost"} {
+	for _, key := range []string{"lost", "limited"} {
 		if _, err := s.Prepare(ctx, key, "", withMaxSize(testLimit)); err != nil {
 			t.Fatal(err)
 		}
@@ -418,45 +486,54 @@ func TestBallastRestart(t *testing.T) {
 	check("after a reboot that lost a ballast's cut")
 }
 
-// TestPoolPicksClass: a limit takes the smallest pooled class from itself
-// to four times itself that has an image ready (the default's class only
-// from the default up); with none ready, the smallest pooled class serving
-// it, or else its own class, becomes the most recently asked for, and a
-// new class pushes out the least recently asked for but the default's.
+// TestPoolPicksClass: a limit takes, of the pooled images that serve it
+// (their class from it to four times it, cut for at most it), one of the
+// smallest class, and of those the one cut closest to it: cut for it
+// itself, then for the largest limit below it; never one cut for a larger
+// limit. Either way
+// its own entry becomes the most recently asked for, pushing out the least
+// recently asked for but the default's, and covers are never pushed out.
 // (No images: the choice alone.)
 func TestPoolPicksClass(t *testing.T) {
 	const mib, gib = 1 << 20, 1 << 30
 	one := func() []pooledImage { return []pooledImage{{img: &loopImage{mnt: -1}}} }
-	p := &imagePool{sizes: []*pooledSize{
-		{size: gib, cutFor: 600 * mib, pinned: true, ready: one()}, {size: 256 * mib, ready: one()}, {size: 512 * mib},
-	}}
-	order := func() []int64 {
-		var o []int64
-		for _, ps := range p.sizes {
-			o = append(o, ps.size)
-		}
-		return o
+	p := &imagePool{
+		sizes: []*pooledSize{
+			{size: gib, cutFor: 600 * mib, keep: poolSize, pinned: true, ready: one()},
+			{size: 256 * mib, cutFor: 200 * mib, keep: poolSize, ready: one()},
+			{size: 128 * mib, cutFor: 128 * mib, keep: poolSize, ready: one()},
+		},
+		covers: []*pooledSize{
+			{size: 128 * mib, cutFor: 32 * mib, keep: 1, ready: one()},
+			{size: 512 * mib, cutFor: 128 * mib, keep: 1, ready: one()},
+			{size: 2 * gib, cutFor: 512 * mib, keep: 1, ready: one()},
+		},
 	}
 	for _, c := range []struct {
-		size, class int64
-		got         bool
+		size, class int64 // class 0: none
 	}{
-		{200 * mib, 256 * mib, true},  // the smallest that serves it
-		{200 * mib, 256 * mib, false}, // none ready: its smallest
-		{300 * mib, 512 * mib, false}, // 1 GiB's are cut for 600 MiB: 512 MiB's
-		{700 * mib, gib, true},        // past 600 MiB, the default's serve
-		{5 * gib, 8 * gib, false},     // nothing serves it: its own class
-		{20 * gib, 32 * gib, false},   // pushes out the least recent: 512 MiB
-		{80 * gib, 128 * gib, false},  // then 256 MiB
-		{300 * gib, 512 * gib, false}, // then 8 GiB: never the default's
+		{200 * mib, 256 * mib}, // cut for it
+		{128 * mib, 128 * mib}, // cut for it; not 128 MiB's cover, nor 512 MiB's
+		{512 * mib, 512 * mib}, // 512 MiB's cover, not 2 GiB's cut for it
+		{200 * mib, 0},         // 256 MiB's is gone, 512 MiB's cover too
+		{100 * mib, 128 * mib}, // 128 MiB's cover
+		{700 * mib, gib},       // the default's, cut for 600 MiB, not the 2 GiB cover
+		{550 * mib, 2 * gib},   // not the default's: cut for more than 550 MiB
+		{5 * gib, 0},           // nothing serves it
 	} {
 		got, class := p.pop(c.size)
-		if class != c.class || (got.img != nil) != c.got {
-			t.Fatalf("pop(%d MiB): class %d MiB, image %v; want %d MiB, %v", c.size/mib, class/mib, got.img != nil, c.class/mib, c.got)
+		if class != c.class || (got.img != nil) != (c.class != 0) {
+			t.Fatalf("pop(%d MiB): from class %d MiB, image %v; want %d MiB", c.size/mib, class/mib, got.img != nil, c.class/mib)
 		}
 	}
-	want := []int64{512 * gib, 128 * gib, 32 * gib, gib}
-	if o := order(); !slices.Equal(o, want) {
-		t.Fatalf("pooled classes %v, want %v", o, want)
+	var asked []int64
+	for _, ps := range p.sizes {
+		asked = append(asked, ps.cutFor/mib)
+	}
+	if want := []int64{5 * 1024, 550, 700, 600}; !slices.Equal(asked, want) {
+		t.Fatalf("limits asked for %v MiB, want %v", asked, want)
+	}
+	if len(p.covers) != 3 {
+		t.Fatalf("%d covers left, want 3", len(p.covers))
 	}
 }

@@ -25,15 +25,27 @@ func mountOverlay(base, target string) error {
 func unmount(target string) { unix.Unmount(target, unix.MNT_DETACH) }
 
 // openTest opens a snapshotter on root for a test, closed when it ends.
+// Its image pool keeps no covers unless opts has withCovers: filling them
+// (up to a 128 GiB image) is time only the tests of the covers need.
 func openTest(t *testing.T, root string, opts ...Opt) (context.Context, *Snapshotter) {
 	t.Helper()
 	ctx := namespaces.WithNamespace(context.Background(), "test")
-	s, err := New(ctx, root, opts...)
+	noCovers := func(c *Config) error { c.coverClasses = []int64{}; return nil }
+	s, err := New(ctx, root, append([]Opt{noCovers}, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { s.Close() })
 	return ctx, s
+}
+
+// withCovers has openTest's snapshotter keep covers of these classes in
+// its image pool, or, given none, those a daemon keeps.
+func withCovers(classes ...int64) Opt {
+	return func(c *Config) error {
+		c.coverClasses = classes
+		return nil
+	}
 }
 
 // openSideBySide opens overclone and containerd's built-in overlayfs

@@ -13,34 +13,58 @@ import (
 	"github.com/containerd/log"
 )
 
-// poolSize is how many images of each pooled class are kept ready. CRI
-// starts a pod's sandbox and then its containers one after another, and
-// each refill takes a few milliseconds in the background: two cover a
+// poolSize is how many images of each limit asked for are kept ready.
+// CRI starts a pod's sandbox and then its containers one after another,
+// and each refill takes a few milliseconds in the background: two cover a
 // pod without waiting.
 const poolSize = 2
 
-// poolSizes bounds how many size classes are pooled at once: that of
-// default_max_size (always) and those most recently asked for, the least
-// recently asked for let go first. Each pooled class holds poolSize loop
-// devices and mounts doing nothing; nodes run pods of a few specs at a
-// time, and a class serves limits from a quarter of it up (ballast.go).
+// poolSizes bounds how many limits asked for are pooled at once (each as
+// poolSize images of its class cut for it): default_max_size (always) and
+// those most recently asked for, the least recently asked for let go
+// first. Each holds poolSize loop devices and mounts doing nothing; nodes
+// run pods of a few specs at a time.
 const poolSizes = 4
 
+// coverClasses are the classes of which the pool keeps one image each
+// once limits are in use, so that no limit from MinMaxSize to the largest
+// is ever cold: a class serves limits from a quarter of it up
+// (classSpan), and every fourth power of two from 128 MiB serves every
+// limit from 32 MiB to 128 GiB. Smallest first, the order they are filled
+// in.
+var coverClasses = []int64{128 << 20, 512 << 20, 2 << 30, 8 << 30, 32 << 30, 128 << 30}
+
 // imagePool keeps images formatted and mounted, detached, with their dirs
-// made, their base recorded and their free space taken by a ballast, so
-// that a limited Prepare only renames one into its directory, cuts its
-// ballast back to the limit and moves its mount: measured, formatting and
-// mounting an image cost a Prepare 3-9 ms, the ext4 mount most of it.
-// Images are pooled by size class (ballast.go): the class of
-// default_max_size from the start and, once a limit asks for one, each of
-// the poolSizes-1 classes asked for most recently. A limit takes the
-// smallest pooled class from itself to classSpan times itself; when none
-// is pooled, its Prepare makes its own image at exactly the limit, and its
-// class joins the pool, so that every later limit it serves is warm.
-// default_max_size's images have their ballast cut for it by the refill:
-// a Prepare with the default cuts nothing (a cut of a big class frees
-// tens of GiB, milliseconds), and they serve larger limits of their class
-// too, not smaller ones.
+// made, their base recorded and their free space taken by a ballast
+// (ballast.go), so that a limited Prepare only renames one into its
+// directory, cuts its ballast back to the limit and moves its mount:
+// measured, formatting and mounting an image cost a Prepare 3-9 ms, the
+// ext4 mount most of it.
+//
+// The pool holds two kinds of entries, each images of one size class with
+// their ballasts cut for one limit already:
+//   - the limits asked for: default_max_size's from the start and, once a
+//     limit is asked for, each of the poolSizes-1 most recently asked for,
+//     poolSize images each of the limit's class cut for it, so that the
+//     same limit again cuts nothing (a cut of a big class frees tens of
+//     GiB: milliseconds);
+//   - once limits are in use (default_max_size set, a limited snapshot
+//     found at start, or the first limited Prepare), the covers: one
+//     image of each of coverClasses, cut for the smallest limit its class
+//     serves, which the LRU never lets go of.
+//
+// A limit L takes, of the entries serving it (their class from L to
+// classSpan times L, cut for at most L), one of the smallest class, where
+// the container has the most room (ballast.go), and of those the one cut
+// closest to L: cut for L itself, then for the largest limit below it; its
+// cut frees L less what the image is cut for. (A larger class is cut
+// closer than a smaller one only for a cover: the next cover up is cut for
+// the smallest limit the smaller one serves but its own.)
+// When none has an image ready (limits past the largest cover, or the
+// refill has not caught up), its Prepare makes its own image at exactly L.
+// Either way L's entry is then the most recently asked for, and the refill
+// makes its images, those asked for first, then the covers, smallest
+// first.
 //
 // The images wait in ROOT/images/pool-*: a daemon that dies leaves the
 // files (the kernel dissolves their detached mounts and clears their loop
@@ -48,22 +72,27 @@ const poolSizes = 4
 type imagePool struct {
 	templates *imageTemplates
 	dir       string
+	// coverClasses is what covers limits once they are in use: those
+	// above in a daemon, none where no images are used (the qgroup path)
+	// and in tests that do not need them.
+	coverClasses []int64
 
 	mu      sync.Mutex
-	sizes   []*pooledSize // most recently asked for first
-	retired []pooledImage // of classes let go of, for the refill to release
+	sizes   []*pooledSize // the limits asked for, most recently first
+	covers  []*pooledSize // once limits are in use, smallest first
+	retired []pooledImage // of entries let go of, for the refill to release
 	filling bool
 	closed  bool
 	fills   sync.WaitGroup
 }
 
-// pooledSize is the ready images of one size class.
+// pooledSize is the ready images of one size class whose ballasts are cut
+// for one limit.
 type pooledSize struct {
-	size int64 // the class
-	// cutFor, if set, is the limit the images' ballasts are cut for
-	// already (default_max_size's); pinned: never let go.
-	cutFor int64
-	pinned bool
+	size   int64 // the class
+	cutFor int64 // the limit the images' ballasts are cut for
+	keep   int   // how many images to keep ready
+	pinned bool  // default_max_size's: never let go
 	ready  []pooledImage
 }
 
@@ -80,22 +109,40 @@ type pooledImage struct {
 
 var poolSeq atomic.Uint64
 
-// init sets up an empty pool that keeps images of the class of
-// defaultSize (0: none), cut for it, and of the classes asked for.
-func (p *imagePool) init(templates *imageTemplates, defaultSize int64) {
+// init sets up an empty pool that keeps images cut for defaultSize (0:
+// none), of the limits asked for, and once limits are in use (at once
+// with a default) of covers.
+func (p *imagePool) init(templates *imageTemplates, defaultSize int64, covers []int64) {
 	p.templates, p.dir = templates, templates.dir
+	p.coverClasses = covers
 	if defaultSize > 0 {
-		p.sizes = []*pooledSize{{size: sizeClass(defaultSize), cutFor: defaultSize, pinned: true}}
+		p.sizes = []*pooledSize{{size: sizeClass(defaultSize), cutFor: defaultSize, keep: poolSize, pinned: true}}
+		p.limitsInUse()
+	}
+}
+
+// limitsInUse makes the pool keep its covers from now on; the caller
+// starts a refill when it is done (New does, after recovery).
+func (p *imagePool) limitsInUse() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.cover()
+}
+
+func (p *imagePool) cover() {
+	if p.covers != nil || p.closed {
+		return
+	}
+	for _, c := range p.coverClasses {
+		p.covers = append(p.covers, &pooledSize{size: c, cutFor: c / classSpan, keep: 1})
 	}
 }
 
 // take moves a ready image that serves a limit of size to path, cuts its
-// ballast back to size and returns it, or nil when there is none (no class
-// serving size asked for lately, or the pool has not caught up); either
-// way the class it was served from, or would be, is the most recently
-// asked for. The caller starts a refill once its Prepare is done:
-// measured, a refill started here took a core from the Prepare it was
-// serving.
+// ballast back to size and returns it, or nil when there is none; either
+// way size's entry is the most recently asked for. The caller starts a
+// refill once its Prepare is done: measured, a refill started here took
+// a core from the Prepare it was serving.
 func (p *imagePool) take(ctx context.Context, path string, size int64) *loopImage {
 	got, class := p.pop(size)
 	if got.img == nil {
@@ -121,36 +168,46 @@ func (p *imagePool) take(ctx context.Context, path string, size int64) *loopImag
 	return got.img
 }
 
-// pop takes a ready image of the smallest pooled class that serves size,
-// if any, and moves that class to the front; when no pooled class serving
-// size has one ready, the smallest pooled class serving it, or else
-// size's own class, goes to the front. A class new to the pool may push
-// out the least recently asked for, whose images the refill lets go of:
-// unmounting an ext4 costs milliseconds, which are no Prepare's to pay.
+// pop takes a ready image of the smallest class serving size whose
+// ballast is cut closest to size, if any, and the class it is of; size's own entry goes to the front of the
+// limits asked for, which may push out the least recently asked for but
+// the default's, whose images the refill lets go of: unmounting an ext4
+// costs milliseconds, which are no Prepare's to pay.
 func (p *imagePool) pop(size int64) (got pooledImage, class int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed {
 		return pooledImage{}, 0
 	}
-	i := -1 // the class to serve from, or to refill
-	for j, ps := range p.sizes {
-		if !ps.serves(size) {
+	p.cover()
+	var from *pooledSize
+	for _, ps := range slices.Concat(p.sizes, p.covers) {
+		if len(ps.ready) == 0 || !ps.serves(size) {
 			continue
 		}
-		switch {
-		case i < 0,
-			len(ps.ready) > 0 && len(p.sizes[i].ready) == 0,
-			(len(ps.ready) > 0) == (len(p.sizes[i].ready) > 0) && ps.size < p.sizes[i].size:
-			i = j
+		if from == nil || ps.size < from.size || (ps.size == from.size && ps.cutFor > from.cutFor) {
+			from = ps
 		}
 	}
+	if from != nil {
+		n := len(from.ready)
+		got, from.ready = from.ready[n-1], from.ready[:n-1]
+		class = from.size
+	}
+	p.ask(size)
+	return got, class
+}
+
+// ask makes the entry of size (its class, cut for it) the most recently
+// asked for.
+func (p *imagePool) ask(size int64) {
+	i := slices.IndexFunc(p.sizes, func(ps *pooledSize) bool { return ps.cutFor == size })
 	var ps *pooledSize
 	if i >= 0 {
 		ps = p.sizes[i]
 		p.sizes = slices.Delete(p.sizes, i, i+1)
 	} else {
-		ps = &pooledSize{size: sizeClass(size)}
+		ps = &pooledSize{size: sizeClass(size), cutFor: size, keep: poolSize}
 		if len(p.sizes) >= poolSizes {
 			// The least recently asked for that is not the default's.
 			j := len(p.sizes) - 1
@@ -162,27 +219,24 @@ func (p *imagePool) pop(size int64) (got pooledImage, class int64) {
 		}
 	}
 	p.sizes = slices.Insert(p.sizes, 0, ps)
-	if n := len(ps.ready); n > 0 {
-		got, ps.ready = ps.ready[n-1], ps.ready[:n-1]
-	}
-	return got, ps.size
 }
 
-// short is the pooled class asked for most recently that lacks images, or
-// nil when every class has poolSize ready.
+// short is the entry to make an image for next: the limit asked for most
+// recently that lacks images, else the smallest cover that does; nil when
+// every entry has what it keeps.
 func (p *imagePool) short() *pooledSize {
-	for _, ps := range p.sizes {
-		if len(ps.ready) < poolSize {
+	for _, ps := range slices.Concat(p.sizes, p.covers) {
+		if len(ps.ready) < ps.keep {
 			return ps
 		}
 	}
 	return nil
 }
 
-// refill, in the background, lets go of the images of classes pushed
-// out, then makes images until every pooled class has poolSize ready, one
-// at a time, the classes asked for most recently first: each a copy of its
-// class's template, mounted, its free space taken by a ballast.
+// refill, in the background, lets go of the images of entries pushed
+// out, then makes images until every entry has what it keeps, one at a
+// time, in short's order: each a copy of its class's template, mounted,
+// its free space taken by a ballast as long as its entry's limit wants.
 func (p *imagePool) refill(ctx context.Context) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -245,7 +299,8 @@ func (p *imagePool) refill(ctx context.Context) {
 				return
 			}
 			p.mu.Lock()
-			kept := !p.closed && slices.Contains(p.sizes, ps) // not let go of meanwhile
+			// Not let go of meanwhile (covers never are).
+			kept := !p.closed && (slices.Contains(p.sizes, ps) || slices.Contains(p.covers, ps))
 			if kept {
 				ps.ready = append(ps.ready, pooledImage{path: path, img: img})
 			}
@@ -270,11 +325,11 @@ func (p *imagePool) close() {
 	p.fills.Wait()
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, ps := range p.sizes {
+	for _, ps := range slices.Concat(p.sizes, p.covers) {
 		release(ps.ready)
 	}
 	release(p.retired)
-	p.sizes, p.retired = nil, nil
+	p.sizes, p.covers, p.retired = nil, nil, nil
 }
 
 // release lets go of images: their mounts dissolve and their loop devices

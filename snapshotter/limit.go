@@ -211,7 +211,8 @@ func (s *Snapshotter) detachOrphanImages(ctx context.Context, ids map[string]str
 // labels at Commit, so the image file is what says so). A limited active
 // whose image cannot be mounted, or is gone, is unusable, not unlimited.
 // An image from the pool gets its ballast cut back to its limit again
-// (reattachImage). It runs after checkLayers, inside the same write
+// (reattachImage). A limited active on the image path tells the pool that
+// limits are in use (its covers, imagepool.go). It runs after checkLayers, inside the same write
 // transaction, and costs a statx and an lstat per snapshot, and a lookup of
 // the labels of each image it mounts.
 func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string) error {
@@ -239,6 +240,9 @@ func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string)
 	err := storage.WalkInfo(ctx, func(ctx context.Context, info snapshots.Info) error {
 		if !limited(info) {
 			return nil
+		}
+		if s.quotas == nil {
+			s.pool.limitsInUse() // the pool covers limits from the start
 		}
 		id, _, _, err := storage.GetInfo(ctx, info.Name)
 		if err != nil {

@@ -136,10 +136,14 @@ func TestLimitUsageMatchesWalk(t *testing.T) {
 }
 
 // usageMatchesWalk checks Usage against a walk on an active limited to
-// 256 MiB, made in its Prepare, or taken from a pooled class four times
-// that (pooled: a ballast of three quarters of it).
+// 256 MiB, made in its Prepare, or taken from the pool's 1 GiB cover
+// (pooled: a ballast of three quarters of it).
 func usageMatchesWalk(t *testing.T, root string, pooled bool) {
-	ctx, s := openTest(t, root, WithMode(ModeOverlay))
+	opts := []Opt{WithMode(ModeOverlay)}
+	if pooled {
+		opts = append(opts, withCovers(1<<30))
+	}
+	ctx, s := openTest(t, root, opts...)
 	committedBase(ctx, t, s)
 	if pooled {
 		if _, err := s.Prepare(ctx, "seed", "base", withMaxSize(1<<30)); err != nil {
@@ -570,11 +574,11 @@ func TestLimitPool(t *testing.T) {
 	gone(t, left)
 }
 
-// TestLimitPoolSizes: a limit's class is pooled once asked for, so the
-// next Prepares it serves take ready images (the pool, refilled, shrinks
-// by one per Prepare); at most poolSizes classes are pooled, the default's
-// always, and a class pushed out lets go of its images (no file, no loop
-// device left); Close lets go of the rest.
+// TestLimitPoolSizes: a limit is pooled once asked for (its class's
+// images cut for it), so the next Prepares it serves take ready images
+// (the pool, refilled, shrinks by one per Prepare); at most poolSizes
+// limits are pooled, the default's always, and one pushed out lets go of
+// its images (no file, no loop device left); Close lets go of the rest.
 func TestLimitPoolSizes(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
@@ -585,45 +589,40 @@ func TestLimitPoolSizes(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	const labelled, class = 200 << 20, 256 << 20
-	if n := s.pool.readyOf(class); n != -1 {
-		t.Fatalf("a class nobody asked for is pooled (%d ready)", n)
+	const labelled, class = 100 << 20, 128 << 20
+	if n := s.pool.readyOf(class, labelled); n != -1 {
+		t.Fatalf("a limit nobody asked for is pooled (%d ready)", n)
 	}
 	prepare("first", labelled) // makes its own image, and asks for more
 	s.pool.wait()
-	if n := s.pool.readyOf(class); n != poolSize {
-		t.Fatalf("after the first Prepare of a class, %d of it ready; want %d", n, poolSize)
+	if n := s.pool.readyOf(class, labelled); n != poolSize {
+		t.Fatalf("after the first Prepare of a limit, %d cut for it ready; want %d", n, poolSize)
 	}
-	// Taken with no refill in between (another limit the class serves):
+	// Taken with no refill in between (a larger limit of the class):
 	// the count shows it came from the pool.
-	s.pool.mu.Lock() // hold refills back
-	s.pool.filling = true
-	s.pool.mu.Unlock()
-	prepare("second", 100<<20)
-	if n := s.pool.readyOf(class); n != poolSize-1 {
-		t.Fatalf("a Prepare the pooled class serves left %d ready; want %d", n, poolSize-1)
+	resume := holdRefills(&s.pool)
+	prepare("second", 120<<20)
+	if n := s.pool.readyOf(class, labelled); n != poolSize-1 {
+		t.Fatalf("a Prepare the pooled limit serves left %d ready; want %d", n, poolSize-1)
 	}
-	s.pool.mu.Lock()
-	s.pool.filling = false
-	s.pool.mu.Unlock()
+	resume()
 	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "second"), "big"), 2*labelled); !isFull(err) {
 		t.Fatalf("a pooled image's limit: %v", err)
 	}
-	if u, err := s.Usage(ctx, "second"); err != nil || u.Size < 50<<20 || u.Size > 100<<20 {
-		t.Fatalf("the filled pooled image's Usage: %+v, %v; want most of its 100 MiB", u, err)
+	if u, err := s.Usage(ctx, "second"); err != nil || u.Size < 90<<20 || u.Size > 120<<20 {
+		t.Fatalf("the filled pooled image's Usage: %+v, %v; want most of its 120 MiB", u, err)
 	}
 
-	// poolSizes-1 more classes push the labelled one out (the default's
-	// stays): 300 MiB, 600 MiB and 1.5 GiB, each beyond the reach of the
-	// classes before it.
+	// poolSizes-1 more limits push the labelled ones out (the default's
+	// stays): 300 MiB, 600 MiB and 1.5 GiB.
 	for i, size := range []int64{300 << 20, 600 << 20, 1536 << 20} {
 		prepare("other"+strconv.Itoa(i), size)
 		s.pool.wait()
 	}
-	if n := s.pool.readyOf(class); n != -1 {
-		t.Fatalf("the least recently asked for class still pooled (%d ready)", n)
+	if n := s.pool.readyOf(class, labelled); n != -1 {
+		t.Fatalf("the least recently asked for limit still pooled (%d ready)", n)
 	}
-	if n := s.pool.readyOf(sizeClass(testLimit)); n != poolSize {
+	if n := s.pool.readyOf(sizeClass(testLimit), testLimit); n != poolSize {
 		t.Fatalf("the default's class has %d ready; want %d", n, poolSize)
 	}
 	pooled, _ := filepath.Glob(filepath.Join(root, templatesDir, "pool-*"))

@@ -62,6 +62,10 @@ type Config struct {
 	// Remap says whether mapped snapshots may use idmapped layers
 	// (remap.go); RemapAuto when empty.
 	Remap RemapPolicy
+
+	// coverClasses, if not nil, replaces the image pool's covers
+	// (imagepool.go): tests keep fewer, or none, to spare filling them.
+	coverClasses []int64
 }
 
 // Opt configures a snapshotter.
@@ -276,11 +280,14 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	}
 	s.usages.maxAge = cfg.UsageMaxAge
 	s.templates.dir = filepath.Join(root, templatesDir)
-	poolFor := s.defaultMaxSize // images are made ready only for the image path
+	poolFor, covers := s.defaultMaxSize, coverClasses // images are made ready only for the image path
 	if s.quotas != nil {
-		poolFor = 0
+		poolFor, covers = 0, nil
 	}
-	s.pool.init(&s.templates, poolFor)
+	if cfg.coverClasses != nil {
+		covers = cfg.coverClasses
+	}
+	s.pool.init(&s.templates, poolFor, covers)
 	if !s.limits.OK && s.defaultMaxSize > 0 {
 		abort()
 		ms.Close()
