@@ -31,14 +31,15 @@ const measureEnv = "OVERCLONE_MEASURE_LIMITS"
 //   - Usage of an active snapshot holding 100k small files: overclone's
 //     limited one (its image's statfs) against the built-in's walk;
 //   - Prepare with a limit against Prepare without (overclone's and the
-//     built-in's, in the same rounds): a size never asked for that a
-//     pooled class serves (new size), a size no pooled class serves
-//     (cold), one asked for before (warm) and default_max_size; and
-//     Remove with a limit;
-//   - what the pool's refill pays per image (the template's copy and its
-//     mount, then the ballast's fallocate), and what share of a limit a
-//     container can write, in an image made at the limit and in images of
-//     the classes that serve it;
+//     built-in's, in the same rounds): a size never asked for, served by
+//     a cover (new size; 1-1.5 GiB, and big: 20 and 60 GiB), one asked
+//     for before (its images cut for it: 1 GiB and 60 GiB) and
+//     default_max_size; and Remove with a limit;
+//   - what the pool's refill pays per image of each cover class (the
+//     template's copy and its mount, then the ballast's fallocate), what
+//     the image file then holds of the host's disk, and what share of a
+//     limit a container can write, in an image made at the limit and in
+//     images of the classes that serve it;
 //   - the CPU one poll of 200 actives' Usage costs, as a share of one core
 //     if repeated every 10 s as CRI does: overclone limited, overclone
 //     unlimited with usage_max_age 30s (one walk in three polls), and the
@@ -50,7 +51,7 @@ func TestLimitMeasure(t *testing.T) {
 		t.Skipf("a measurement run: set %s=1", measureEnv)
 	}
 	needLimits(t)
-	ctx, s := openTest(t, limitRoot(t), WithMode(ModeOverlay))
+	ctx, s := openTest(t, limitRoot(t), WithMode(ModeOverlay), withCovers())
 	// As test/builtin opens it (which imports this package): the
 	// options containerd's plugin passes with an empty config.
 	biOpts := []overlay.Opt{overlay.AsynchronousRemove}
@@ -86,20 +87,21 @@ func TestLimitMeasure(t *testing.T) {
 	// Prepare with and without a limit, interleaved, and Remove. Each
 	// round times a Prepare without a limit (overclone's, then the
 	// built-in's) and one with, of a kind:
-	//   - cold: a size no pooled class serves (its class and those up to
-	//     4x above it let go of before the round), which formats its
-	//     image (mkfs.ext4) and mounts it in the call;
-	//   - new size: a size never asked for that the pooled 2 GiB class
-	//     serves (512 MiB-2 GiB);
-	//   - warm: one size (1 GiB) asked for again;
-	//   - default_max_size (1 GiB, and 64 GiB, their classes pooled from
-	//     the start, their ballasts cut already, on two more snapshotters).
+	//   - new size: a size never asked for, which a cover serves (its
+	//     class's image cut for a quarter of it, cut further by the
+	//     Prepare): 1-1.5 GiB (the 2 GiB cover, cutting 0.5-1 GiB), and
+	//     big, 20 GiB (the 32 GiB cover, cutting 12 GiB) and 60 GiB (the
+	//     128 GiB cover, cutting 28 GiB); each round's a MiB less than the
+	//     last, which the images cut for the last cannot serve;
+	//   - asked before: one size (1 GiB, 60 GiB) asked for again, its
+	//     images cut for it by the refill;
+	//   - default_max_size (1 GiB, and 64 GiB, on two more snapshotters).
 	// A container start is not a Prepare every millisecond: each timed
 	// Prepare starts with the pools caught up (no refill running), as a
 	// node's pace would let them, and the Prepares without a limit of the
 	// same round come first, so that no refill weighs on them either.
-	ctx, pooled := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(1<<30))
-	ctx, pooledBig := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(64<<30))
+	ctx, pooled := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(1<<30), withCovers())
+	ctx, pooledBig := openTest(t, limitRoot(t), WithMode(ModeOverlay), WithDefaultMaxSize(64<<30), withCovers())
 	settle := func() { s.pool.wait(); pooled.pool.wait(); pooledBig.pool.wait() }
 	const rounds = 12
 	type kind struct {
@@ -113,23 +115,23 @@ func TestLimitMeasure(t *testing.T) {
 		k.their = append(k.their, timeOnce(t, func() error { _, err := bi.Prepare(ctx, key+"-plain", ""); return err }))
 		k.limited = append(k.limited, timeOnce(t, func() error { _, err := sn.Prepare(ctx, key, "", opts...); return err }))
 	}
-	cold, newSize, warm := &kind{name: "cold"}, &kind{name: "new size, pooled class"}, &kind{name: "warm"}
+	newSize, new20, new60 := &kind{name: "new size 1-1.5 GiB, from a cover"}, &kind{name: "new size 20 GiB, from a cover"}, &kind{name: "new size 60 GiB, from a cover"}
+	warm, warm60 := &kind{name: "asked before, 1 GiB"}, &kind{name: "asked before, 60 GiB"}
 	fromDefault, fromBigDefault := &kind{name: "default_max_size 1 GiB"}, &kind{name: "default_max_size 64 GiB"}
 	for i := range rounds {
-		s.pool.forgetClasses()
-		measure(cold, i, s, "cold", withMaxSize(1<<30+int64(i+1)<<20))
+		less := int64(i+1) << 20
+		measure(newSize, i, s, "new", withMaxSize(1536<<20-less))
+		measure(new20, i, s, "new20-", withMaxSize(20<<30-less))
+		measure(new60, i, s, "new60-", withMaxSize(60<<30-less))
 	}
-	if _, err := s.Prepare(ctx, "seed-2g", "", withMaxSize(2<<30)); err != nil {
-		t.Fatal(err)
-	}
-	for i := range rounds {
-		measure(newSize, i, s, "new", withMaxSize(1536<<20-int64(i+1)<<20))
-	}
-	if _, err := s.Prepare(ctx, "first-of-1g", "", withMaxSize(1<<30)); err != nil {
-		t.Fatal(err)
+	for _, size := range []int64{1 << 30, 60 << 30} {
+		if _, err := s.Prepare(ctx, "first-of-"+strconv.FormatInt(size>>30, 10)+"g", "", withMaxSize(size)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	for i := range rounds {
 		measure(warm, i, s, "warm", withMaxSize(1<<30))
+		measure(warm60, i, s, "warm60-", withMaxSize(60<<30))
 		measure(fromDefault, i, pooled, "default")
 		measure(fromBigDefault, i, pooledBig, "big-default")
 	}
@@ -139,7 +141,7 @@ func TestLimitMeasure(t *testing.T) {
 		removeLimited = append(removeLimited, timeOnce(t, func() error { return s.Remove(ctx, "warm"+k) }))
 		removePlain = append(removePlain, timeOnce(t, func() error { return s.Remove(ctx, "warm"+k+"-plain") }))
 	}
-	for _, k := range []*kind{newSize, cold, warm, fromDefault, fromBigDefault} {
+	for _, k := range []*kind{newSize, new20, new60, warm, warm60, fromDefault, fromBigDefault} {
 		r := float64(median(k.limited)) / float64(median(k.plain))
 		verdict := "met"
 		if r > 1.5 {
@@ -150,10 +152,13 @@ func TestLimitMeasure(t *testing.T) {
 	}
 	t.Logf("Remove: with a limit %v, without %v", median(removeLimited), median(removePlain))
 
-	// The refill's cost per image, and a limit's room.
-	for _, class := range []int64{64 << 20, 1 << 30, 8 << 30, 64 << 30} {
-		var made, filled, cutAll, cutQuarter []time.Duration
-		for i := range 6 {
+	// The refill's cost per image of each cover class, what the image
+	// file then holds, and what a take from it pays at most: the cut for
+	// a limit of the whole class.
+	for _, class := range coverClasses {
+		var made, filled, cutAll []time.Duration
+		var held []int64
+		for range 4 {
 			var img *loopImage
 			path := filepath.Join(t.TempDir(), "image")
 			if _, err := s.templates.ensure(ctx, class); err != nil {
@@ -164,18 +169,17 @@ func TestLimitMeasure(t *testing.T) {
 				img, err = makeImage(ctx, &s.templates, path, class)
 				return err
 			}))
-			filled = append(filled, timeOnce(t, func() error { return fillBallast(img.mnt, class, 0) }))
-			// What a take pays: the cut for a limit of all the class
-			// (the most it frees) or of a quarter of it (the least).
-			if i%2 == 0 {
-				cutAll = append(cutAll, timeOnce(t, func() error { return trimBallast(img.mnt, class, class) }))
-			} else {
-				cutQuarter = append(cutQuarter, timeOnce(t, func() error { return trimBallast(img.mnt, class, max(class/classSpan, MinMaxSize)) }))
+			filled = append(filled, timeOnce(t, func() error { return fillBallast(img.mnt, class, class/classSpan) }))
+			var st unix.Stat_t
+			if err := unix.Stat(path, &st); err != nil {
+				t.Fatal(err)
 			}
+			held = append(held, st.Blocks*512)
+			cutAll = append(cutAll, timeOnce(t, func() error { return trimBallast(img.mnt, class, class) }))
 			img.close()
 		}
-		t.Logf("refill, one image of class %d MiB: template copy and mount %v, ballast fallocate and fsync %v; take, the ballast's cut for a limit of the class %v, of a quarter of it %v (medians of 6, 6, 3, 3)",
-			class>>20, median(made), median(filled), median(cutAll), median(cutQuarter))
+		t.Logf("refill, one cover of class %d MiB: template copy and mount %v, ballast fallocate (cut for a quarter) and fsync %v, image file %d KiB on disk; take, the cut for a limit of the class %v (medians of 4)",
+			class>>20, median(made), median(filled), slices.Max(held)>>10, median(cutAll))
 	}
 	for _, limit := range []int64{100 << 20, 1 << 30, 3 << 30, 10 << 30} {
 		line := fmt.Sprintf("room of a %d MiB limit: made at the limit %s", limit>>20, roomShare(ctx, t, s, limit, limit))
@@ -214,24 +218,6 @@ func TestLimitMeasure(t *testing.T) {
 	cachedCPU := (poll(cached) + poll(cached) + poll(cached)) / 3 // one walk, two answers from it
 	t.Logf("poll of %d actives (%d files each), CPU per poll and share of one core every 10 s: overclone limited %v (%s), overclone unlimited with usage_max_age 30s %v (%s), built-in %v (%s)",
 		actives, each, limitedCPU, coreShare(limitedCPU), cachedCPU, coreShare(cachedCPU), builtinCPU, coreShare(builtinCPU))
-}
-
-// forgetClasses lets go of every pooled class but the default's, as if
-// other limits had pushed them out, and waits for their images to go.
-func (p *imagePool) forgetClasses() {
-	p.mu.Lock()
-	kept := p.sizes[:0]
-	for _, ps := range p.sizes {
-		if ps.pinned {
-			kept = append(kept, ps)
-		} else {
-			p.retired = append(p.retired, ps.ready...)
-		}
-	}
-	p.sizes = kept
-	p.mu.Unlock()
-	p.refill(context.Background())
-	p.wait()
 }
 
 // roomShare is what a container can write under a limit in a new image of
