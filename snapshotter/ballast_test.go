@@ -537,3 +537,22 @@ func TestPoolPicksClass(t *testing.T) {
 		t.Fatalf("%d covers left, want 3", len(p.covers))
 	}
 }
+
+// TestJournalSize: images up to 16 GiB get the smallest journal; larger
+// ones one big enough that the cut of the whole image, a bitmap block per
+// 128 MiB group and a descriptor block per 64 groups, fits a transaction
+// (a quarter of the journal).
+func TestJournalSize(t *testing.T) {
+	const mib, gib = 1 << 20, 1 << 30
+	for _, c := range []struct{ size, journal int64 }{
+		{MinMaxSize, 4 * mib}, {gib, 4 * mib}, {16 * gib, 4 * mib}, {32 * gib, 8 * mib}, {100*gib + 1, 25 * mib}, {100*gib + 8*mib, 26 * mib}, {128 * gib, 32 * mib},
+	} {
+		if got := journalSize(c.size); got != c.journal {
+			t.Errorf("journalSize(%d) = %d, want %d", c.size, got, c.journal)
+		}
+		groups := c.size / (128 * mib)
+		if txn := journalSize(c.size) / 4 / 4096; txn < groups+groups/64 {
+			t.Errorf("journalSize(%d): a transaction of %d blocks does not fit the cut of %d groups", c.size, txn, groups)
+		}
+	}
+}

@@ -56,7 +56,7 @@ const baseXattr = "trusted.overclone.base"
 //   - lazy_itable_init, lazy_journal_init: mke2fs writes no inode tables
 //     or journal, which on a fresh sparse file read as zeros already, and
 //     noinit_itable at mount keeps the kernel from zeroing them later;
-//   - a 4 MiB journal (the smallest): a container's writable layer keeps
+//   - a small journal (journalSize): a container's writable layer keeps
 //     the crash safety of a journal without a default journal (32-256 MiB)
 //     eating into the limit;
 //   - -m 0: no blocks reserved for root, who is who writes in containers;
@@ -64,8 +64,26 @@ const baseXattr = "trusted.overclone.base"
 //     one inode per 8 KiB lets 100k small files fit a 1 GiB limit;
 //   - ^resize_inode: images are never grown online; nodiscard: nothing to
 //     discard in a new sparse file.
-var mkfsExt4 = []string{"-q", "-F", "-b", "4096", "-i", "8192", "-m", "0", "-J", "size=4",
-	"-O", "^resize_inode", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"}
+func mkfsExt4(size int64) []string {
+	return []string{"-q", "-F", "-b", "4096", "-i", "8192", "-m", "0", "-J", "size=" + strconv.FormatInt(journalSize(size)>>20, 10),
+		"-O", "^resize_inode", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"}
+}
+
+// journalSize is the journal of an image of size bytes: 4 MiB (the
+// smallest mke2fs makes), or a MiB per 4 GiB of image from 16 GiB up. A
+// ballast's cut frees blocks in every 128 MiB block group it spans, and
+// changes each group's bitmap and descriptor in one transaction, which
+// jbd2 holds to a quarter of the journal: a 4 MiB journal fits the cut of
+// about 28 GiB, and past that the truncate waits for a journal commit
+// through the loop device. Measured, cutting 96 GiB in a 128 GiB image took
+// 10 ms with a 4 MiB journal and 2.2 ms with this one, 32 MiB: 0.022 ms
+// per GiB freed, as in smaller images (24 GiB in 32 GiB: 0.5 ms). This
+// size fits the cut of the whole image about twice over, for 0.025 % of
+// it.
+func journalSize(size int64) int64 {
+	const mib = 1 << 20
+	return max(4*mib, (size/4096+mib-1)/mib*mib)
+}
 
 // loopImage is a formatted image mounted detached, between Prepare's
 // formatting and the move onto the snapshot's directory.
