@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -18,11 +19,16 @@ import (
 func TestPoolCovers(t *testing.T) {
 	needLimits(t)
 	root := limitRoot(t)
+	start := time.Now()
 	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit), withCovers())
 	under := underMounts(t, root)
 	checkCovers := func(when string) {
 		t.Helper()
 		s.pool.wait()
+		if !start.IsZero() {
+			t.Logf("%s: the pool filled %v after the start", when, time.Since(start))
+			start = time.Time{}
+		}
 		for _, c := range coverClasses {
 			if n := s.pool.readyOf(c, c/classSpan); n != 1 {
 				t.Fatalf("%s: %d images of the %d MiB cover ready, want 1", when, n, c>>20)
@@ -89,6 +95,7 @@ func TestPoolCovers(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
+	start = time.Now()
 	ctx, s = openTest(t, root, withCovers())
 	checkCovers("after a restart without default_max_size")
 	resume = holdRefills(&s.pool)
