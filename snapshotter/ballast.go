@@ -36,7 +36,15 @@ const ballastName = "ballast"
 // (decimal bytes). A ballast still that long was never cut by a Prepare:
 // that cut is carried by the image's journal, which a power cut right
 // after the Prepare may lose, and start-up makes it again (recutBallast).
+// A Prepare that takes an image whose ballast is right for its limit
+// already (cut for it by the refill) cuts nothing, and sets it to
+// ballastTaken instead: start-up must not take such a ballast for one the
+// pool left, and cut it for a label raised since (Update).
 const ballastXattr = "trusted.overclone.ballast"
+
+// ballastTaken is ballastXattr's value on a ballast a Prepare took as the
+// pool left it: no length.
+const ballastTaken = "-1"
 
 // minClass is the smallest size class: MinMaxSize is the smallest limit.
 const minClass = MinMaxSize
@@ -119,7 +127,8 @@ func fillBallast(mnt int, c, cutFor int64) error {
 // trimBallast cuts the ballast of an image of class c mounted at mnt back
 // for a limit of size. It fails, leaving the image as it was, when the
 // ballast is shorter than the cut (the image would hold more than size).
-// An image without a ballast (made at its limit) is left alone.
+// A ballast right for size already is marked taken (ballastTaken); an
+// image without a ballast (made at its limit) is left alone.
 func trimBallast(mnt int, c, size int64) error {
 	return cutBallast(mnt, c, size, false)
 }
@@ -164,6 +173,11 @@ func cutBallast(mnt int, c, size int64, onlyUncut bool) error {
 		return fmt.Errorf("ballast of %d bytes cannot hold a %d-byte image to %d bytes (want %d)", st.Size, c, size, want)
 	}
 	if st.Size == want {
+		if !onlyUncut { // taken as the refill cut it
+			if err := unix.Fsetxattr(fd, ballastXattr, []byte(ballastTaken), 0); err != nil {
+				return fmt.Errorf("set %s: %w", ballastXattr, err)
+			}
+		}
 		return nil
 	}
 	if err := unix.Ftruncate(fd, want); err != nil {

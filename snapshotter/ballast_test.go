@@ -271,7 +271,9 @@ func TestBallastColdThenPooled(t *testing.T) {
 			if n := s.pool.readyOf(class, cold); n != poolSize-1 {
 				t.Fatalf("%s: %d left cut for %d; want %d", c.key, n, cold, poolSize-1)
 			}
-			if length, filled := ballastOf(t, s.snapshotDir(s.idOf(ctx, t, c.key))); length != ballastFor(class, c.limit) || (length != filled) != c.cut {
+			// Cut: as long as the limit wants, and as filled on it; not
+			// cut: marked taken.
+			if length, filled := ballastOf(t, s.snapshotDir(s.idOf(ctx, t, c.key))); length != ballastFor(class, c.limit) || (filled != -1) != c.cut {
 				t.Fatalf("%s: ballast %d bytes, %d as filled; want %d, cut by the Prepare: %v", c.key, length, filled, ballastFor(class, c.limit), c.cut)
 			}
 		}
@@ -288,7 +290,7 @@ func TestBallastColdThenPooled(t *testing.T) {
 }
 
 // ballastOf is the length of the ballast at the root of the image mounted
-// on dir, and the length the pool filled it to.
+// on dir, and the length the pool filled it to (-1: taken as it was).
 func ballastOf(t *testing.T, dir string) (length, filled int64) {
 	t.Helper()
 	fd, err := unix.Open(filepath.Join(dir, ballastName), unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
@@ -399,12 +401,21 @@ func TestBallastRestart(t *testing.T) {
 			t.Fatal("a Prepare its class serves did not take a pooled image")
 		}
 	}
+	// And one whose ballast the refill cut for testLimit already: the
+	// Prepare cuts nothing.
+	s.pool.wait()
+	if _, err := s.Prepare(ctx, "exact", "", withMaxSize(testLimit)); err != nil {
+		t.Fatal(err)
+	}
+	if _, filled := ballastOf(t, s.snapshotDir(s.idOf(ctx, t, "exact"))); filled != -1 {
+		t.Fatalf("a limit asked for again: ballast filled to %d, want taken as the refill cut it", filled)
+	}
 	if err := os.WriteFile(filepath.Join(bindSource(ctx, t, s, "limited"), "kept"), make([]byte, 1<<20), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	syscall.Sync()
 	before := map[string]snapshots.Usage{}
-	for _, key := range []string{"limited", "lost"} {
+	for _, key := range []string{"limited", "lost", "exact"} {
 		u, err := s.Usage(ctx, key)
 		if err != nil {
 			t.Fatal(err)
@@ -412,11 +423,13 @@ func TestBallastRestart(t *testing.T) {
 		before[key] = u
 	}
 	// Not the limit: it stays what the Prepare made.
-	if _, err := s.Update(ctx, snapshots.Info{Name: "limited", Labels: map[string]string{LabelMaxSize: strconv.Itoa(2 * testLimit)}}, "labels."+LabelMaxSize); err != nil {
-		t.Fatal(err)
+	for _, key := range []string{"limited", "exact"} {
+		if _, err := s.Update(ctx, snapshots.Info{Name: key, Labels: map[string]string{LabelMaxSize: strconv.Itoa(2 * testLimit)}}, "labels."+LabelMaxSize); err != nil {
+			t.Fatal(err)
+		}
 	}
 	dirs := map[string]string{}
-	for _, key := range []string{"limited", "lost"} {
+	for _, key := range []string{"limited", "lost", "exact"} {
 		dirs[key] = s.snapshotDir(s.idOf(ctx, t, key))
 	}
 	check := func(when string) {
