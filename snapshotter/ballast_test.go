@@ -119,27 +119,6 @@ func classMetadata(ctx context.Context, t *testing.T, s *Snapshotter, class int6
 	return class - int64(st.Bavail)*st.Bsize
 }
 
-// writeExactly writes n bytes to a new file at path and syncs it.
-func writeExactly(path string, n int64) error {
-	f, err := os.Create(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	buf := make([]byte, 1<<20)
-	for i := range buf {
-		buf[i] = byte(i)
-	}
-	for n > 0 {
-		k := min(n, int64(len(buf)))
-		if _, err := f.Write(buf[:k]); err != nil {
-			return err
-		}
-		n -= k
-	}
-	return f.Sync()
-}
-
 // TestBallastServesSizes: once limits are in use, limits never asked for
 // from a quarter of a cover class up to all of it take its image (a
 // ballast in each), and each limit holds exactly: right after the Prepare a container
@@ -175,7 +154,7 @@ func TestBallastServesSizes(t *testing.T) {
 			// The file's extent tree and the dir's block: a few blocks.
 			const slack = 256 << 10
 			room := limit - meta - slack
-			if err := writeExactly(filepath.Join(rootfs, "room"), room); err != nil {
+			if err := fillUp(filepath.Join(rootfs, "room"), room); err != nil {
 				t.Fatalf("right after Prepare, writing %d bytes (the limit %d less the image's metadata %d and %d): %v", room, limit, meta, slack, err)
 			}
 			if err := fillUp(filepath.Join(rootfs, "past"), 2*slack+(4<<20)); !isFull(err) {

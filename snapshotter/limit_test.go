@@ -64,8 +64,8 @@ func mountAt(t *testing.T, mounts []mount.Mount) string {
 	return target
 }
 
-// fillUp writes to path until the filesystem refuses, up to max bytes, and
-// returns the error that stopped it (nil if max fit).
+// fillUp writes to path until the filesystem refuses, up to exactly max
+// bytes, syncs it, and returns the error that stopped it (nil if max fit).
 func fillUp(path string, max int64) error {
 	f, err := os.Create(path)
 	if err != nil {
@@ -77,7 +77,7 @@ func fillUp(path string, max int64) error {
 		buf[i] = byte(i) // not zeros: nothing may compress or skip them
 	}
 	for n := int64(0); n < max; n += int64(len(buf)) {
-		if _, err := f.Write(buf); err != nil {
+		if _, err := f.Write(buf[:min(max-n, int64(len(buf)))]); err != nil {
 			return err
 		}
 	}
