@@ -272,11 +272,7 @@ func TestQgroupRemoveDuringRecount(t *testing.T) {
 	if n := len(s.quotas.counts.byDir); n != 0 {
 		t.Errorf("%d inode counts kept after the snapshot was removed", n)
 	}
-	gone(t, dir)
-	if left, _ := filepath.Glob(filepath.Join(root, trashDir, "*")); len(left) != 0 {
-		t.Fatalf("left in the trash: %v", left)
-	}
-	noQgroup(t, mnt, qgroup)
+	removedClean(t, root, dir, mnt, qgroup)
 }
 
 // TestQgroupRecountInterval: with the daemon's interval, a tree that

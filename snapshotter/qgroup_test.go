@@ -127,6 +127,20 @@ func noQgroup(t *testing.T, mnt string, qgroup string) {
 	}
 }
 
+// removedClean fails unless the snapshot directory dir is gone, nothing is
+// left in root's trash, and, if qgroup is set, the filesystem on mnt has
+// dropped it.
+func removedClean(t *testing.T, root, dir, mnt, qgroup string) {
+	t.Helper()
+	gone(t, dir)
+	if left, _ := filepath.Glob(filepath.Join(root, trashDir, "*")); len(left) != 0 {
+		t.Fatalf("left in the trash: %v", left)
+	}
+	if qgroup != "" {
+		noQgroup(t, mnt, qgroup)
+	}
+}
+
 // TestQgroupCrash: what a crash leaves of the qgroup path goes at the next
 // start, subvolume and qgroup: a Prepare's new-* subvolume (killed before
 // its metadata committed) and a removed snapshot's subvolume (killed
@@ -307,10 +321,7 @@ func TestQgroupQuotasDisabled(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
-	gone(t, dir)
-	if subs, _ := filepath.Glob(filepath.Join(root, trashDir, "*")); len(subs) != 0 {
-		t.Fatalf("left in the trash: %v", subs)
-	}
+	removedClean(t, root, dir, "", "")
 }
 
 // TestRemoveTreeSubvolume: the deleter destroys a trashed subvolume whole,
@@ -340,11 +351,7 @@ func TestRemoveTreeSubvolume(t *testing.T) {
 	if err := s.Close(); err != nil { // waits for the trash
 		t.Fatal(err)
 	}
-	gone(t, dir)
-	if left, _ := filepath.Glob(filepath.Join(root, trashDir, "*")); len(left) != 0 {
-		t.Fatalf("left in the trash: %v", left)
-	}
-	noQgroup(t, mnt, qgroup)
+	removedClean(t, root, dir, mnt, qgroup)
 }
 
 // TestQgroupLostRename: a power cut that lost a limited snapshot's
