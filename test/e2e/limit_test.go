@@ -61,10 +61,7 @@ func TestContainerd2SizeLimit(t *testing.T) {
 
 	sn := harness.SnapshotterName
 	s.ctr(t, "images", "import", "--snapshotter", sn, s.f.archive)
-	out, err := s.c.Ctr(ctx, append([]string{"run", "--rm", label, "--snapshotter", sn, imageName, "limited"}, fill...)...)
-	if err == nil || !strings.Contains(out+err.Error(), "no space left on device") {
-		t.Fatalf("writing %d bytes in a container limited to %d: %v, output %q; want no space left on device", e2eFill, e2eLimit, err, out)
-	}
+	s.fillPastLimit(ctx, t, "limited", []string{label, "--snapshotter", sn}, e2eFill, "no space left on device")
 	s.ctr(t, append([]string{"run", "--rm", "--snapshotter", sn, imageName, "unlimited"}, fill...)...)
 	// containerd removes a container's snapshot from the snapshotter in
 	// its garbage collection; images rm --sync runs one and waits.
@@ -72,11 +69,11 @@ func TestContainerd2SizeLimit(t *testing.T) {
 	if left := mountsUnder(t, s.oc.Root+"/snapshots/"); len(left) > 0 {
 		t.Errorf("mounts left after containerd's GC: %v", left)
 	}
-	qgroupSizeLimit(ctx, t, s, label, fill)
+	qgroupSizeLimit(ctx, t, s, label)
 
 	us := harness.UserspaceName
 	s.ctr(t, "images", "import", "--snapshotter", us, s.f.archive)
-	out, err = s.c.Ctr(ctx, append([]string{"run", "--rm", label, "--snapshotter", us, imageName, "userspace"}, fill...)...)
+	out, err := s.c.Ctr(ctx, append([]string{"run", "--rm", label, "--snapshotter", us, imageName, "userspace"}, fill...)...)
 	if err == nil || !strings.Contains(out+err.Error(), "userspace mode") {
 		t.Fatalf("a limit in userspace mode: %v, output %q; want a refusal naming userspace mode", err, out)
 	}
@@ -353,7 +350,7 @@ func btrfsSharedBytes(t *testing.T, dir string) int64 {
 // qgroupSizeLimit restarts the suite's overclone on a root on btrfs with
 // qgroups enabled (containerd holds none of its snapshots now) and runs a
 // limited container there.
-func qgroupSizeLimit(ctx context.Context, t *testing.T, s *suite, label string, fill []string) {
+func qgroupSizeLimit(ctx context.Context, t *testing.T, s *suite, label string) {
 	t.Helper()
 	start := time.Now()
 	defer func() { t.Logf("the btrfs-qgroup root took %v", time.Since(start).Round(time.Millisecond)) }()
@@ -370,10 +367,7 @@ func qgroupSizeLimit(ctx context.Context, t *testing.T, s *suite, label string, 
 	}
 	sn := harness.SnapshotterName
 	s.ctr(t, "images", "import", "--snapshotter", sn, s.f.archive)
-	out, err := s.c.Ctr(ctx, append([]string{"run", "--rm", label, "--snapshotter", sn, imageName, "limited-qgroup"}, fill...)...)
-	if err == nil || !strings.Contains(out+err.Error(), "disk quota exceeded") {
-		t.Fatalf("writing %d bytes in a container limited to %d on a btrfs root with qgroups: %v, output %q; want disk quota exceeded\n%s", e2eFill, e2eLimit, err, out, s.oc.Tail(20))
-	}
+	s.fillPastLimit(ctx, t, "limited-qgroup", []string{label, "--snapshotter", sn}, e2eFill, "disk quota exceeded")
 	s.removeImages(t)
 	if left := limitedDirs(t, s.oc.Root); len(left) > 0 {
 		t.Errorf("limited snapshots left after containerd's GC: %v", left)

@@ -241,6 +241,28 @@ func (s *suite) runViewer(t *testing.T, sn, ref, id, op, cmd string) string {
 	return s.readView(t, o, viewFile, out)
 }
 
+// fillPastLimit runs, with `ctr run --rm` and the run flags given, a
+// container id that writes size bytes, which must fail with an error
+// that contains want. The viewer writes its error to its out dir, read
+// from the host once ctr returned: ctr may lose what a process prints
+// right before it exits (see harness.ViewerOut), and did, one run in
+// several, for a container that hit its size limit.
+func (s *suite) fillPastLimit(ctx context.Context, t *testing.T, id string, flags []string, size int64, want string) {
+	t.Helper()
+	o := s.viewerOut(t, id)
+	const errFile = "fill-error.txt"
+	args := append(append([]string{"run", "--rm"}, o.MountFlags()...), flags...)
+	args = append(append(args, imageName, id), o.FillCommand("/past-the-limit", size, errFile)...)
+	out, err := s.c.Ctr(ctx, args...)
+	if err == nil {
+		t.Fatalf("writing %d bytes in container %s succeeded; want %s", size, id, want)
+	}
+	got, rerr := os.ReadFile(filepath.Join(o.Dir, errFile))
+	if rerr != nil || !strings.Contains(string(got), want) {
+		t.Fatalf("writing %d bytes in container %s: %v, ctr printed %q, the viewer wrote %q (%v); want %s\n%s", size, id, err, out, got, rerr, want, s.oc.Tail(20))
+	}
+}
+
 // viewerOut makes the out dir for container id.
 func (s *suite) viewerOut(t *testing.T, id string) harness.ViewerOut {
 	t.Helper()

@@ -7,6 +7,7 @@ import (
 	"os"
 	"path"
 	"path/filepath"
+	"strconv"
 
 	"github.com/overclone/overclone/test/image"
 )
@@ -53,4 +54,10 @@ func (o ViewerOut) Read(name, ctrOut string) (string, error) {
 		return "", err
 	}
 	return string(b), nil
+}
+
+// FillCommand is the process args that write size bytes in the
+// container at file and, if that fails, the error to name in the dir.
+func (o ViewerOut) FillCommand(file string, size int64, name string) []string {
+	return []string{"/bin/viewer", "fill", file, strconv.FormatInt(size, 10), path.Join(viewerOutDir, name)}
 }

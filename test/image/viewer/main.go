@@ -9,7 +9,9 @@
 //	viewer write [root [out]]  change files the lower layers own, then print the view
 //	viewer sleep               print "ready" and wait for SIGTERM (restart tests)
 //	viewer rename old new      rename a file or dir, as mv does (CRI exec tests)
-//	viewer fill path bytes     write a file of that many bytes and fsync it
+//	viewer fill path bytes [errout]
+//	                           write a file of that many bytes and fsync it;
+//	                           on failure, write the error to errout too
 //
 // With out, the view goes to the file out instead of stdout. The tests bind
 // a host dir into the container and read the view from there: ctr now and
@@ -38,6 +40,17 @@ func main() {
 }
 
 func run(args []string) error {
+	if len(args) == 4 && args[0] == "fill" {
+		// The error goes to a file the test reads from the host: ctr
+		// may lose what a process writes just before it exits.
+		err := run(args[:3])
+		if err != nil {
+			if werr := os.WriteFile(args[3], []byte(err.Error()), 0o644); werr != nil {
+				return fmt.Errorf("%w (and writing it to %s: %v)", err, args[3], werr)
+			}
+		}
+		return err
+	}
 	if len(args) == 3 {
 		switch args[0] {
 		case "rename":
