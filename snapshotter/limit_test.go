@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -45,6 +46,13 @@ func limitRoot(t *testing.T) string {
 	t.Helper()
 	root := t.TempDir()
 	t.Cleanup(func() {
+		if t.Failed() {
+			// An image's filesystem said EBADMSG once (a metadata
+			// checksum) in a full CI run and never alone: what the
+			// kernel logged is the lead to follow.
+			out, _ := exec.Command("sh", "-c", "dmesg | grep -E 'EXT4-fs|loop' | tail -40").CombinedOutput()
+			t.Logf("kernel log:\n%s", out)
+		}
 		dirs, _ := filepath.Glob(filepath.Join(root, snapshotsDir, "*"))
 		for _, d := range dirs {
 			syscall.Unmount(d, syscall.MNT_DETACH)
