@@ -510,13 +510,10 @@ func TestLimitTemplates(t *testing.T) {
 	gone(t, older)
 }
 
-// TestLimitLostRename: a power cut that lost a limited snapshot's rename
-// (its directory, with the image in it, is gone; the metadata names it)
-// gets the directory made again at start with a new image, so the limit
-// still holds, rather than an unlimited upper.
-func TestLimitLostRename(t *testing.T) {
-	needLimits(t)
-	root := limitRoot(t)
+// closedLimited prepares "limited" with testLimit on a new snapshotter on
+// root, closes it, and returns the snapshot's directory.
+func closedLimited(t *testing.T, root string) string {
+	t.Helper()
 	ctx, s := openTest(t, root, WithMode(ModeOverlay))
 	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
 		t.Fatal(err)
@@ -525,13 +522,24 @@ func TestLimitLostRename(t *testing.T) {
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
+	return dir
+}
+
+// TestLimitLostRename: a power cut that lost a limited snapshot's rename
+// (its directory, with the image in it, is gone; the metadata names it)
+// gets the directory made again at start with a new image, so the limit
+// still holds, rather than an unlimited upper.
+func TestLimitLostRename(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	dir := closedLimited(t, root)
 	if err := syscall.Unmount(dir, 0); err != nil {
 		t.Fatal(err)
 	}
 	if err := os.RemoveAll(dir); err != nil {
 		t.Fatal(err)
 	}
-	ctx, s = openTest(t, root)
+	ctx, s := openTest(t, root)
 	if ok, err := isMountPoint(dir); err != nil || !ok {
 		t.Fatalf("the lost directory was not made again with its image: mounted %v, %v", ok, err)
 	}

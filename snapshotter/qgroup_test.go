@@ -358,18 +358,11 @@ func TestRemoveTreeSubvolume(t *testing.T) {
 // subvolume (the metadata names it) gets a new one, limited, at start.
 func TestQgroupLostRename(t *testing.T) {
 	root, _ := qgroupRoot(t, loopfs.Qgroups)
-	ctx, s := openTest(t, root, WithMode(ModeOverlay))
-	if _, err := s.Prepare(ctx, "limited", "", withMaxSize(testLimit)); err != nil {
-		t.Fatal(err)
-	}
-	dir := s.snapshotDir(s.idOf(ctx, t, "limited"))
-	if err := s.Close(); err != nil {
-		t.Fatal(err)
-	}
+	dir := closedLimited(t, root)
 	if err := removeTree(dir); err != nil {
 		t.Fatal(err)
 	}
-	ctx, s = openTest(t, root)
+	ctx, s := openTest(t, root)
 	if !isSubvolume(dir) {
 		t.Fatalf("the lost directory %s was not made again as a subvolume", dir)
 	}
