@@ -232,7 +232,7 @@ func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string)
 		if _, info, _, err := storage.GetInfo(ctx, key); err == nil && limited(info) {
 			limit, _, _ = parseMaxSize(info.Labels)
 		}
-		if err := reattachImage(dir, limit); err != nil {
+		if err := reattachImage(ctx, dir, limit); err != nil {
 			log.G(ctx).WithError(err).WithField("key", key).WithField("id", id).Error("failed to mount the image of a size-limited snapshot: it is unusable")
 			s.missing.add(id, key)
 		}

@@ -143,7 +143,7 @@ func layOut(mnt int) error {
 	return nil
 }
 
-// mountImage attaches path to a loop device and mounts it detached,
+// mountImage attaches path to a new loop device and mounts it detached,
 // returning the mount's descriptor. The loop device clears itself when
 // the last user lets go of it: the mount's unmount, or this process's
 // end if it dies before mounting.
@@ -156,6 +156,12 @@ func mountImage(path string) (int, error) {
 		return -1, fmt.Errorf("attach %s to a loop device: %w", path, err)
 	}
 	defer loop.Close() // the mount holds the device from here on
+	return mountLoop(loop, path)
+}
+
+// mountLoop mounts the ext4 on the loop device loop (bound to path)
+// detached.
+func mountLoop(loop *os.File, path string) (int, error) {
 	fsfd, err := unix.Fsopen("ext4", unix.FSOPEN_CLOEXEC)
 	if err != nil {
 		return -1, fmt.Errorf("fsopen ext4 for %s: %w", path, err)
@@ -295,7 +301,7 @@ func detachImage(ctx context.Context, dir string) error {
 // Prepare, before the image's journal committed the cut) would leave the
 // container no room: its ballast is cut again for limit, the snapshot's
 // label (0: a committed layer, which does not grow).
-func reattachImage(dir string, limit int64) error {
+func reattachImage(ctx context.Context, dir string, limit int64) error {
 	mounted, err := isMountPoint(dir)
 	if err != nil {
 		return fmt.Errorf("check mount of %s: %w", dir, err)
@@ -307,7 +313,7 @@ func reattachImage(dir string, limit int64) error {
 	if _, err := os.Lstat(path); err != nil {
 		return fmt.Errorf("the size limit's image is gone: %w", err)
 	}
-	mnt, err := mountImage(path)
+	mnt, err := remountImage(ctx, path)
 	if err != nil {
 		return err
 	}
