@@ -15,9 +15,8 @@
 //	                           btrfs root with quotas enabled, snapshots/<id>
 //	                           is itself a subvolume with a qgroup limit
 //	                           (qgroup.go); an image taken from the pool
-//	                           holds a ballast file at its root, beside fs
-//	                           and work, that keeps it to its limit
-//	                           (ballast.go)
+//	                           is of a size class, held to its limit by
+//	                           ext4's reserve (reserve.go)
 //	ROOT/images/               ext4-*: formatted image templates, one per
 //	                           size class (template.go); pool-*: images kept
 //	                           ready, mounted detached (imagepool.go)

@@ -19,10 +19,9 @@ import (
 // pod without waiting.
 const poolSize = 2
 
-// poolSizes bounds how many limits asked for are pooled at once (each as
-// poolSize images of its class cut for it): default_max_size (always) and
-// those most recently asked for, the least recently asked for let go
-// first. Each holds poolSize loop devices and mounts doing nothing; nodes
+// poolSizes bounds how many classes asked for are pooled at once (each as
+// poolSize images): default_max_size's (always) and those most recently
+// asked for, the least recently asked for let go first. Each holds poolSize loop devices and mounts doing nothing; nodes
 // run pods of a few specs at a time.
 const poolSizes = 4
 
@@ -35,36 +34,28 @@ const poolSizes = 4
 var coverClasses = []int64{128 << 20, 512 << 20, 2 << 30, 8 << 30, 32 << 30, 128 << 30}
 
 // imagePool keeps images formatted and mounted, detached, with their dirs
-// made, their base recorded and their free space taken by a ballast
-// (ballast.go), so that a limited Prepare only renames one into its
-// directory, cuts its ballast back to the limit and moves its mount:
-// measured, formatting and mounting an image cost a Prepare 3-9 ms, the
-// ext4 mount most of it.
+// made and their base recorded, so that a limited Prepare only renames
+// one into its directory, sets its reserve for the limit (reserve.go) and
+// moves its mount: measured, formatting and mounting an image cost a
+// Prepare 3-9 ms, the ext4 mount most of it.
 //
-// The pool holds two kinds of entries, each images of one size class with
-// their ballasts cut for one limit already:
-//   - the limits asked for: default_max_size's from the start and, once a
-//     limit is asked for, each of the poolSizes-1 most recently asked for,
-//     poolSize images each of the limit's class cut for it, so that the
-//     same limit again cuts nothing (a cut of a big class frees tens of
-//     GiB: milliseconds);
+// The pool holds entries of two kinds, each the ready images of one size
+// class:
+//   - the classes asked for: default_max_size's from the start and, once
+//     a limit is asked for, each of the poolSizes-1 classes most recently
+//     asked for, poolSize images each, so that a pod's containers of one
+//     limit started one after another find one each;
 //   - once limits are in use (default_max_size set, a limited snapshot
 //     found at start, or the first limited Prepare), the covers: one
-//     image of each of coverClasses, cut for the smallest limit its class
-//     serves, which the LRU never lets go of.
+//     image of each of coverClasses, which the LRU never lets go of.
 //
-// A limit L takes, of the entries serving it (their class from L to
-// classSpan times L, cut for at most L), one of the smallest class, where
-// the container has the most room (ballast.go), and of those the one cut
-// closest to L: cut for L itself, then for the largest limit below it; its
-// cut frees L less what the image is cut for. (Only a cover can be of a
-// larger class and cut closer to L, the cover four times L's class being
-// cut for a quarter of itself; the room is worth more than the cut, about
-// 0.022 ms per GiB freed.) When none has an image ready (limits past the largest cover, or the
-// refill has not caught up), its Prepare makes its own image at exactly L.
-// Either way L's entry is then the most recently asked for, and the refill
-// makes its images, those asked for first, then the covers, smallest
-// first.
+// A limit L takes an image of the smallest class serving it (from L to
+// classSpan times L) that has one ready: the smallest leaves the
+// container the most room. When none has (limits past the largest cover,
+// or the refill has not caught up), its Prepare makes its own image at
+// exactly L. Either way L's class is then the most recently asked for, and
+// the refill makes its images, those asked for first, then the covers,
+// smallest first.
 //
 // The images wait in ROOT/images/pool-*: a daemon that dies leaves the
 // files (the kernel dissolves their detached mounts and clears their loop
@@ -86,20 +77,12 @@ type imagePool struct {
 	fills   sync.WaitGroup
 }
 
-// pooledSize is the ready images of one size class whose ballasts are cut
-// for one limit.
+// pooledSize is the ready images of one size class.
 type pooledSize struct {
 	size   int64 // the class
-	cutFor int64 // the limit the images' ballasts are cut for
 	keep   int   // how many images to keep ready
 	pinned bool  // default_max_size's: never let go
 	ready  []pooledImage
-}
-
-// serves tells whether ps's images can hold a limit of size: one of its
-// class, not below what their ballasts are cut for.
-func (ps *pooledSize) serves(size int64) bool {
-	return serves(ps.size, size) && size >= ps.cutFor
 }
 
 type pooledImage struct {
@@ -109,14 +92,14 @@ type pooledImage struct {
 
 var poolSeq atomic.Uint64
 
-// init sets up an empty pool that keeps images cut for defaultSize (0:
-// none), of the limits asked for, and once limits are in use (at once
+// init sets up an empty pool that keeps images of defaultSize's class (0:
+// none), of the classes asked for, and once limits are in use (at once
 // with a default) of covers.
 func (p *imagePool) init(templates *imageTemplates, defaultSize int64, covers []int64) {
 	p.templates, p.dir = templates, templates.dir
 	p.coverClasses = covers
 	if defaultSize > 0 {
-		p.sizes = []*pooledSize{{size: sizeClass(defaultSize), cutFor: defaultSize, keep: poolSize, pinned: true}}
+		p.sizes = []*pooledSize{{size: sizeClass(defaultSize), keep: poolSize, pinned: true}}
 		p.limitsInUse()
 	}
 }
@@ -135,15 +118,15 @@ func (p *imagePool) cover() {
 		return
 	}
 	for _, c := range p.coverClasses {
-		p.covers = append(p.covers, &pooledSize{size: c, cutFor: c / classSpan, keep: 1})
+		p.covers = append(p.covers, &pooledSize{size: c, keep: 1})
 	}
 }
 
-// take moves a ready image that serves a limit of size to path, cuts its
-// ballast back to size and returns it, or nil when there is none; either
-// way size's entry is the most recently asked for. The caller starts a
-// refill once its Prepare is done: measured, a refill started here took
-// a core from the Prepare it was serving.
+// take moves a ready image that serves a limit of size to path, holds it
+// to size and returns it, or nil when there is none; either way size's
+// class is the most recently asked for. The caller starts a refill once
+// its Prepare is done: measured, a refill started here took a core from
+// the Prepare it was serving.
 func (p *imagePool) take(ctx context.Context, path string, size int64) *loopImage {
 	got, class := p.pop(size)
 	if got.img == nil {
@@ -154,7 +137,7 @@ func (p *imagePool) take(ctx context.Context, path string, size int64) *loopImag
 	err := os.Rename(got.path, path)
 	if err == nil {
 		// Nobody else reaches the image yet: its mount is detached.
-		err = trimBallast(got.img.mnt, class, size)
+		err = setLimit(got.img.mnt, class, size, true)
 		if err != nil {
 			os.Remove(path)
 		}
@@ -169,13 +152,12 @@ func (p *imagePool) take(ctx context.Context, path string, size int64) *loopImag
 	return got.img
 }
 
-// pop takes a ready image of the smallest class serving size whose
-// ballast is cut closest to size, if any, and the class it is of; size's
-// own entry goes to the front of the limits asked for, which may push out
-// the least recently asked for but the default's, whose images the refill
-// lets go of: unmounting an ext4 costs milliseconds, which are no
-// Prepare's to pay. A limit asked for means limits are in use: the first
-// sets the covers up.
+// pop takes a ready image of the smallest class serving size, if any, and
+// the class it is of; size's class goes to the front of the classes asked
+// for, which may push out the least recently asked for but the default's,
+// whose images the refill lets go of: unmounting an ext4 costs
+// milliseconds, which are no Prepare's to pay. A limit asked for means
+// limits are in use: the first sets the covers up.
 func (p *imagePool) pop(size int64) (got pooledImage, class int64) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -185,10 +167,10 @@ func (p *imagePool) pop(size int64) (got pooledImage, class int64) {
 	p.cover()
 	var from *pooledSize
 	for _, ps := range slices.Concat(p.sizes, p.covers) {
-		if len(ps.ready) == 0 || !ps.serves(size) {
+		if len(ps.ready) == 0 || !serves(ps.size, size) {
 			continue
 		}
-		if from == nil || ps.size < from.size || (ps.size == from.size && ps.cutFor > from.cutFor) {
+		if from == nil || ps.size < from.size {
 			from = ps
 		}
 	}
@@ -197,20 +179,19 @@ func (p *imagePool) pop(size int64) (got pooledImage, class int64) {
 		got, from.ready = from.ready[n-1], from.ready[:n-1]
 		class = from.size
 	}
-	p.ask(size)
+	p.ask(sizeClass(size))
 	return got, class
 }
 
-// ask makes the entry of size (its class, cut for it) the most recently
-// asked for.
-func (p *imagePool) ask(size int64) {
-	i := slices.IndexFunc(p.sizes, func(ps *pooledSize) bool { return ps.cutFor == size })
+// ask makes the entry of class the most recently asked for.
+func (p *imagePool) ask(class int64) {
+	i := slices.IndexFunc(p.sizes, func(ps *pooledSize) bool { return ps.size == class })
 	var ps *pooledSize
 	if i >= 0 {
 		ps = p.sizes[i]
 		p.sizes = slices.Delete(p.sizes, i, i+1)
 	} else {
-		ps = &pooledSize{size: sizeClass(size), cutFor: size, keep: poolSize}
+		ps = &pooledSize{size: class, keep: poolSize}
 		if len(p.sizes) >= poolSizes {
 			// The least recently asked for that is not the default's.
 			j := len(p.sizes) - 1
@@ -224,7 +205,7 @@ func (p *imagePool) ask(size int64) {
 	p.sizes = slices.Insert(p.sizes, 0, ps)
 }
 
-// short is the entry to make an image for next: the limit asked for most
+// short is the entry to make an image for next: the class asked for most
 // recently that lacks images, else the smallest cover that does; nil when
 // every entry has what it keeps.
 func (p *imagePool) short() *pooledSize {
@@ -239,7 +220,7 @@ func (p *imagePool) short() *pooledSize {
 // refill, in the background, lets go of the images of entries pushed
 // out, then makes images until every entry has what it keeps, one at a
 // time, in short's order: each a copy of its class's template, mounted,
-// its free space taken by a ballast as long as its entry's limit wants.
+// its dirs and base there already.
 func (p *imagePool) refill(ctx context.Context) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -290,11 +271,6 @@ func (p *imagePool) refill(ctx context.Context) {
 			}
 			path := filepath.Join(p.dir, "pool-"+strconv.FormatInt(time.Now().UnixNano(), 36)+"-"+strconv.FormatUint(poolSeq.Add(1), 36))
 			img, err := makeImage(ctx, p.templates, path, ps.size)
-			if err == nil {
-				if err = fillBallast(img.mnt, ps.size, ps.cutFor); err != nil {
-					img.close()
-				}
-			}
 			if err != nil {
 				os.Remove(path)
 				log.G(ctx).WithError(err).WithField("size", ps.size).Warn("failed to make a pooled image: limited Prepares make their own")

@@ -6,6 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -57,7 +58,7 @@ func probeRootLimits(mode Mode, root string, backend LimitBackend) (LimitMechani
 	}
 	q, why := probeBtrfsQuotas(root)
 	if q == nil {
-		img.Note = why
+		img.Note = strings.Join(slices.DeleteFunc([]string{why, img.Note}, func(n string) bool { return n == "" }), "; ")
 		return img, nil
 	}
 	return LimitMechanism{OK: true, Backend: LimitQgroup,
@@ -85,7 +86,11 @@ func ProbeLimits(mode Mode) LimitMechanism {
 		return LimitMechanism{How: "cannot mount ext4 through fsopen: " + err.Error()}
 	}
 	unix.Close(fd)
-	return LimitMechanism{OK: true, Backend: LimitImage, How: "ext4 image per limited snapshot, loop-mounted (" + mkfs + ")"}
+	m := LimitMechanism{OK: true, Backend: LimitImage, How: "ext4 image per limited snapshot, loop-mounted (" + mkfs + ")"}
+	if err := reservesWork(); err != nil {
+		m.Note = "no image is kept ready, each limited Prepare formats and mounts its own (5-10x the time of one without a limit): " + err.Error()
+	}
+	return m
 }
 
 // WithLimitBackend chooses how size limits are enforced: LimitAuto (the
@@ -210,11 +215,11 @@ func (s *Snapshotter) detachOrphanImages(ctx context.Context, ids map[string]str
 // actives, and of snapshots committed from one (containerd replaces the
 // labels at Commit, so the image file is what says so). A limited active
 // whose image cannot be mounted, or is gone, is unusable, not unlimited.
-// An image from the pool gets its ballast cut back to its limit again
-// (reattachImage). A limited active on the image path tells the pool that
-// limits are in use (its covers, imagepool.go). It runs after checkLayers, inside the same write
-// transaction, and costs a statx and an lstat per snapshot, and a lookup of
-// the labels of each image it mounts.
+// An image from the pool gets its reserve back (reattachImage). A limited
+// active on the image path tells the pool that limits are in use (its
+// covers, imagepool.go). It runs after checkLayers, inside the same write
+// transaction, and costs a statx and an lstat per snapshot, and a lookup
+// of the labels of each image it mounts.
 func (s *Snapshotter) reattachImages(ctx context.Context, ids map[string]string) error {
 	s.templates.cleanLeftovers(ctx)
 	for id, key := range ids {

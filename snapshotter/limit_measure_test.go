@@ -33,10 +33,11 @@ const measureEnv = "OVERCLONE_MEASURE_LIMITS"
 //   - Prepare with a limit against Prepare without (overclone's and the
 //     built-in's, in the same rounds): a size never asked for, served by
 //     a cover (new size; 1-1.5 GiB, and big: 20 and 60 GiB), one asked
-//     for before (its images cut for it: 1 GiB and 60 GiB) and
+//     for before (its class pooled: 1 GiB and 60 GiB) and
 //     default_max_size; and Remove with a limit;
 //   - what the pool's refill pays per image of each cover class (the
-//     template's copy and its mount, then the ballast's fallocate), what
+//     template's copy and its mount), what a take pays to set the
+//     reserve, what
 //     the image file then holds of the host's disk, and what share of a
 //     limit a container can write, in an image made at the limit and in
 //     images of the classes that serve it;
@@ -87,14 +88,12 @@ func TestLimitMeasure(t *testing.T) {
 	// Prepare with and without a limit, interleaved, and Remove. Each
 	// round times a Prepare without a limit (overclone's, then the
 	// built-in's) and one with, of a kind:
-	//   - new size: a size never asked for, which a cover serves (its
-	//     class's image cut for a quarter of it, cut further by the
-	//     Prepare): 1-1.5 GiB (the 2 GiB cover, cutting 0.5-1 GiB), and
-	//     big, 20 GiB (the 32 GiB cover, cutting 12 GiB) and 60 GiB (the
-	//     128 GiB cover, cutting 28 GiB); each round's a MiB less than the
-	//     last, which the images cut for the last cannot serve;
-	//   - asked before: one size (1 GiB, 60 GiB) asked for again, its
-	//     images cut for it by the refill;
+	//   - new size: a size never asked for, 1-1.5 GiB, 20 GiB and 60 GiB,
+	//     each round's a MiB less than the last: the first round takes the
+	//     cover serving it (2, 32 and 128 GiB), later rounds its class's
+	//     images, which the first asked for; either way the take sets the
+	//     reserve for the size, a cost that does not depend on it;
+	//   - asked before: one size (1 GiB, 60 GiB) asked for again;
 	//   - default_max_size (1 GiB, and 64 GiB, on two more snapshotters).
 	// A container start is not a Prepare every millisecond: each timed
 	// Prepare starts with the pools caught up (no refill running), as a
@@ -153,10 +152,10 @@ func TestLimitMeasure(t *testing.T) {
 	t.Logf("Remove: with a limit %v, without %v", median(removeLimited), median(removePlain))
 
 	// The refill's cost per image of each cover class, what the image
-	// file then holds, and what a take from it pays at most: the cut for
-	// a limit of the whole class.
+	// file then holds, and what a take from it pays to hold it to a
+	// quarter of it and to all of it.
 	for _, class := range coverClasses {
-		var made, filled, cutAll []time.Duration
+		var made, quarter, whole []time.Duration
 		var held []int64
 		for range 4 {
 			var img *loopImage
@@ -169,17 +168,17 @@ func TestLimitMeasure(t *testing.T) {
 				img, err = makeImage(ctx, &s.templates, path, class)
 				return err
 			}))
-			filled = append(filled, timeOnce(t, func() error { return fillBallast(img.mnt, class, class/classSpan) }))
 			var st unix.Stat_t
 			if err := unix.Stat(path, &st); err != nil {
 				t.Fatal(err)
 			}
 			held = append(held, st.Blocks*512)
-			cutAll = append(cutAll, timeOnce(t, func() error { return trimBallast(img.mnt, class, class) }))
+			quarter = append(quarter, timeOnce(t, func() error { return setLimit(img.mnt, class, class/classSpan, true) }))
+			whole = append(whole, timeOnce(t, func() error { return setLimit(img.mnt, class, class, true) }))
 			img.close()
 		}
-		t.Logf("refill, one cover of class %d MiB: template copy and mount %v, ballast fallocate (cut for a quarter) and fsync %v, image file %d KiB on disk; take, the cut for a limit of the class %v (medians of 4)",
-			class>>20, median(made), median(filled), slices.Max(held)>>10, median(cutAll))
+		t.Logf("refill, one cover of class %d MiB: template copy and mount %v, image file %d KiB on disk; take, the limit recorded and the reserve set for a quarter of the class %v, for all of it %v (medians of 4)",
+			class>>20, median(made), slices.Max(held)>>10, median(quarter), median(whole))
 	}
 	for _, limit := range []int64{100 << 20, 1 << 30, 3 << 30, 10 << 30} {
 		line := fmt.Sprintf("room of a %d MiB limit: made at the limit %s", limit>>20, roomShare(ctx, t, s, limit, limit))
@@ -221,8 +220,8 @@ func TestLimitMeasure(t *testing.T) {
 }
 
 // roomShare is what a container can write under a limit in a new image of
-// class bytes (a ballast cut back to limit when class is larger), as bytes
-// and a share of the limit.
+// class bytes (held to limit by its reserve when class is larger), as
+// bytes and a share of the limit.
 func roomShare(ctx context.Context, t *testing.T, s *Snapshotter, class, limit int64) string {
 	t.Helper()
 	img, err := makeImage(ctx, &s.templates, filepath.Join(t.TempDir(), "image"), class)
@@ -231,10 +230,7 @@ func roomShare(ctx context.Context, t *testing.T, s *Snapshotter, class, limit i
 	}
 	defer img.close()
 	if class != limit {
-		if err := fillBallast(img.mnt, class, 0); err != nil {
-			t.Fatal(err)
-		}
-		if err := trimBallast(img.mnt, class, limit); err != nil {
+		if err := setLimit(img.mnt, class, limit, true); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -145,7 +145,7 @@ func TestLimitUsageMatchesWalk(t *testing.T) {
 
 // usageMatchesWalk checks Usage against a walk on an active limited to
 // 256 MiB, made in its Prepare, or taken from the pool's 1 GiB cover
-// (pooled: a ballast of three quarters of it).
+// (pooled: held to it by its reserve).
 func usageMatchesWalk(t *testing.T, root string, pooled bool) {
 	opts := []Opt{WithMode(ModeOverlay)}
 	if pooled {
@@ -166,8 +166,8 @@ func usageMatchesWalk(t *testing.T, root string, pooled bool) {
 	if s.quotas != nil {
 		recountNow(s)
 	}
-	if hasBallast(ctx, t, s, "limited") != pooled {
-		t.Fatalf("the image has a ballast: %v, want %v", !pooled, pooled)
+	if fromPool(ctx, t, s, "limited") != pooled {
+		t.Fatalf("the image is from the pool: %v, want %v", !pooled, pooled)
 	}
 	check := func(when string) {
 		t.Helper()
@@ -489,7 +489,7 @@ func TestLimitTemplates(t *testing.T) {
 		s.pool.wait()
 	}
 	gone(t, s.templates.path(MinMaxSize))
-	if !hasBallast(ctx, t, s, "pooled") {
+	if !fromPool(ctx, t, s, "pooled") {
 		t.Fatal("past maxTemplates, the pool keeps no images")
 	}
 	if err := fillUp(filepath.Join(bindSource(ctx, t, s, "pooled"), "big"), 2*MinMaxSize); !isFull(err) {
@@ -590,8 +590,8 @@ func TestLimitPool(t *testing.T) {
 	gone(t, left)
 }
 
-// TestLimitPoolSizes: a limit is pooled once asked for (its class's
-// images cut for it), so the next Prepares it serves take ready images
+// TestLimitPoolSizes: a limit's class is pooled once asked for, so the
+// next Prepares it serves take ready images
 // (the pool, refilled, shrinks by one per Prepare); at most poolSizes
 // limits are pooled, the default's always, and one pushed out lets go of
 // its images (no file, no loop device left); Close lets go of the rest.
@@ -606,19 +606,19 @@ func TestLimitPoolSizes(t *testing.T) {
 		}
 	}
 	const labelled, class = 100 << 20, 128 << 20
-	if n := s.pool.readyOf(class, labelled); n != -1 {
+	if n := s.pool.readyOf(class); n != -1 {
 		t.Fatalf("a limit nobody asked for is pooled (%d ready)", n)
 	}
 	prepare("first", labelled) // makes its own image, and asks for more
 	s.pool.wait()
-	if n := s.pool.readyOf(class, labelled); n != poolSize {
-		t.Fatalf("after the first Prepare of a limit, %d cut for it ready; want %d", n, poolSize)
+	if n := s.pool.readyOf(class); n != poolSize {
+		t.Fatalf("after the first Prepare of a limit, %d of its class ready; want %d", n, poolSize)
 	}
 	// Taken with no refill in between (a larger limit of the class):
 	// the count shows it came from the pool.
 	resume := holdRefills(&s.pool)
 	prepare("second", 120<<20)
-	if n := s.pool.readyOf(class, labelled); n != poolSize-1 {
+	if n := s.pool.readyOf(class); n != poolSize-1 {
 		t.Fatalf("a Prepare the pooled limit serves left %d ready; want %d", n, poolSize-1)
 	}
 	resume()
@@ -635,10 +635,10 @@ func TestLimitPoolSizes(t *testing.T) {
 		prepare("other"+strconv.Itoa(i), size)
 		s.pool.wait()
 	}
-	if n := s.pool.readyOf(class, labelled); n != -1 {
+	if n := s.pool.readyOf(class); n != -1 {
 		t.Fatalf("the least recently asked for limit still pooled (%d ready)", n)
 	}
-	if n := s.pool.readyOf(sizeClass(testLimit), testLimit); n != poolSize {
+	if n := s.pool.readyOf(sizeClass(testLimit)); n != poolSize {
 		t.Fatalf("the default's class has %d ready; want %d", n, poolSize)
 	}
 	pooled, _ := filepath.Glob(filepath.Join(root, templatesDir, "pool-*"))
@@ -675,8 +675,7 @@ func TestLimitPoolSizes(t *testing.T) {
 // as an image layer) keeps its files in its image, which containerd's
 // Commit no longer labels: the layer still serves after a reboot (its
 // image mounted again at start), and its Remove takes the image down;
-// both for an image made at its limit and one from the pool, whose
-// ballast the layer keeps and its Usage leaves out.
+// both for an image made at its limit and one from the pool.
 func TestLimitCommitted(t *testing.T) {
 	needLimits(t)
 	t.Run("made at its limit", func(t *testing.T) { limitCommitted(t, false) })
@@ -684,11 +683,11 @@ func TestLimitCommitted(t *testing.T) {
 }
 
 // limitCommitted is TestLimitCommitted on an image made in its Prepare, or
-// taken from the pool (with a ballast, which the layer's Usage leaves out).
+// taken from the pool.
 func limitCommitted(t *testing.T, pooled bool) {
 	root := limitRoot(t)
 	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
-	opts := []snapshots.Opt{withMaxSize(testLimit - 1<<20)} // no pooled class serves it
+	opts := []snapshots.Opt{withMaxSize(100 << 20)} // the default's class does not serve it
 	if pooled {
 		s.pool.wait()
 		opts = nil // the default's, pooled
@@ -696,8 +695,8 @@ func limitCommitted(t *testing.T, pooled bool) {
 	if _, err := s.Prepare(ctx, "limited", "", opts...); err != nil {
 		t.Fatal(err)
 	}
-	if hasBallast(ctx, t, s, "limited") != pooled {
-		t.Fatalf("the image has a ballast: %v, want %v", !pooled, pooled)
+	if fromPool(ctx, t, s, "limited") != pooled {
+		t.Fatalf("the image is from the pool: %v, want %v", !pooled, pooled)
 	}
 	if err := os.WriteFile(filepath.Join(bindSource(ctx, t, s, "limited"), "kept"), []byte("in the image"), 0o644); err != nil {
 		t.Fatal(err)

@@ -17,8 +17,8 @@ import (
 
 // A size-limited active snapshot keeps its upper and work dirs inside a
 // filesystem image of its own: ROOT/snapshots/<id>/image, a sparse file of
-// the limit's size (or of its size class, held to the limit by a ballast:
-// ballast.go), formatted as ext4 and loop-mounted on ROOT/snapshots/<id>
+// the limit's size (or of its size class, held to the limit by its
+// reserve: reserve.go), formatted as ext4 and loop-mounted on ROOT/snapshots/<id>
 // itself. The mount hides the directory's own (empty) fs and work dirs and
 // shows the image's, so every path the rest of the package uses
 // (snapshots/<id>/fs, snapshots/<id>/work) is unchanged, and overlay's
@@ -56,7 +56,7 @@ const baseXattr = "trusted.overclone.base"
 //   - lazy_itable_init, lazy_journal_init: mke2fs writes no inode tables
 //     or journal, which on a fresh sparse file read as zeros already, and
 //     noinit_itable at mount keeps the kernel from zeroing them later;
-//   - a small journal (journalSize): a container's writable layer keeps
+//   - a small journal, 4 MiB: a container's writable layer keeps
 //     the crash safety of a journal without a default journal (32-256 MiB)
 //     eating into the limit;
 //   - -m 0: no blocks reserved for root, who is who writes in containers;
@@ -64,25 +64,9 @@ const baseXattr = "trusted.overclone.base"
 //     one inode per 8 KiB lets 100k small files fit a 1 GiB limit;
 //   - ^resize_inode: images are never grown online; nodiscard: nothing to
 //     discard in a new sparse file.
-func mkfsExt4(size int64) []string {
-	return []string{"-q", "-F", "-b", "4096", "-i", "8192", "-m", "0", "-J", "size=" + strconv.FormatInt(journalSize(size)>>20, 10),
+func mkfsExt4() []string {
+	return []string{"-q", "-F", "-b", "4096", "-i", "8192", "-m", "0", "-J", "size=4",
 		"-O", "^resize_inode", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"}
-}
-
-// journalSize is the journal of an image of size bytes: 4 MiB (the
-// smallest mke2fs makes), or a MiB per 4 GiB of image from 16 GiB up. A
-// ballast's cut frees blocks in every 128 MiB block group it spans, and
-// changes each group's bitmap and descriptor in one transaction, which
-// jbd2 holds to a quarter of the journal: a 4 MiB journal fits the cut of
-// about 28 GiB, and past that the truncate waits for a journal commit
-// through the loop device. Measured, cutting 96 GiB in a 128 GiB image took
-// 10 ms with a 4 MiB journal and 2.2 ms with this one, 32 MiB: 0.022 ms
-// per GiB freed, as in smaller images (24 GiB in 32 GiB: 0.5 ms). This
-// size fits the cut of the whole image about twice over, for 0.025 % of
-// it.
-func journalSize(size int64) int64 {
-	const mib = 1 << 20
-	return max(4*mib, (size/4096+mib-1)/mib*mib)
 }
 
 // loopImage is a formatted image mounted detached, between Prepare's
@@ -173,6 +157,13 @@ func mountLoop(loop *os.File, path string) (int, error) {
 	if err := unix.FsconfigSetFlag(fsfd, "noinit_itable"); err != nil {
 		return -1, fmt.Errorf("mount %s: noinit_itable: %w", path, err)
 	}
+	// What the container frees goes back to the host: at each journal
+	// commit ext4 discards the blocks freed, and the loop device punches
+	// them out of the image file. Without it the file would keep every
+	// block ever written, up to its size class (reserve.go).
+	if err := unix.FsconfigSetFlag(fsfd, "discard"); err != nil {
+		return -1, fmt.Errorf("mount %s: discard: %w", path, err)
+	}
 	if err := unix.FsconfigCreate(fsfd); err != nil {
 		return -1, fmt.Errorf("mount %s from %s: %w", path, loop.Name(), err)
 	}
@@ -185,13 +176,17 @@ func mountLoop(loop *os.File, path string) (int, error) {
 
 // recordBase stores what the image's filesystem uses now on its root.
 // The value is written twice at the same length, and the base read in
-// between, so that whatever room the attribute itself takes is in the base.
+// between, so that whatever room the attribute itself takes is in the base;
+// so is the limit's record (reserve.go), written first as zeros.
 func recordBase(mnt int) error {
 	rootfd, err := unix.Openat(mnt, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("open root: %w", err)
 	}
 	defer unix.Close(rootfd)
+	if err := unix.Fsetxattr(rootfd, limitXattr, []byte(formatLimit(0)), 0); err != nil {
+		return fmt.Errorf("set %s: %w", limitXattr, err)
+	}
 	if err := unix.Fsetxattr(rootfd, baseXattr, []byte(formatBase(snapshots.Usage{})), 0); err != nil {
 		return fmt.Errorf("set %s: %w", baseXattr, err)
 	}
@@ -296,11 +291,10 @@ func detachImage(ctx context.Context, dir string) error {
 
 // reattachImage mounts again the image of a limited snapshot whose
 // directory is not a mount point (the node rebooted, or the mount was
-// taken away by hand). The image keeps its files and its base. An image
-// from the pool whose ballast's cut was lost (a power cut right after its
-// Prepare, before the image's journal committed the cut) would leave the
-// container no room: its ballast is cut again for limit, the snapshot's
-// label (0: a committed layer, which does not grow).
+// taken away by hand). The image keeps its files and its base; an image
+// of a size class gets its reserve back (restoreLimit), from the limit
+// recorded on it or else from limit, the snapshot's label (0: a committed
+// layer, which does not grow).
 func reattachImage(ctx context.Context, dir string, limit int64) error {
 	mounted, err := isMountPoint(dir)
 	if err != nil {
@@ -310,7 +304,8 @@ func reattachImage(ctx context.Context, dir string, limit int64) error {
 		return nil
 	}
 	path := filepath.Join(dir, imageName)
-	if _, err := os.Lstat(path); err != nil {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
 		return fmt.Errorf("the size limit's image is gone: %w", err)
 	}
 	mnt, err := remountImage(ctx, path)
@@ -318,14 +313,8 @@ func reattachImage(ctx context.Context, dir string, limit int64) error {
 		return err
 	}
 	defer unix.Close(mnt)
-	if limit > 0 {
-		var st unix.Stat_t
-		if err := unix.Stat(path, &st); err != nil {
-			return fmt.Errorf("stat %s: %w", path, err)
-		}
-		if err := recutBallast(mnt, st.Size, limit); err != nil {
-			return fmt.Errorf("image %s: %w", path, err)
-		}
+	if err := restoreLimit(mnt, st.Size, limit); err != nil {
+		return fmt.Errorf("image %s: %w", path, err)
 	}
 	return moveOnto(mnt, dir)
 }
@@ -351,9 +340,8 @@ func imageUsage(dir string) (snapshots.Usage, error) {
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
 	}
-	// The ballast (ballast.go) came after the base; what is left of it
-	// is the limit's, not the snapshot's.
-	bSize, bInodes, err := ballastUsage(fd)
+	// An image held to its limit by a ballast (reserve.go) keeps it.
+	bSize, bInodes, err := legacyBallast(fd)
 	if err != nil {
 		return snapshots.Usage{}, fmt.Errorf("usage of %s: %w", dir, err)
 	}

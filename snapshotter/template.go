@@ -21,9 +21,10 @@ const templatesDir = "images"
 
 // templateVersion names the format mkfsExt4 makes and what layOut puts
 // in it; change it with them, so that images made after an upgrade are
-// made the new way (older templates go at start). v1 held no dirs; v2's
-// journal was 4 MiB whatever the size.
-const templateVersion = "v3"
+// made the new way (older templates go at start). v1 held no dirs; v3
+// grew the journal of big images (for the ballast's cut, reserve.go); v4
+// records the limit (limitXattr) and has a 4 MiB journal again, as v2.
+const templateVersion = "v4"
 
 // maxTemplates bounds how many size classes get a template (each holds a
 // few hundred KiB to a few MiB of metadata). Classes are powers of two, so
@@ -159,7 +160,7 @@ func mkfs(ctx context.Context, path string, size int64) error {
 	if err := os.Truncate(path, size); err != nil {
 		return fmt.Errorf("size image %s: %w", path, err)
 	}
-	if out, err := exec.CommandContext(ctx, "mkfs.ext4", append(mkfsExt4(size), path)...).CombinedOutput(); err != nil {
+	if out, err := exec.CommandContext(ctx, "mkfs.ext4", append(mkfsExt4(), path)...).CombinedOutput(); err != nil {
 		return fmt.Errorf("mkfs.ext4 %s: %w: %s", path, err, strings.TrimSpace(string(out)))
 	}
 	return nil

@@ -2,7 +2,6 @@ package crash
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -48,9 +47,9 @@ func TestLimitCrash(t *testing.T) {
 	root := filepath.Join(loopfs.Mount(t, loopfs.Ext4), "root")
 	// Half the Prepares carry a label, half take default_max_size; both
 	// limits are served by images of one size class (64 MiB) from the
-	// pool the daemon keeps ready, each with its ballast cut back to its
-	// own limit (kills land while the pool refills and fills ballasts
-	// too), but the first labelled one, made in its call.
+	// pool the daemon keeps ready, each held to its own limit by its
+	// reserve (kills land while the pool refills too), but the first
+	// labelled one, made in its call.
 	const defaultSize, labelled = 40 << 20, 48 << 20
 	d := daemon.Start(t, root, fmt.Sprintf("mode = \"overlay\"\ndefault_max_size = %d\n", defaultSize))
 	limit := snapshots.WithLabels(map[string]string{snapshotter.LabelMaxSize: strconv.Itoa(labelled)})
@@ -98,8 +97,8 @@ func TestLimitCrash(t *testing.T) {
 }
 
 // imagesHeldTo checks that no image mounted under root can hold more than
-// limit: its blocks outside its ballast (an image made at its limit has
-// none) come to at most limit.
+// limit: what its filesystem uses and what it can still hand out (its free
+// blocks less its reserve: statfs's f_bavail) come to at most limit.
 func imagesHeldTo(t *testing.T, root string, limit int64) {
 	t.Helper()
 	for _, dir := range imageMounts(t, root) {
@@ -107,12 +106,8 @@ func imagesHeldTo(t *testing.T, root string, limit int64) {
 		if err := unix.Statfs(dir, &st); err != nil {
 			t.Fatal(err)
 		}
-		var ballast unix.Stat_t
-		if err := unix.Lstat(filepath.Join(dir, "ballast"), &ballast); err != nil && !errors.Is(err, unix.ENOENT) {
-			t.Fatal(err)
-		}
-		if held := int64(st.Blocks)*st.Bsize - ballast.Size; held > limit {
-			t.Fatalf("the image on %s holds %d bytes outside its ballast (%d bytes), past the largest limit %d", dir, held, ballast.Size, limit)
+		if held := int64(st.Blocks-st.Bfree+st.Bavail) * st.Bsize; held > limit {
+			t.Fatalf("the image on %s can hold %d bytes (%d used), past the largest limit %d", dir, held, int64(st.Blocks-st.Bfree)*st.Bsize, limit)
 		}
 	}
 }
