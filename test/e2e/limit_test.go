@@ -113,7 +113,9 @@ var (
 )
 
 // checkBackend checks that the daemon said at start, in its log, that
-// it enforces limits with r's backend.
+// it enforces limits with r's backend; on the image backend, that it could
+// keep images ready and hold them to their limits (it sets their ext4
+// reserves in /sys/fs/ext4, which a container sees only if privileged).
 func (r limitRoot) checkBackend(t *testing.T, oc *harness.Overclone) {
 	t.Helper()
 	b, err := os.ReadFile(oc.Log)
@@ -122,6 +124,11 @@ func (r limitRoot) checkBackend(t *testing.T, oc *harness.Overclone) {
 	}
 	if !strings.Contains(string(b), "backend="+string(r.backend)) {
 		t.Errorf("the daemon's log does not say backend=%s:\n%s", r.backend, oc.Tail(20))
+	}
+	for _, bad := range []string{"no image is kept ready", "failed to take a pooled image", "failed to make a pooled image"} {
+		if strings.Contains(string(b), bad) {
+			t.Errorf("the daemon's log says %q:\n%s", bad, oc.Tail(20))
+		}
 	}
 }
 
