@@ -220,7 +220,7 @@ func (p *imagePool) short() *pooledSize {
 // refill, in the background, lets go of the images of entries pushed
 // out, then makes images until every entry has what it keeps, one at a
 // time, in short's order: each a copy of its class's template, mounted,
-// its dirs and base there already.
+// its dirs and base there already, and primed (primeLimit).
 func (p *imagePool) refill(ctx context.Context) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -271,6 +271,11 @@ func (p *imagePool) refill(ctx context.Context) {
 			}
 			path := filepath.Join(p.dir, "pool-"+strconv.FormatInt(time.Now().UnixNano(), 36)+"-"+strconv.FormatUint(poolSeq.Add(1), 36))
 			img, err := makeImage(ctx, p.templates, path, ps.size)
+			if err == nil {
+				if err = primeLimit(img.mnt); err != nil {
+					img.close()
+				}
+			}
 			if err != nil {
 				os.Remove(path)
 				log.G(ctx).WithError(err).WithField("size", ps.size).Warn("failed to make a pooled image: limited Prepares make their own")

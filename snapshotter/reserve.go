@@ -94,14 +94,8 @@ func reserveFor(c, size int64) int64 {
 // limit recorded on its root for a reboot to find.
 func setLimit(mnt int, c, size int64, record bool) error {
 	if record {
-		rootfd, err := unix.Openat(mnt, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("open image root: %w", err)
-		}
-		err = unix.Fsetxattr(rootfd, limitXattr, []byte(formatLimit(size)), unix.XATTR_REPLACE)
-		unix.Close(rootfd)
-		if err != nil {
-			return fmt.Errorf("set %s: %w", limitXattr, err)
+		if err := setRecord(mnt, size); err != nil {
+			return err
 		}
 	}
 	attr, err := reserveAttr(mnt)
@@ -119,12 +113,41 @@ func setLimit(mnt int, c, size int64, record bool) error {
 	return nil
 }
 
+// primeLimit makes, in a pooled image mounted at mnt, the first changes a
+// filesystem just mounted pays for, so that its take does not: it writes
+// the zero record again, which reads the root's attribute block through
+// the loop device and starts the journal's first transaction, and reads
+// the reserve's sysfs file. Measured, the take's record and reserve cost
+// 0.13-0.33 ms in an image no write had touched since its mount, and
+// 12-17 µs after. (Syncing the image here as well made every take after
+// it 2-8 ms slower: measured, and not kept.)
+func primeLimit(mnt int) error {
+	if err := setRecord(mnt, 0); err != nil {
+		return err
+	}
+	_, err := reserveOf(mnt)
+	return err
+}
+
 // reservesWork tells whether images can be held to their limits by their
 // reserves: /sys/fs/ext4 is there and writable (sysfs mounted read-write,
 // as in a privileged pod).
 func reservesWork() error {
 	if err := unix.Access("/sys/fs/ext4", unix.W_OK); err != nil {
 		return fmt.Errorf("cannot set ext4 reserves in /sys/fs/ext4: %w", err)
+	}
+	return nil
+}
+
+// setRecord records size as the limit of the image mounted at mnt.
+func setRecord(mnt int, size int64) error {
+	rootfd, err := unix.Openat(mnt, ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("open image root: %w", err)
+	}
+	defer unix.Close(rootfd)
+	if err := unix.Fsetxattr(rootfd, limitXattr, []byte(formatLimit(size)), unix.XATTR_REPLACE); err != nil {
+		return fmt.Errorf("set %s: %w", limitXattr, err)
 	}
 	return nil
 }
