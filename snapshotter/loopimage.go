@@ -157,9 +157,9 @@ func mountLoop(loop *os.File, path string) (int, error) {
 	if err := unix.FsconfigSetFlag(fsfd, "noinit_itable"); err != nil {
 		return -1, fmt.Errorf("mount %s: noinit_itable: %w", path, err)
 	}
-	// What the container frees goes back to the host: at each journal
-	// commit ext4 discards the blocks freed, and the loop device punches
-	// them out of the image file. Without it the file would keep every
+	// What the container frees goes back to the host: after each
+	// journal commit ext4 discards the blocks freed (from a workqueue),
+	// and the loop device punches them out of the image file. Without it the file would keep every
 	// block ever written, up to its size class (reserve.go).
 	if err := unix.FsconfigSetFlag(fsfd, "discard"); err != nil {
 		return -1, fmt.Errorf("mount %s: discard: %w", path, err)

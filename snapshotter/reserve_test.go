@@ -74,27 +74,24 @@ func fromPool(ctx context.Context, t *testing.T, s *Snapshotter, key string) boo
 // limitRecord is the limit recorded on the image mounted on dir.
 func limitRecord(t *testing.T, dir string) int64 {
 	t.Helper()
-	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-	size, err := recordedLimit(fd)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return size
+	return ofImage(t, dir, recordedLimit)
 }
 
 // reserveAt is the reserve, in clusters, of the image mounted on dir.
 func reserveAt(t *testing.T, dir string) int64 {
+	t.Helper()
+	return ofImage(t, dir, reserveOf)
+}
+
+// ofImage is what get says of the image mounted on dir.
+func ofImage(t *testing.T, dir string, get func(mnt int) (int64, error)) int64 {
 	t.Helper()
 	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer unix.Close(fd)
-	n, err := reserveOf(fd)
+	n, err := get(fd)
 	if err != nil {
 		t.Fatal(err)
 	}
