@@ -430,8 +430,10 @@ func TestReserveRestart(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	// The power cut: "lost"'s record as the pool left it.
-	mnt, err := mountImage(filepath.Join(under, filepath.Base(dirs["lost"]), imageName))
+	// The power cut: "lost"'s record as the pool left it. (From the loop
+	// device still bound to the image if another mount namespace, made
+	// meanwhile by a test running beside this one, holds it: loopdev.go.)
+	mnt, err := remountImage(ctx, filepath.Join(under, filepath.Base(dirs["lost"]), imageName))
 	if err != nil {
 		t.Fatal(err)
 	}
