@@ -2,11 +2,13 @@ package snapshotter
 
 import (
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // TestReattachHeldElsewhere: an image unmounted here but still mounted in
@@ -30,7 +32,7 @@ func TestReattachHeldElsewhere(t *testing.T) {
 	}
 	dir := s.snapshotDir(s.idOf(ctx, t, "limited"))
 	image := filepath.Join(dir, imageName)
-	holder := holdMounts(t)
+	release := holdMount(t, dir)
 	if err := s.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -55,8 +57,7 @@ func TestReattachHeldElsewhere(t *testing.T) {
 	if u, err := s.Usage(ctx, "limited"); err != nil || u.Inodes != 3 {
 		t.Fatalf("Usage: %+v, %v; want the fs dir and two files", u, err)
 	}
-	holder.Process.Kill()
-	holder.Wait()
+	release()
 	if err := s.Remove(ctx, "limited"); err != nil {
 		t.Fatal(err)
 	}
@@ -67,20 +68,20 @@ func TestReattachHeldElsewhere(t *testing.T) {
 	noImagesLeft(t, root)
 }
 
-// holdMounts starts a process in a mount namespace of its own, holding a
-// copy of every mount there is now, until the test ends.
-func holdMounts(t *testing.T) *exec.Cmd {
+// holdMount holds a copy of the mount on dir until the test ends, as a
+// mount namespace made while it was mounted would: a detached clone
+// (open_tree), which holds the one mount, where a namespace of its own
+// would hold every mount there is, other tests' too.
+func holdMount(t *testing.T, dir string) (release func()) {
 	t.Helper()
-	cmd := exec.Command("sleep", "600")
-	cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: syscall.CLONE_NEWNS}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start a process in a mount namespace of its own: %v", err)
+	fd, err := unix.OpenTree(unix.AT_FDCWD, dir, unix.OPEN_TREE_CLONE|unix.OPEN_TREE_CLOEXEC)
+	if err != nil {
+		t.Fatalf("clone the mount on %s: %v", dir, err)
 	}
-	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	})
-	return cmd
+	var once sync.Once
+	release = func() { once.Do(func() { unix.Close(fd) }) }
+	t.Cleanup(release)
+	return release
 }
 
 // loopsBacking lists the loop devices bound to the file path.
