@@ -50,7 +50,16 @@ func TestCheckHonoursDeadline(t *testing.T) {
 	if n := probes.Load(); n != 1 {
 		t.Errorf("%d probes started while the first hung, want 1", n)
 	}
+	// Released, the probe writes its file in the root and removes it:
+	// it must be done before the root is removed (once, in CI, the root's
+	// removal found the file).
+	s.health.mu.Lock()
+	p := s.health.running
+	s.health.mu.Unlock()
 	unblock()
+	if p != nil {
+		<-p.done
+	}
 }
 
 // TestCheckReusesSuccess: health checks within healthReuse of a successful
