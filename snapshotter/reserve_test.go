@@ -496,3 +496,64 @@ func TestPoolPicksClass(t *testing.T) {
 		t.Fatalf("%d covers left, want 3", len(p.covers))
 	}
 }
+
+// TestReserveLegacyBallast: an image held to its limit by a ballast file,
+// the way pooled images were before the reserve, keeps working: its Usage
+// leaves the ballast out, and after a reboot start-up sets no reserve on
+// top of the ballast (which would leave the container no room).
+func TestReserveLegacyBallast(t *testing.T) {
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	under := underMounts(t, root)
+	s.pool.wait()
+	if _, err := s.Prepare(ctx, "old", ""); err != nil {
+		t.Fatal(err)
+	}
+	dir := s.snapshotDir(s.idOf(ctx, t, "old"))
+	class := sizeClass(testLimit)
+	checkPooledLimit(ctx, t, s, under, "old", class, testLimit)
+	// As the ballast's Prepare left it: a ballast of C-L, ext4's default
+	// reserve, no limit recorded.
+	fd, err := unix.Open(filepath.Join(dir, "ballast"), unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Fallocate(fd, 0, 0, class-testLimit); err != nil {
+		t.Fatal(err)
+	}
+	unix.Close(fd)
+	root0, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = setRecord(root0, 0)
+	unix.Close(root0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "fs", "kept"), []byte("kept"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Unmount(dir, 0); err != nil { // a reboot
+		t.Fatal(err)
+	}
+	ctx, s = openTest(t, root)
+	if got, want := reserveAt(t, dir), reserveFor(class, class); got != want {
+		t.Fatalf("after a reboot, an image with a ballast has a reserve of %d clusters, want ext4's default %d", got, want)
+	}
+	checkUsageWalk(ctx, t, s, "old")
+	if err := fillUp(filepath.Join(dir, "fs", "big"), 2*testLimit); !isFull(err) {
+		t.Fatalf("the ballast's limit: %v", err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, "fs", "big"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Size() < testLimit*7/10 || fi.Size() > testLimit {
+		t.Fatalf("full at %d bytes of a %d limit held by a ballast; want 70%%-100%%", fi.Size(), testLimit)
+	}
+}
