@@ -21,8 +21,9 @@ const poolSize = 2
 
 // poolSizes bounds how many classes asked for are pooled at once (each as
 // poolSize images): default_max_size's (always) and those most recently
-// asked for, the least recently asked for let go first. Each holds poolSize loop devices and mounts doing nothing; nodes
-// run pods of a few specs at a time.
+// asked for, the least recently asked for let go first. Each holds
+// poolSize loop devices and mounts doing nothing; nodes run pods of a few
+// specs at a time.
 const poolSizes = 4
 
 // coverClasses are the classes of which the pool keeps one image each
