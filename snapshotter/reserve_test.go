@@ -226,6 +226,19 @@ func TestReserveUsageMatchesWalk(t *testing.T) {
 	usageMatchesWalk(t, limitRoot(t), true)
 }
 
+// openDefaultPooled opens a snapshotter with default_max_size testLimit on
+// a new root, its pool filled, and returns it with the root and the view
+// of the root's snapshots below their mounts (underMounts).
+func openDefaultPooled(t *testing.T) (context.Context, *Snapshotter, string, string) {
+	t.Helper()
+	needLimits(t)
+	root := limitRoot(t)
+	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
+	under := underMounts(t, root)
+	s.pool.wait()
+	return ctx, s, root, under
+}
+
 // TestReserveColdThenPooled: without covers (limits past the largest, or
 // before the refill caught up), a limit no pooled image serves is made in
 // its Prepare, at exactly its size and with no limit recorded, and its
@@ -233,13 +246,9 @@ func TestReserveUsageMatchesWalk(t *testing.T) {
 // smaller one of the class each take one; a limit the class does not
 // serve (below a quarter of it) does not.
 func TestReserveColdThenPooled(t *testing.T) {
-	needLimits(t)
-	root := limitRoot(t)
 	// default_max_size (48 MiB) is pooled from the start: its class, 64
 	// MiB, serves 16-64 MiB, not 150 MiB.
-	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
-	under := underMounts(t, root)
-	s.pool.wait()
+	ctx, s, _, under := openDefaultPooled(t)
 	const cold, class = 150 << 20, 256 << 20
 	if _, err := s.Prepare(ctx, "cold", "", withMaxSize(cold)); err != nil {
 		t.Fatal(err)
@@ -292,11 +301,7 @@ func TestReserveColdThenPooled(t *testing.T) {
 // its images serve the default, a label above it up to the class, and one
 // below it down to a quarter of the class; each limit holds.
 func TestReserveDefault(t *testing.T) {
-	needLimits(t)
-	root := limitRoot(t)
-	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
-	under := underMounts(t, root)
-	s.pool.wait()
+	ctx, s, _, under := openDefaultPooled(t)
 	class := sizeClass(testLimit)
 	for _, c := range []struct {
 		key    string
@@ -502,11 +507,7 @@ func TestPoolPicksClass(t *testing.T) {
 // leaves the ballast out, and after a reboot start-up sets no reserve on
 // top of the ballast (which would leave the container no room).
 func TestReserveLegacyBallast(t *testing.T) {
-	needLimits(t)
-	root := limitRoot(t)
-	ctx, s := openTest(t, root, WithMode(ModeOverlay), WithDefaultMaxSize(testLimit))
-	under := underMounts(t, root)
-	s.pool.wait()
+	ctx, s, root, under := openDefaultPooled(t)
 	if _, err := s.Prepare(ctx, "old", ""); err != nil {
 		t.Fatal(err)
 	}
