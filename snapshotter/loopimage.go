@@ -18,8 +18,8 @@ import (
 // A size-limited active snapshot keeps its upper and work dirs inside a
 // filesystem image of its own: ROOT/snapshots/<id>/image, a sparse file of
 // the limit's size (or of its size class, held to the limit by its
-// reserve: reserve.go), formatted as ext4 and loop-mounted on ROOT/snapshots/<id>
-// itself. The mount hides the directory's own (empty) fs and work dirs and
+// reserve: reserve.go), formatted as ext4 and loop-mounted on
+// ROOT/snapshots/<id> itself. The mount hides the directory's own (empty) fs and work dirs and
 // shows the image's, so every path the rest of the package uses
 // (snapshots/<id>/fs, snapshots/<id>/work) is unchanged, and overlay's
 // upper and work dir are on one filesystem as it demands. A write past
@@ -56,7 +56,7 @@ const baseXattr = "trusted.overclone.base"
 //   - lazy_itable_init, lazy_journal_init: mke2fs writes no inode tables
 //     or journal, which on a fresh sparse file read as zeros already, and
 //     noinit_itable at mount keeps the kernel from zeroing them later;
-//   - a small journal, 4 MiB: a container's writable layer keeps
+//   - a 4 MiB journal (the smallest): a container's writable layer keeps
 //     the crash safety of a journal without a default journal (32-256 MiB)
 //     eating into the limit;
 //   - -m 0: no blocks reserved for root, who is who writes in containers;
@@ -64,10 +64,8 @@ const baseXattr = "trusted.overclone.base"
 //     one inode per 8 KiB lets 100k small files fit a 1 GiB limit;
 //   - ^resize_inode: images are never grown online; nodiscard: nothing to
 //     discard in a new sparse file.
-func mkfsExt4() []string {
-	return []string{"-q", "-F", "-b", "4096", "-i", "8192", "-m", "0", "-J", "size=4",
-		"-O", "^resize_inode", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"}
-}
+var mkfsExt4 = []string{"-q", "-F", "-b", "4096", "-i", "8192", "-m", "0", "-J", "size=4",
+	"-O", "^resize_inode", "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard"}
 
 // loopImage is a formatted image mounted detached, between Prepare's
 // formatting and the move onto the snapshot's directory.
@@ -159,8 +157,9 @@ func mountLoop(loop *os.File, path string) (int, error) {
 	}
 	// What the container frees goes back to the host: after each
 	// journal commit ext4 discards the blocks freed (from a workqueue),
-	// and the loop device punches them out of the image file. Without it the file would keep every
-	// block ever written, up to its size class (reserve.go).
+	// and the loop device punches them out of the image file. Without it
+	// the file would keep every block ever written, up to its size class
+	// (reserve.go).
 	if err := unix.FsconfigSetFlag(fsfd, "discard"); err != nil {
 		return -1, fmt.Errorf("mount %s: discard: %w", path, err)
 	}

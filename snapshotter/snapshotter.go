@@ -281,7 +281,7 @@ func New(ctx context.Context, root string, opts ...Opt) (*Snapshotter, error) {
 	s.usages.maxAge = cfg.UsageMaxAge
 	s.templates.dir = filepath.Join(root, templatesDir)
 	poolFor, covers := s.defaultMaxSize, coverClasses // images are made ready only for the image path
-	if s.quotas != nil || s.limits.Backend != LimitImage || reservesWork() != nil {
+	if s.limits.Backend != LimitImage || reservesWork() != nil {
 		poolFor, covers = 0, nil // nor where pooled images cannot be held to a limit
 	}
 	if cfg.coverClasses != nil {

@@ -160,7 +160,7 @@ func mkfs(ctx context.Context, path string, size int64) error {
 	if err := os.Truncate(path, size); err != nil {
 		return fmt.Errorf("size image %s: %w", path, err)
 	}
-	if out, err := exec.CommandContext(ctx, "mkfs.ext4", append(mkfsExt4(), path)...).CombinedOutput(); err != nil {
+	if out, err := exec.CommandContext(ctx, "mkfs.ext4", append(mkfsExt4, path)...).CombinedOutput(); err != nil {
 		return fmt.Errorf("mkfs.ext4 %s: %w: %s", path, err, strings.TrimSpace(string(out)))
 	}
 	return nil
